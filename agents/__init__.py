@@ -1,0 +1,1 @@
+"""Reinforcement-learning agents (REINFORCE, PPO, the stable-baselines3 bridge) for textrl envs."""

@@ -1,0 +1,1 @@
+"""Gymnasium environments for token-level text generation (see the "text-generation env" issue)."""
