@@ -1,1 +1,12 @@
-"""Reinforcement-learning agents (REINFORCE, PPO, the stable-baselines3 bridge) for textrl envs."""
+"""Reinforcement-learning agents for textrl envs: REINFORCE and PPO on a Transformer policy.
+
+``AGENTS`` maps the names used by the CLI to the agent classes (SB3's ``policy_aliases`` style).
+"""
+
+from agents.ppo import PPO, PPOConfig
+from agents.reinforce import REINFORCE, REINFORCEConfig
+
+AGENTS = {"ppo": PPO, "reinforce": REINFORCE}
+"""Agent name -> class."""
+
+__all__ = ["AGENTS", "PPO", "REINFORCE", "PPOConfig", "REINFORCEConfig"]

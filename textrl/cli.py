@@ -1,4 +1,4 @@
-"""The ``textrl`` command line: ``textrl pretrain`` and ``textrl generate``.
+"""The ``textrl`` command line: ``textrl train``, ``textrl generate`` and ``textrl pretrain``.
 
 Flags are generated from the config dataclasses (:mod:`textrl.config`), so each option is documented
 once, next to its field.
@@ -69,13 +69,48 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _train(args: argparse.Namespace) -> int:
+    from textrl.train import TrainConfig, train
+
+    cfg = from_args(TrainConfig, args)
+    overrides = {k: v for k, v in vars(args).items() if k in args.agent_fields}
+    s = train(cfg, overrides)
+    first, last = s["first_reward"], s["last_reward"]
+    if first is not None:
+        print(
+            f"reward (mean per episode): first iteration {first:.3f} -> last {last:.3f} ({s['iterations']} iterations)"
+        )
+    print(f"{s['num_timesteps']} tokens; TensorBoard logs: {s['run_dir']}; checkpoint: {s.get('checkpoint')}")
+    return 0
+
+
+def _agent_name(argv: list[str]) -> str:
+    """The --agent value on the command line (its flags depend on it), default ppo."""
+    for i, arg in enumerate(argv):
+        if arg == "--agent" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--agent="):
+            return arg.split("=", 1)[1]
+    return "ppo"
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    import dataclasses
+
+    from agents import AGENTS
     from textrl import __version__
     from textrl.pretrain import PretrainConfig
+    from textrl.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="textrl", description="Reinforcement learning for text generation.")
     parser.add_argument("--version", action="version", version=f"textrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an agent (ppo or reinforce) on an env; flags depend on --agent")
+    add_dataclass_args(p, TrainConfig)
+    agent_cls = AGENTS.get(_agent_name(argv or []), AGENTS["ppo"])
+    add_dataclass_args(p, agent_cls.config_class)
+    p.set_defaults(func=_train, agent_fields={f.name for f in dataclasses.fields(agent_cls.config_class)})
 
     p = sub.add_parser("generate", help="print sampled continuations of a prompt")
     add_dataclass_args(p, GenerateConfig)
@@ -89,14 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``textrl`` command."""
+    from textrl.checkpoint import CheckpointError
     from textrl.corpus import CorpusError
     from textrl.lm import LMNotFoundError, NotACausalLMError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (LMNotFoundError, NotACausalLMError, CorpusError, ValueError) as e:
+    except (LMNotFoundError, NotACausalLMError, CorpusError, CheckpointError, ValueError, TypeError) as e:
         print(f"textrl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

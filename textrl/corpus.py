@@ -50,7 +50,8 @@ def strip_play_markdown(text: str) -> list[str]:
     underscores; headings start a new document and are kept as a plain line; the markdown hard-break
     spaces at line ends go.
 
-    >>> strip_play_markdown("# Othello\\n\\n## SCENE I.\\n\\n_Enter IAGO_\\n\\n**IAGO**  \\nTush!  \\n\\n## SCENE II.\\nHo")
+    >>> play = "# Othello\\n\\n## SCENE I.\\n\\n_Enter IAGO_\\n\\n**IAGO**  \\nTush!  \\n\\n## SCENE II.\\nHo"
+    >>> strip_play_markdown(play)
     ['Othello\\n\\nSCENE I.\\n\\nEnter IAGO\\n\\nIAGO:\\nTush!', 'SCENE II.\\nHo']
     """
     docs: list[list[str]] = [[]]

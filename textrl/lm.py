@@ -54,7 +54,7 @@ def resolve_lm_path(name_or_path: str | os.PathLike) -> Path | str:
         if not (path / "config.json").is_file():
             raise LMNotFoundError(f"{path} is not a Hugging Face model folder: it has no config.json")
         return path
-    if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/name" hub id
         raise LMNotFoundError(f"model folder not found: {path}")
     return name
 
@@ -110,22 +110,77 @@ def load_lm(
         raise
     except OSError as e:
         raise LMNotFoundError(f"cannot load the weights in {where}: {e}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise LMNotFoundError(f"cannot load a tokenizer from {where}: {e}") from e
-    if not isinstance(tokenizer, PreTrainedTokenizerFast):
-        raise LMNotFoundError(f"{where} has a slow tokenizer only; textrl needs a tokenizer.json (fast)")
-    if tokenizer.eos_token is None:
-        raise LMNotFoundError(f"the tokenizer in {where} defines no eos token; set one in its config")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if not _attends_causally(model):  # e.g. BERT: AutoModelForCausalLM maps it to BertLMHeadModel
+        raise NotACausalLMError(
+            f"{where} holds a {config.model_type!r} model ({type(config).__name__}) whose predictions depend on "
+            "later tokens, so it is not a causal language model; textrl needs a decoder-only LM such as GPT-2, "
+            "Llama or Qwen2"
+        )
+    tokenizer = _load_tokenizer(where)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.to(device).eval()
     return model, tokenizer
+
+
+@torch.no_grad()
+def _attends_causally(model: PreTrainedModel) -> bool:
+    """Probe: changing the last of four tokens must leave the logits at the first three unchanged."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(4) % vocab).unsqueeze(0).to(next(model.parameters()).device)  # (1, 4)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    before, after = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]  # (3, V)
+    return torch.allclose(before.float(), after.float(), rtol=0.0, atol=1e-5)
+
+
+def _load_tokenizer(where: Path | str) -> PreTrainedTokenizerFast:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LMNotFoundError(f"cannot load a tokenizer from {where}: {e}") from e
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise LMNotFoundError(f"{where} has a slow tokenizer only; textrl needs a tokenizer.json (fast)")
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # what transformers builds when the files are missing
+        raise LMNotFoundError(f"{where} has no tokenizer files (e.g. tokenizer.json); save the tokenizer there too")
+    if tokenizer.eos_token is None:
+        raise LMNotFoundError(f"the tokenizer in {where} defines no eos token; set one in its config")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = "tiny") -> PreTrainedTokenizerFast:
+    """Load only the tokenizer of a model (same rules and errors as :func:`load_lm`)."""
+    where = resolve_lm_path(name_or_path)
+    try:
+        return _load_tokenizer(where)
+    except LMNotFoundError as e:
+        if isinstance(where, Path):
+            raise
+        raise _hub_error(str(where), e) from None
+
+
+def context_length_of(config) -> int | None:
+    """The number of positions a model config supports (None when it does not say)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def lm_context_length(name_or_path: str | os.PathLike = "tiny") -> int | None:
+    """The context length of a model, read from its config alone (no weights are loaded)."""
+    where = resolve_lm_path(name_or_path)
+    try:
+        return context_length_of(AutoConfig.from_pretrained(where, local_files_only=True))
+    except OSError as e:
+        if isinstance(where, Path):
+            raise LMNotFoundError(f"cannot read the model config in {where}: {e}") from e
+        raise _hub_error(str(where), e) from None
 
 
 @torch.no_grad()
@@ -170,9 +225,7 @@ def generate(
         batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
     finally:
         tokenizer.padding_side = side
-    limit = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", None
-    )
+    limit = context_length_of(model.config)
     if limit is not None and batch.input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({batch.input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -186,9 +239,11 @@ def generate(
         top_k=top_k if sample and top_k else None,
         top_p=top_p if sample else None,
         max_new_tokens=max_new_tokens,
-        num_return_sequences=num_return_sequences,
+        num_return_sequences=num_return_sequences if sample else 1,  # HF refuses several greedy sequences
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )  # (B * num_return_sequences, P + T)
+    if not sample:
+        out = out.repeat_interleave(num_return_sequences, dim=0)  # greedy: identical copies, prompt-major
     new = out[:, batch.input_ids.shape[1] :]
     return tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -110,8 +110,11 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast
 def encode_stream(tokenizer: PreTrainedTokenizerFast, docs: list[str]) -> np.ndarray:
     """Tokenize documents into one stream, each document followed by the eos token."""
     eos = tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer
+    backend.no_padding()  # a padded call (e.g. in generate) leaves padding switched on in the backend
+    backend.no_truncation()
     ids: list[int] = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False):
+    for enc in backend.encode_batch(docs, add_special_tokens=False):
         ids.extend(enc.ids)
         ids.append(eos)
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.int32
@@ -194,6 +197,7 @@ def save_model(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, folde
     """Save weights (safetensors), config, generation config and tokenizer in HF format."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.backend_tokenizer.no_padding()  # do not ship the padding state of the last padded call
     tokenizer.save_pretrained(folder)
 
 
@@ -201,9 +205,12 @@ def save_model(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, folde
 def _sample(model, tokenizer, prompt: str, seed: int) -> str:
     from textrl.lm import generate
 
+    room = model.config.n_positions - len(tokenizer(prompt).input_ids)  # short contexts: sample less
+    if room < 1:
+        return ""
     was_training = model.training
     model.eval()
-    text = generate(model, tokenizer, [prompt], max_new_tokens=48, top_k=50, seed=seed)[0]
+    text = generate(model, tokenizer, [prompt], max_new_tokens=min(48, room), top_k=50, seed=seed)[0]
     model.train(was_training)
     return text
 
@@ -333,11 +340,14 @@ A small GPT-2-architecture causal LM pre-trained from scratch by `textrl pretrai
 | corpus | {s["corpus"]} ({s["documents"]["train"]} train / {s["documents"]["heldout"]} held-out documents) |
 | tokens | {s["tokens"]["train"]:,} train, {s["tokens"]["heldout"]:,} held-out |
 | tokenizer | byte-level BPE, {s["vocab_size"]} tokens, `<|endoftext|>` = eos/bos, `<|pad|>` = pad |
-| architecture | GPT-2, {arch["n_layer"]} layers, width {arch["n_embd"]}, {arch["n_head"]} heads, context {arch["n_positions"]} |
+| architecture | GPT-2, {arch["n_layer"]} layers, width {arch["n_embd"]}, {arch["n_head"]} heads, \
+context {arch["n_positions"]} |
 | parameters | {s["parameters"]:,} (input and output embeddings tied) |
-| training | {s["steps"]} steps, {s["tokens_seen"]:,} tokens seen, {s["wall_clock_seconds"] / 60:.1f} min on {s["machine"]} |
+| training | {s["steps"]} steps, {s["tokens_seen"]:,} tokens seen, \
+{s["wall_clock_seconds"] / 60:.1f} min on {s["machine"]} |
 | held-out loss | {s["heldout_loss"]:.3f} nats/token (perplexity {s["heldout_perplexity"]:.1f}) |
-| unigram baseline | {s["unigram_loss"]:.3f} nats/token (perplexity {s["unigram_perplexity"]:.1f}) on the same held-out tokens |
+| unigram baseline | {s["unigram_loss"]:.3f} nats/token (perplexity {s["unigram_perplexity"]:.1f}) \
+on the same held-out tokens |
 
 Held-out loss during training (step, nats/token): {", ".join(f"({a}, {b:.3f})" for a, b in s["eval_history"])}.
 

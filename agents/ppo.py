@@ -1,0 +1,131 @@
+"""PPO on a Transformer policy (Schulman et al. 2017; the RLHF recipe of Ziegler et al. 2019).
+
+Reads top to bottom like CleanRL's ``ppo.py``; rollout collection, the per-token KL penalty to the
+reference and the loop live in :class:`textrl.agent.BaseAgent`.
+
+1. advantages: GAE(gamma, lambda) over the KL-penalised per-token rewards, with the rollout's values;
+2. ``n_epochs`` passes over shuffled minibatches of whole episodes:
+   clipped surrogate ``-min(r A, clip(r, 1 +- eps) A)``, clipped value loss, entropy bonus,
+   gradient clipping; stop the epochs early once the approximate KL to the rollout policy exceeds
+   ``1.5 * target_kl`` (as SB3 does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from textrl.advantages import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    masked_mean,
+    masked_whiten,
+)
+from textrl.agent import AgentConfig, BaseAgent
+from textrl.rollout import Rollout
+
+
+@dataclass
+class PPOConfig(AgentConfig):
+    """PPO settings (plus the shared :class:`textrl.agent.AgentConfig`)."""
+
+    n_epochs: int = 4
+    """Passes over each rollout."""
+    minibatch_size: int = 8
+    """Episodes per minibatch."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon."""
+    clip_range_vf: float | None = 0.2
+    """Value clip around the rollout's values (None = no value clipping)."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    normalize_advantage: bool = True
+    """Whiten advantages over each rollout's valid tokens."""
+    target_kl: float | None = None
+    """Stop the epochs early when the approximate KL to the rollout policy exceeds 1.5x this."""
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            (self.n_epochs >= 1, "n_epochs must be >= 1"),
+            (1 <= self.minibatch_size <= self.batch_size, "minibatch_size must be in [1, batch_size]"),
+            (0.0 <= self.gae_lambda <= 1.0, "gae_lambda must be in [0, 1]"),
+            (self.clip_range > 0, "clip_range must be > 0"),
+            (self.clip_range_vf is None or self.clip_range_vf > 0, "clip_range_vf must be > 0 (or None)"),
+            (self.vf_coef >= 0, "vf_coef must be >= 0"),
+            (self.target_kl is None or self.target_kl > 0, "target_kl must be > 0 (or None)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"PPOConfig: {message}")
+
+
+class PPO(BaseAgent):
+    """Proximal policy optimisation with a value head, GAE and a KL penalty. See the module docstring."""
+
+    name: ClassVar[str] = "ppo"
+    config_class: ClassVar[type[AgentConfig]] = PPOConfig
+    config: PPOConfig
+
+    def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
+        valid = rollout.valid
+        advantages, returns = gae(rewards, rollout.values, valid, cfg.gamma, cfg.gae_lambda)  # (B, T) each
+        if cfg.normalize_advantage:
+            advantages = masked_whiten(advantages, valid)
+
+        B = rollout.ids.shape[0]
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "kl", "clip", "gn")}
+        stop = False
+        for _epoch in range(cfg.n_epochs):
+            order = torch.randperm(B, generator=self.generator, device=self.generator.device).to(rollout.ids.device)
+            for start in range(0, B, cfg.minibatch_size):
+                mb = order[start : start + cfg.minibatch_size]
+                m = valid[mb]
+                with self.autocast():
+                    logits, values = self.policy.evaluate(rollout.ids[mb], rollout.mask[mb], rollout.prompt_len)
+                logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions[mb])  # (b, T)
+                values = values.float()
+
+                pg_loss, clipfrac = clipped_policy_loss(
+                    logprobs, rollout.logprobs[mb], advantages[mb], m, cfg.clip_range
+                )
+                v_loss = clipped_value_loss(values, rollout.values[mb], returns[mb], m, cfg.clip_range_vf)
+                ent = masked_mean(entropy, m)
+                loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite PPO loss at iteration {self.iteration}")
+                loss.backward()
+                stats["gn"].append(self.clip_and_step())
+
+                with torch.no_grad():
+                    log_ratio = logprobs - rollout.logprobs[mb]
+                    approx_kl = masked_mean(log_ratio.exp() - 1 - log_ratio, m)  # k3 estimate of KL(old || new)
+                for key, value in zip(
+                    ("pg", "vf", "ent", "kl", "clip"), (pg_loss, v_loss, ent, approx_kl, clipfrac), strict=True
+                ):
+                    stats[key].append(float(value.detach()))
+                if cfg.target_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+
+        ev = explained_variance(rollout.values[valid], returns[valid])
+        return {
+            "losses/policy_loss": float(np.mean(stats["pg"])),
+            "losses/value_loss": float(np.mean(stats["vf"])),
+            "losses/entropy": float(np.mean(stats["ent"])),
+            "losses/approx_kl": float(np.mean(stats["kl"])),
+            "losses/clipfrac": float(np.mean(stats["clip"])),
+            "losses/explained_variance": ev,
+            "losses/grad_norm": float(np.mean(stats["gn"])),
+            "losses/epochs": _epoch + 1,
+        }

@@ -1,0 +1,104 @@
+"""REINFORCE with baselines: ``loss = -log pi(a_t | s_t) * (G_t - b) - ent_coef * H``, token-averaged.
+
+Reads top to bottom like a CleanRL script; rollout collection, the KL penalty and the loop live in
+:class:`textrl.agent.BaseAgent`.
+
+Baselines (``baseline=``):
+- ``"none"``: ``b = 0``.
+- ``"moving_average"``: ``b`` = exponential moving average of past batches' mean episode return.
+- ``"rloo"``: leave-one-out over the ``group_size`` samples of the same prompt (Ahmadian et al. 2024):
+  ``b_i = mean_{j != i} G^j``.
+- ``"grpo"``: group-normalised (Shao et al. 2024): ``(G_t - mean_group G) / std_group G``.
+
+``G_t`` is the discounted per-token return of the KL-penalised rewards (immediate + sequence); a
+sample's group score is its episode return ``G_0``. A baseline that does not depend on the sample's own
+actions keeps the gradient unbiased.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from textrl.advantages import discounted_returns, group_baseline, masked_mean
+from textrl.agent import AgentConfig, BaseAgent
+from textrl.rollout import Rollout
+
+
+@dataclass
+class REINFORCEConfig(AgentConfig):
+    """REINFORCE settings (plus the shared :class:`textrl.agent.AgentConfig`)."""
+
+    baseline: Literal["none", "moving_average", "rloo", "grpo"] = "rloo"
+    """Variance-reduction baseline (rloo and grpo need group_size >= 2)."""
+    baseline_decay: float = 0.9
+    """Decay of the moving-average baseline."""
+    group_size: int = 4
+    """Samples of each prompt per iteration."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.baseline not in ("none", "moving_average", "rloo", "grpo"):
+            raise ValueError(f"REINFORCEConfig: unknown baseline {self.baseline!r}")
+        if self.baseline == "rloo" and self.group_size < 2:
+            raise ValueError("REINFORCEConfig: baseline='rloo' needs group_size >= 2")
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ValueError("REINFORCEConfig: baseline_decay must be in [0, 1)")
+
+
+class REINFORCE(BaseAgent):
+    """Monte-Carlo policy gradient on a Transformer policy. See the module docstring."""
+
+    name: ClassVar[str] = "reinforce"
+    config_class: ClassVar[type[AgentConfig]] = REINFORCEConfig
+    config: REINFORCEConfig
+
+    def __init__(self, env, lm=None, config: REINFORCEConfig | None = None, **kwargs):
+        super().__init__(env, lm=lm, config=config, **kwargs)
+        self.moving_average: float | None = None
+
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
+        """``(G_t - b) / scale`` per token (B, T), zero on padding."""
+        cfg = self.config
+        returns = discounted_returns(rewards, rollout.valid, cfg.gamma)  # (B, T)
+        scores = returns[:, 0]  # (B,) each sample's episode return
+        if cfg.baseline == "none":
+            base, scale = torch.zeros_like(scores), torch.ones_like(scores)
+        elif cfg.baseline == "moving_average":
+            base = torch.full_like(scores, self.moving_average if self.moving_average is not None else 0.0)
+            scale = torch.ones_like(scores)
+            mean = float(scores.mean())
+            d = cfg.baseline_decay
+            self.moving_average = mean if self.moving_average is None else d * self.moving_average + (1 - d) * mean
+        else:
+            base, scale = group_baseline(scores, cfg.group_size, cfg.baseline)
+        return (returns - base[:, None]) / scale[:, None] * rollout.valid
+
+    def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        adv = self.advantages(rollout, rewards)  # (B, T)
+        with self.autocast():
+            logits, _ = self.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len, need_values=False)
+        logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions)  # (B, T) each
+        pg_loss = -masked_mean(logprobs * adv, rollout.valid)
+        entropy_mean = masked_mean(entropy, rollout.valid)
+        loss = pg_loss - self.config.ent_coef * entropy_mean
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite REINFORCE loss at iteration {self.iteration}")
+        loss.backward()
+        grad_norm = self.clip_and_step()
+        approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), rollout.valid)
+        return {
+            "losses/policy_loss": float(pg_loss.detach()),
+            "losses/entropy": float(entropy_mean),
+            "losses/approx_kl": float(approx_kl),
+            "losses/grad_norm": grad_norm,
+            "losses/advantage_std": float(adv[rollout.valid].std()) if rollout.valid.sum() > 1 else 0.0,
+        }
+
+    def extra_state(self):
+        return {"moving_average": self.moving_average}
+
+    def load_extra_state(self, state):
+        self.moving_average = state.get("moving_average")

@@ -1,0 +1,185 @@
+"""RL maths shared by the agents: returns, GAE, baselines, PPO's clipped losses, KL estimators and control.
+
+Shape legend: B rows (episodes), T token steps. ``valid`` (B, T) marks the steps an episode actually took
+(a row that finished early is padded after its last token); every episode ends inside the rollout, and
+its last valid step carries the sequence reward, so returns never bootstrap past it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def discounted_returns(rewards: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reward-to-go ``G_t = r_t + gamma * G_{t+1}`` within each row's valid steps (0 on padding).
+
+    >>> discounted_returns(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[True, True, True]]), 0.5).tolist()
+    [[1.5, 1.0, 2.0]]
+    """
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    r = rewards * valid
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = (r[:, t] + gamma * running) * valid[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016); the value after an episode's end is 0.
+
+    Returns ``(advantages, returns)`` with ``returns = advantages + values``, both (B, T), 0 on padding.
+
+    >>> a, ret = gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[True, True]]), 1.0, 1.0)
+    >>> a.tolist(), ret.tolist()
+    ([[0.5, 0.5]], [[1.0, 1.0]])
+    """
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    v = values * valid
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        next_value = v[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - v[:, t]
+        running = (delta + gamma * lam * running) * valid[:, t]
+        adv[:, t] = running
+    return adv, (adv + v) * valid
+
+
+def group_baseline(scores: torch.Tensor, group_size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row baseline and scale for rows laid out as consecutive groups of samples of one prompt.
+
+    ``kind``: ``"rloo"`` — the mean score of the *other* samples of the same prompt (leave-one-out);
+    ``"grpo"`` — the group mean, with the group's standard deviation as scale.
+    Returns ``(baseline (B,), scale (B,))``; the advantage is ``(G_t - baseline) / scale``.
+
+    >>> b, s = group_baseline(torch.tensor([1.0, 3.0, 0.0, 0.0]), 2, "rloo")
+    >>> b.tolist(), s.tolist()
+    ([3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0])
+    >>> b, s = group_baseline(torch.tensor([1.0, 3.0, 0.0, 0.0]), 2, "grpo")
+    >>> b.tolist(), [round(x, 4) for x in s.tolist()]
+    ([2.0, 2.0, 0.0, 0.0], [1.4143, 1.4143, 0.0001, 0.0001])
+    """
+    if scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} rows do not split into groups of {group_size}")
+    g = scores.view(-1, group_size)  # (B / k, k)
+    if kind == "rloo":
+        if group_size < 2:
+            raise ValueError("the leave-one-out baseline needs group_size >= 2")
+        base = (g.sum(1, keepdim=True) - g) / (group_size - 1)
+        return base.reshape(-1), torch.ones_like(scores)
+    if kind == "grpo":
+        std = g.std(1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(g[:, :1])
+        return g.mean(1, keepdim=True).expand_as(g).reshape(-1), (std + 1e-4).expand_as(g).reshape(-1)
+    raise ValueError(f"unknown group baseline {kind!r}; expected 'rloo' or 'grpo'")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's k1 / k3).
+
+    ``k1 = log p - log q`` (unbiased, can be negative); ``k3 = (q/p - 1) - log(q/p)`` (unbiased, >= 0).
+
+    >>> kl_penalty(torch.tensor([-1.0]), torch.tensor([-2.0]), "k1").tolist()
+    [1.0]
+    >>> round(kl_penalty(torch.tensor([-1.0]), torch.tensor([-2.0]), "k3").item(), 6)
+    0.367879
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
+
+
+@dataclass
+class KLController:
+    """KL coefficient: fixed, or adaptive (Ziegler et al. 2019) towards a target KL per episode.
+
+    Adaptive update: ``coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``.
+
+    >>> c = KLController(coef=0.1, target=6.0, horizon=10000)
+    >>> round(c.update(kl=12.0, n_steps=1000), 6)
+    0.102
+    >>> KLController(coef=0.1).update(kl=100.0, n_steps=1000)  # fixed: unchanged
+    0.1
+    """
+
+    coef: float = 0.0
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None and math.isfinite(kl):
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.coef *= 1.0 + error * n_steps / self.horizon
+        return self.coef
+
+    def state_dict(self) -> dict:
+        return {"coef": self.coef, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coef, self.target, self.horizon = state["coef"], state["target"], state["horizon"]
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the given elements (nan when Var(returns) is 0).
+
+    >>> explained_variance(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]))
+    1.0
+    """
+    var = returns.var(unbiased=False)
+    if var.item() == 0:
+        return float("nan")
+    return float(1 - (returns - values).var(unbiased=False) / var)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the elements where ``mask`` is true."""
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise to zero mean and unit variance over the masked elements (0 elsewhere)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate ``mean(max(-A r, -A clip(r, 1-eps, 1+eps)))`` and the clipped fraction.
+
+    >>> loss, frac = clipped_policy_loss(torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2),
+    ...                                  torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2)
+    >>> round(loss.item(), 4), frac.item()
+    (-0.2, 1.0)
+    """
+    ratio = (logprobs - old_logprobs).exp()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    clipped = ((ratio - 1).abs() > clip).float()
+    return masked_mean(loss, mask), masked_mean(clipped, mask)
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+) -> torch.Tensor:
+    """``0.5 * mean(max((V - R)^2, (V_clipped - R)^2))`` with ``V_clipped = V_old + clip(V - V_old, +-eps)``.
+
+    >>> clipped_value_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.5)
+    tensor(1.1250)
+    """
+    loss = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.max(loss, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(loss, mask)

@@ -1,0 +1,484 @@
+"""What every textrl agent shares: config, env and policy set-up, the learn loop, saving and loading.
+
+An agent subclass only says how to turn a rollout into a parameter update (``train``), like SB3's split of
+``collect_rollouts()`` from ``train()``. The loop is: draw prompts (in groups), collect a rollout through
+the KV-cached policy, score the reference log-probs in one batched pass, subtract the per-token KL
+penalty, ``train``, update the KL coefficient, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from textrl import checkpoint as ckpt
+from textrl.advantages import KLController, kl_penalty
+from textrl.config import to_jsonable
+from textrl.logger import RunLogger, run_name
+from textrl.policy import ActorCritic, shape_logits
+from textrl.rollout import Rollout, Sampling, collect_rollout, left_pad
+
+
+@dataclass
+class AgentConfig:
+    """Settings shared by all agents."""
+
+    batch_size: int = 16
+    """Episodes per iteration (the vector env's sub-envs)."""
+    group_size: int = 1
+    """Samples of each prompt per iteration (consecutive rows); batch_size must be a multiple."""
+    learning_rate: float = 5e-5
+    """Adam learning rate."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    gamma: float = 1.0
+    """Discount over token steps."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient (initial value when adaptive); 0 drops the reference model."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """KL estimator for the penalty: k1 = log p - log q, k3 = (q/p - 1) - log(q/p)."""
+    kl_target: float | None = None
+    """Target KL per episode for the adaptive controller (Ziegler et al.); None = fixed coefficient."""
+    kl_horizon: int = 10000
+    """Horizon (in episodes) of the adaptive KL controller."""
+    temperature: float = 1.0
+    """Sampling temperature during rollouts."""
+    top_k: int = 0
+    """Top-k sampling during rollouts (0 = off)."""
+    top_p: float = 1.0
+    """Top-p sampling during rollouts (1.0 = off)."""
+    value_model: Literal["shared", "separate"] = "shared"
+    """Value head on the policy trunk, or on a separate copy of the LM."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    """Mixed-precision autocast for forwards (off on CPU by default)."""
+    log_interval: int = 1
+    """Iterations between TensorBoard scalar writes."""
+    sample_interval: int = 10
+    """Iterations between sample-completion text logs."""
+    checkpoint_interval: int = 0
+    """Iterations between checkpoints during learn() (0 = only at the end, when a folder is set)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value."""
+        checks = [
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.group_size >= 1, "group_size must be >= 1"),
+            (self.batch_size % self.group_size == 0, "batch_size must be a multiple of group_size"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
+            (0.0 <= self.gamma <= 1.0, "gamma must be in [0, 1]"),
+            (self.kl_coef >= 0, "kl_coef must be >= 0"),
+            (self.kl_estimator in ("k1", "k3"), "kl_estimator must be 'k1' or 'k3'"),
+            (self.kl_target is None or self.kl_target > 0, "kl_target must be > 0 (or None)"),
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}: {message}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_vector_env(env, batch_size: int):
+    """A :class:`envs.TextGenVectorEnv` with ``batch_size`` rows from an env, a vector env or an id."""
+    import envs  # noqa: F401  (registers the ids)
+    from envs import TextGenEnv, TextGenVectorEnv
+
+    if isinstance(env, str):
+        try:
+            return gym.make_vec(env, num_envs=batch_size, vectorization_mode="vector_entry_point")
+        except gym.error.Error as e:
+            raise ValueError(f"cannot make a textrl vector env from {env!r}: {e}") from None
+    base = env.unwrapped if isinstance(env, gym.Env) else env
+    if isinstance(base, TextGenVectorEnv):
+        return base
+    if isinstance(base, TextGenEnv):
+        return TextGenVectorEnv(num_envs=batch_size, **base.init_kwargs)
+    raise TypeError(f"env must be a TextGenEnv, a TextGenVectorEnv or a registered id, got {type(env).__name__}")
+
+
+class BaseAgent:
+    """Common machinery; subclasses set ``name``, ``config_class`` and implement :meth:`train`."""
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[AgentConfig]] = AgentConfig
+
+    def __init__(
+        self,
+        env,
+        lm: str | Path | None = None,
+        config: AgentConfig | None = None,
+        tensorboard_log: str | Path | None = None,
+        seed: int | None = None,
+        verbose: int = 1,
+    ):
+        from textrl.lm import load_lm
+
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config.validate()
+        self.env_id = env if isinstance(env, str) else getattr(getattr(env, "spec", None), "id", None) or "TextGen"
+        self.env = make_vector_env(env, self.config.batch_size)
+        if self.env.num_envs != self.config.batch_size:  # a vector env passed in sets the batch size
+            self.config = dataclasses.replace(self.config, batch_size=self.env.num_envs)
+            self.config.validate()
+        self.lm = str(lm if lm is not None else self.env.init_kwargs.get("lm", "tiny"))
+        self.device = resolve_device(self.config.device)
+        model, self.tokenizer = load_lm(self.lm, device=self.device)
+        n_actions = self.env.single_action_space.n
+        model_vocab = model.get_output_embeddings().weight.shape[0]
+        if model_vocab < n_actions:
+            raise ValueError(
+                f"the policy LM {self.lm!r} has {model_vocab} output tokens but the env's action space has "
+                f"{n_actions}: the model does not fit the env's tokenizer (use the env's own LM)"
+            )
+        use_ref = self.config.kl_coef > 0 or self.config.kl_target is not None
+        self.policy = ActorCritic(model, self.config.value_model, reference=use_ref).to(self.device)
+        self.optimizer = torch.optim.Adam(self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        self.np_rng = np.random.default_rng(seed)
+        self.kl_ctl = KLController(self.config.kl_coef, self.config.kl_target, self.config.kl_horizon)
+        self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
+        self.num_timesteps = 0
+        self.iteration = 0
+        self.verbose = verbose
+        self.tensorboard_log = tensorboard_log
+        self.run_dir: Path | None = None
+        self.logger: RunLogger | None = None
+
+    # --- subclass hook ---------------------------------------------------------------------------------
+
+    def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
+        """Update the policy from a rollout with KL-penalised per-token ``rewards`` (B, T); return stats."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able agent-specific state saved in checkpoints (e.g. a moving-average baseline)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
+    # --- helpers for subclasses ------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.config.autocast == "none":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def logprobs_and_entropy(self, logits: torch.Tensor, actions: torch.Tensor):
+        """Log-probs (B, T) of ``actions`` and entropies (B, T) under the *sampling* distribution."""
+        n = self.env.single_action_space.n
+        shaped = shape_logits(logits[..., :n].float(), **vars(self.sampling))
+        logp = F.log_softmax(shaped, dim=-1)  # (B, T, V)
+        p = logp.exp()
+        entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+        return logp.gather(-1, actions[..., None]).squeeze(-1), entropy
+
+    def clip_and_step(self) -> float:
+        """Clip gradients, take an optimizer step; return the pre-clip gradient norm (raises on non-finite)."""
+        params = self.policy.trainable_parameters()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        if not torch.isfinite(norm):
+            raise FloatingPointError(
+                f"non-finite gradient norm ({norm.item()}) at iteration {self.iteration}; nothing was applied"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def _draw_prompts(self) -> np.ndarray:
+        n_prompts = len(self.env.engine.prompts)
+        groups = self.config.batch_size // self.config.group_size
+        return np.repeat(self.np_rng.integers(n_prompts, size=groups), self.config.group_size)
+
+    def _open_logger(self, tb_log_name: str | None) -> None:
+        if self.logger is not None:
+            return
+        if self.run_dir is None:  # a resumed agent keeps writing into its own run folder
+            if self.tensorboard_log is None:
+                return
+            self.run_dir = Path(self.tensorboard_log) / (tb_log_name or run_name(self.env_id, self.name, self.seed))
+        self.logger = RunLogger(self.run_dir, self.config)
+
+    def collect(self) -> tuple[Rollout, torch.Tensor, torch.Tensor | None]:
+        """One rollout; returns it with the KL-penalised rewards (B, T) and the per-token KL (or None)."""
+        with self.autocast():
+            rollout = collect_rollout(
+                self.policy, self.env, self._draw_prompts(), self.sampling, self.generator, self.device
+            )
+        rewards = rollout.rewards.clone()
+        kl = None
+        if self.policy.ref_model is not None:
+            with self.autocast():
+                ref = self.policy.reference_logprobs(rollout.ids, rollout.mask, rollout.prompt_len, rollout.actions)
+            kl = kl_penalty(rollout.logprobs, ref, self.config.kl_estimator) * rollout.valid
+            rewards = rewards - self.kl_ctl.coef * kl
+        return rollout, rewards, kl
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: Callable[[BaseAgent, dict[str, float]], bool | None] | None = None,
+        progress_bar: bool = False,
+        tb_log_name: str | None = None,
+        checkpoint_dir: str | Path | None = None,
+    ) -> BaseAgent:
+        """Train until ``total_timesteps`` generated tokens (valid env steps) have been collected.
+
+        Args:
+            total_timesteps: budget in generated tokens, counted across calls (as SB3 does without reset).
+            callback: called after every iteration as ``callback(agent, stats)``; returning False stops.
+            progress_bar: show a tqdm bar.
+            tb_log_name: run-folder name under ``tensorboard_log`` (default ``{env}__{agent}__{seed}__{time}``).
+            checkpoint_dir: where ``step-*`` checkpoints go (default: ``<run folder>/checkpoints`` when
+                logging, else none).
+        """
+        from tqdm.auto import tqdm
+
+        self._open_logger(tb_log_name)
+        if checkpoint_dir is None and self.run_dir is not None:
+            checkpoint_dir = self.run_dir / "checkpoints"
+        bar = tqdm(total=total_timesteps, initial=min(self.num_timesteps, total_timesteps), disable=not progress_bar)
+        try:
+            while self.num_timesteps < total_timesteps:
+                t0 = time.perf_counter()
+                rollout, rewards, kl = self.collect()
+                t_rollout = time.perf_counter() - t0
+                stats = self.train(rollout, rewards)
+                elapsed = time.perf_counter() - t0
+                tokens = int(rollout.valid.sum())
+                self.num_timesteps += tokens
+                self.iteration += 1
+                episode_kl = float((kl.sum(1)).mean()) if kl is not None else 0.0
+                self.kl_ctl.update(episode_kl, self.config.batch_size)
+                stats.update(self._rollout_stats(rollout, episode_kl, tokens, elapsed, t_rollout))
+                self._log(rollout, stats)
+                bar.update(min(tokens, total_timesteps - bar.n))
+                bar.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", kl=f"{episode_kl:.3f}")
+                if (
+                    checkpoint_dir is not None
+                    and self.config.checkpoint_interval
+                    and (self.iteration % self.config.checkpoint_interval == 0)
+                ):
+                    self.save_checkpoint(checkpoint_dir)
+                if callback is not None and callback(self, stats) is False:
+                    break
+        finally:
+            bar.close()
+        if checkpoint_dir is not None:
+            self.save_checkpoint(checkpoint_dir)
+        if self.logger is not None:
+            self.logger.flush()
+        return self
+
+    def _rollout_stats(self, rollout: Rollout, episode_kl: float, tokens: int, elapsed: float, t_rollout: float):
+        returns = rollout.episode_returns.cpu().numpy()
+        stats = {
+            "rollout/reward_mean": float(returns.mean()),
+            "rollout/reward_std": float(returns.std()),
+            "rollout/episode_length": float(rollout.lengths.float().mean()),
+            "rollout/kl_ref": episode_kl,
+            "charts/kl_coef": self.kl_ctl.coef,
+            "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_second": tokens / elapsed,
+            "charts/rollout_tokens_per_second": tokens / t_rollout,
+        }
+        for name, values in rollout.components.items():
+            stats[f"rollout/reward/{name}"] = float(values.mean())
+        return stats
+
+    def _log(self, rollout: Rollout, stats: dict[str, float]) -> None:
+        if self.verbose >= 2:
+            print(f"iter {self.iteration} tokens {self.num_timesteps} " + json.dumps(stats))
+        if self.logger is None:
+            return
+        if self.iteration % max(1, self.config.log_interval) == 0:
+            self.logger.scalars(stats, self.num_timesteps)
+            self.logger.histogram("rollout/rewards", rollout.episode_returns.cpu().numpy(), self.num_timesteps)
+        if self.config.sample_interval and (self.iteration == 1 or self.iteration % self.config.sample_interval == 0):
+            returns = rollout.episode_returns.cpu().numpy()
+            self.logger.samples(rollout.prompts, rollout.completions, returns, self.num_timesteps)
+
+    # --- inference -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, observation: dict[str, np.ndarray], deterministic: bool = False):
+        """Next token for an env observation (single or batched), as SB3's ``predict``: ``(actions, None)``."""
+        ids, mask = np.asarray(observation["input_ids"]), np.asarray(observation["attention_mask"])
+        single = ids.ndim == 1
+        if single:
+            ids, mask = ids[None], mask[None]
+        left_ids, left_mask = left_pad(ids, mask, self.tokenizer.pad_token_id)
+        logits, _ = self.policy.core.forward(left_ids.to(self.device), left_mask.to(self.device))
+        n = self.env.single_action_space.n
+        logits = logits[:, -1, :n].float()
+        if deterministic:
+            actions = logits.argmax(-1)
+        else:
+            probs = F.softmax(shape_logits(logits, **vars(self.sampling)), -1)
+            actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        actions = actions.cpu().numpy()
+        return (actions[0] if single else actions), None
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None, deterministic: bool = False) -> list[str]:
+        """Continue each prompt with the current policy (KV-cached), stopping at eos; returns the new text."""
+        tok = self.tokenizer
+        max_new_tokens = max_new_tokens or self.env.engine.max_new_tokens
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        encoded = [tok(p)["input_ids"] or [start] for p in prompts]
+        P = max(map(len, encoded))
+        ids = torch.full((len(prompts), P), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), P, dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, P - len(e) :], mask[i, P - len(e) :] = torch.tensor(e), 1
+        n = self.env.single_action_space.n
+        logits, _ = self.policy.start(ids.to(self.device), mask.to(self.device), P + max_new_tokens)
+        out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            logits = logits[:, :n].float()
+            if deterministic:
+                token = logits.argmax(-1)
+            else:
+                probs = F.softmax(shape_logits(logits, **vars(self.sampling)), -1)
+                token = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            token = torch.where(done, tok.pad_token_id, token)
+            out.append(token)
+            done |= token == tok.eos_token_id
+            if done.all():
+                break
+            logits, _ = self.policy.step(token)
+        self.policy.release()
+        return tok.batch_decode(torch.stack(out, 1).tolist(), skip_special_tokens=True)
+
+    # --- persistence -----------------------------------------------------------------------------------
+
+    def _write(self, folder: Path) -> None:
+        self.policy.model.save_pretrained(folder / "policy", safe_serialization=True)
+        self.tokenizer.save_pretrained(folder / "policy")
+        ckpt.save_module(folder / "value_head.safetensors", self.policy.value_head)
+        if self.policy.value_model is not None:
+            ckpt.save_module(folder / "value_model.safetensors", self.policy.value_model)
+        if self.policy.ref_model is not None:
+            ckpt.save_module(folder / "reference.safetensors", self.policy.ref_model)
+        tensors, skeleton = ckpt.flatten_state(self.optimizer.state_dict())
+        ckpt.save_tensors(folder / "optimizer.safetensors", tensors)
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        ckpt.save_tensors(folder / "rng.safetensors", rng)
+        env_kwargs = {k: v for k, v in self.env.init_kwargs.items() if _jsonable(v)}
+        ckpt.save_json(
+            folder / "state.json",
+            {
+                "format": 1,
+                "agent": self.name,
+                "config": to_jsonable(self.config),
+                "num_timesteps": self.num_timesteps,
+                "iteration": self.iteration,
+                "seed": self.seed,
+                "lm": self.lm,
+                "kl_controller": self.kl_ctl.state_dict(),
+                "np_rng": self.np_rng.bit_generator.state,
+                "env_id": self.env_id,
+                "env_kwargs": env_kwargs,
+                "optimizer": skeleton,
+                "run_dir": str(self.run_dir) if self.run_dir else None,
+                "extra": self.extra_state(),
+            },
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Save everything needed to resume exactly (weights as safetensors, no pickle), atomically."""
+        return ckpt.write_atomic(path, self._write)
+
+    def save_checkpoint(self, folder: str | Path) -> Path:
+        """Save ``folder/step-{num_timesteps}`` and prune all but the newest ``keep_checkpoints``."""
+        path = self.save(Path(folder) / f"step-{self.num_timesteps:012d}")
+        for old in sorted(Path(folder).glob("step-*"))[: -max(1, self.config.keep_checkpoints)]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, env=None, tensorboard_log: str | Path | None = None, **overrides: Any):
+        """Load a saved agent. ``env`` defaults to the saved env id (when it was a registered one).
+
+        ``overrides`` replace config fields (e.g. ``device="cpu"``).
+        """
+        folder = ckpt.verify(path)
+        state = ckpt.load_json(folder / "state.json")
+        if state.get("agent") != cls.name:
+            raise ckpt.CheckpointError(f"{folder} holds a {state.get('agent')!r} agent, not {cls.name!r}")
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        config = cls.config_class(**{k: v for k, v in state["config"].items() if k in fields} | overrides)
+        if env is None:
+            env_id = state.get("env_id")
+            if env_id not in gym.registry:
+                raise ValueError(f"{folder} was trained on {env_id!r}, which is not a registered id: pass env=")
+            env = gym.make_vec(
+                env_id, num_envs=config.batch_size, vectorization_mode="vector_entry_point", **state["env_kwargs"]
+            )
+        agent = cls(env, lm=folder / "policy", config=config, tensorboard_log=tensorboard_log, seed=state["seed"])
+        agent._restore(folder, state)
+        return agent
+
+    def _restore(self, folder: Path, state: dict) -> None:
+        try:
+            ckpt.load_module(folder / "value_head.safetensors", self.policy.value_head)
+            if self.policy.value_model is not None:
+                ckpt.load_module(folder / "value_model.safetensors", self.policy.value_model)
+            if self.policy.ref_model is not None:
+                ckpt.load_module(folder / "reference.safetensors", self.policy.ref_model)
+            optim = ckpt.unflatten_state(state["optimizer"], ckpt.load_tensors(folder / "optimizer.safetensors"))
+            self.optimizer.load_state_dict(optim)
+        except (RuntimeError, KeyError, ValueError) as e:
+            if isinstance(e, ckpt.CheckpointError):
+                raise
+            raise ckpt.CheckpointError(f"{folder} does not fit this model/config: {e}") from None
+        rng = ckpt.load_tensors(folder / "rng.safetensors")
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        self.np_rng.bit_generator.state = state["np_rng"]
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.num_timesteps, self.iteration = state["num_timesteps"], state["iteration"]
+        self.lm = state["lm"]
+        self.load_extra_state(state.get("extra", {}))
+        if state.get("run_dir") and self.tensorboard_log is not None:
+            self.run_dir = Path(state["run_dir"])
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,67 @@
+"""Run folders and TensorBoard logging: ``runs/{env}__{agent}__{seed}__{time}/``.
+
+Scalar namespaces: ``rollout/`` (reward mean/std, each reward component, episode length, KL to the
+reference), ``losses/`` (policy, value, entropy, approx_kl, clipfrac, explained_variance), ``charts/``
+(learning rate, KL coefficient, tokens per second). Sample completions go to the text tab with their
+rewards, the config as a markdown table (and ``config.json`` in the folder).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
+from textrl.config import config_markdown, save_config
+
+
+def run_name(env_id: str, agent: str, seed: int | None) -> str:
+    """``{env}__{agent}__{seed}__{unix time}`` with the env id made path-safe.
+
+    >>> run_name("textrl/TextGen-v0", "ppo", 1).rsplit("__", 1)[0]
+    'textrl_TextGen-v0__ppo__1'
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", env_id)
+    return f"{safe}__{agent}__{seed}__{int(time.time())}"
+
+
+class RunLogger:
+    """A TensorBoard writer for one run folder (created lazily, so a run with no logging writes nothing)."""
+
+    def __init__(self, folder: str | Path, config: Any = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.folder))
+        if config is not None:
+            self.writer.add_text("config", config_markdown(config))
+            save_config(config, self.folder)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            if value is not None and np.isfinite(value):
+                self.writer.add_scalar(key, float(value), step)
+
+    def histogram(self, key: str, values: np.ndarray, step: int) -> None:
+        if len(values):
+            self.writer.add_histogram(key, np.asarray(values, dtype=np.float64), step)
+
+    def samples(self, prompts: list[str], completions: list[str], rewards: np.ndarray, step: int, n: int = 8) -> None:
+        """Log up to ``n`` completions with their rewards as a markdown table."""
+        rows = ["|reward|prompt|completion|", "|-|-|-|"]
+        for p, c, r in list(zip(prompts, completions, rewards, strict=True))[:n]:
+            rows.append(f"|{r:.3f}|{_md(p)}|{_md(c)}|")
+        self.writer.add_text("samples", "\n".join(rows), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "⏎")

@@ -1,0 +1,161 @@
+"""The actor-critic policy on a causal LM, and the sampling it acts with.
+
+Shape legend: B batch, P prompt length (left-padded), T generated tokens, S = P + T, V vocab, E width.
+
+- The **actor** is the LM head: its logits over the vocabulary are the action logits.
+- The **critic** is a value head, ``Linear(E, 1)`` on the final hidden state of the shared trunk
+  (``value_model="shared"``, the default), or on a separate copy of the LM trunk (``"separate"``), which
+  costs one more model copy and one more forward per step.
+- The **reference** is a frozen copy of the starting LM, kept only when a KL penalty is used
+  (``kl_coef > 0``), for the reference log-probs. So two model copies by default, three at most.
+
+Rollouts are synchronous (DESIGN-NOTES option 1): every row is reset at the start of a rollout, all rows
+decode together through one KV cache (one token's forward per step, not the whole prefix), and rows that
+finish early are masked out of training. The env never sees the cache.
+
+Sampling: ``temperature``, ``top_k`` and ``top_p`` shape the distribution the action is *drawn from*,
+and the log-probs stored for learning are those of that same shaped distribution (so the PPO ratio is
+exactly 1 at the first update epoch). Dropout is switched off: the model is kept in eval mode during
+rollouts *and* updates, so rollout and update log-probs agree.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from textrl.core import make_core
+
+
+def shape_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Apply temperature, then top-k, then top-p (nucleus) filtering; filtered logits become -inf.
+
+    >>> shape_logits(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2).tolist()
+    [[2.0, 1.0, -inf]]
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+class ActorCritic(nn.Module):
+    """LM policy + value head (+ frozen reference), over one :mod:`textrl.core` core each.
+
+    Args:
+        model: the HF causal LM to train (its parameters are trained in place).
+        value_model: ``"shared"`` (value head on the policy trunk) or ``"separate"`` (own trunk copy).
+        reference: keep a frozen copy of ``model`` for KL penalties.
+        fast: use the fast GPT-2 core when the architecture allows it.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        value_model: Literal["shared", "separate"] = "shared",
+        reference: bool = True,
+        fast: bool = True,
+    ):
+        super().__init__()
+        if value_model not in ("shared", "separate"):
+            raise ValueError(f"value_model must be 'shared' or 'separate', got {value_model!r}")
+        model.eval()  # dropout off for rollouts and updates alike
+        self.model = model
+        self.core = make_core(model, fast)
+        hidden = model.get_input_embeddings().embedding_dim
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_model_kind = value_model
+        self.value_model = None
+        if value_model == "separate":
+            self.value_model = copy.deepcopy(model).eval()
+            self.value_core = make_core(self.value_model, fast)
+        self.ref_model = None
+        if reference:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ref_core = make_core(self.ref_model, fast)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def train(self, mode: bool = True):
+        """Keep every HF module in eval mode (no dropout); only our own flag changes."""
+        self.training = mode
+        return self
+
+    # --- rollout ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int):
+        """Prefill prompts (B, P); returns logits (B, V) and values (B,) for the first action."""
+        logits, hidden = self.core.prefill(ids, mask, max_len)
+        if self.value_model is not None:
+            _, vhidden = self.value_core.prefill(ids, mask, max_len)
+            return logits, self.value_head(vhidden).squeeze(-1)
+        return logits, self.value_head(hidden).squeeze(-1)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor):
+        """Feed the sampled tokens (B,); returns the next logits (B, V) and values (B,)."""
+        logits, hidden = self.core.decode(tokens)
+        if self.value_model is not None:
+            _, vhidden = self.value_core.decode(tokens)
+            return logits, self.value_head(vhidden).squeeze(-1)
+        return logits, self.value_head(hidden).squeeze(-1)
+
+    def release(self) -> None:
+        """Free the KV caches after a rollout."""
+        self.core.release()
+        if self.value_model is not None:
+            self.value_core.release()
+
+    # --- training --------------------------------------------------------------------------------------
+
+    def evaluate(self, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, need_values: bool = True):
+        """Logits for the generated positions and their values, with gradients.
+
+        Args:
+            ids, mask: prompt + completion, (B, S) with prompts left-padded to ``prompt_len``.
+
+        Returns:
+            ``logits`` (B, T, V) predicting tokens ``prompt_len..S-1`` and ``values`` (B, T) or None.
+        """
+        logits, hidden = self.core.forward(ids[:, :-1], mask[:, :-1])  # (B, S-1, V), (B, S-1, E)
+        logits = logits[:, prompt_len - 1 :]  # (B, T, V)
+        values = None
+        if need_values:
+            if self.value_model is not None:
+                _, hidden = self.value_core.forward(ids[:, :-1], mask[:, :-1])
+            values = self.value_head(hidden[:, prompt_len - 1 :]).squeeze(-1)  # (B, T)
+        return logits, values
+
+    @torch.no_grad()
+    def reference_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, actions: torch.Tensor):
+        """Reference-model log-probs (B, T) of ``actions`` (B, T), in one batched pass.
+
+        One pass over the finished sequences is cheaper than a second cached forward at every rollout step
+        (one large matmul instead of T small ones; see DESIGN-NOTES §3).
+        """
+        if self.ref_model is None:
+            raise RuntimeError("this policy was built without a reference model (reference=False)")
+        logits, _ = self.ref_core.forward(ids[:, :-1], mask[:, :-1])
+        logp = F.log_softmax(logits[:, prompt_len - 1 :].float(), dim=-1)
+        return logp.gather(-1, actions[..., None]).squeeze(-1)
+
+    def trainable_parameters(self):
+        """Policy trunk + value head (+ value trunk); never the reference."""
+        params = list(self.model.parameters()) + list(self.value_head.parameters())
+        if self.value_model is not None:
+            params += list(self.value_model.parameters())
+        return params

@@ -1,0 +1,153 @@
+"""Rollout collection and storage: the policy steps a :class:`envs.TextGenVectorEnv` with a KV cache.
+
+Shape legend: B rows (= the vector env's sub-envs), P prompt length (left-padded), T generated steps,
+S = P + T, V vocabulary.
+
+Synchronous rollouts: all rows are reset at the start (each on the prompt the agent chose, so groups of
+samples of one prompt sit in consecutive rows), the policy prefills the prompts once and then feeds one
+token per step through its KV cache, and the rollout stops when every row's episode has ended. A row that
+ends early is autoreset by the env (Gymnasium's NEXT_STEP mode); its later steps are discarded
+(``valid`` is False), exactly as batched ``generate()`` pads finished rows. Everything the update needs
+from the rollout — actions, their log-probs, the values — is stored here, so no rollout forward is
+repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from textrl.policy import ActorCritic, shape_logits
+
+
+@dataclass
+class Sampling:
+    """How actions are drawn during rollouts."""
+
+    temperature: float = 1.0
+    """Softmax temperature of the sampling distribution."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling probability mass (1.0 = off)."""
+
+
+class Rollout(NamedTuple):
+    """One synchronous rollout of B episodes."""
+
+    ids: torch.Tensor  # (B, S) prompt (left-padded to P) + completion; pad after each episode's end
+    mask: torch.Tensor  # (B, S) 1 on prompt tokens and on the completion tokens actually taken
+    prompt_len: int  # P
+    actions: torch.Tensor  # (B, T)
+    logprobs: torch.Tensor  # (B, T) under the sampling distribution
+    values: torch.Tensor  # (B, T)
+    rewards: torch.Tensor  # (B, T) env rewards: immediate ones each step, plus sequence ones at the end
+    valid: torch.Tensor  # (B, T) bool: the step belongs to the row's episode
+    prompt_index: np.ndarray  # (B,)
+    prompts: list[str]
+    completions: list[str]
+    components: dict[str, np.ndarray]  # reward name -> (B,) episode sum, unweighted
+    terminated: np.ndarray  # (B,) ended by eos / stop string (else truncated)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.valid.sum(1)  # (B,)
+
+    @property
+    def episode_returns(self) -> torch.Tensor:
+        return (self.rewards * self.valid).sum(1)  # (B,)
+
+
+def left_pad(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn right-padded rows (the env's layout) into left-padded ones of width ``max(length)``.
+
+    >>> ids, mask = left_pad(np.array([[5, 6, 0], [7, 0, 0]]), np.array([[1, 1, 0], [1, 0, 0]]), 0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6], [0, 7]], [[1, 1], [0, 1]])
+    """
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+    lengths = mask_t.sum(1)  # (B,)
+    P = int(lengths.max())
+    src = torch.arange(P)[None, :] - (P - lengths)[:, None]  # (B, P): source column, < 0 for padding
+    pad = src < 0
+    out = ids_t.gather(1, src.clamp_min(0)).masked_fill(pad, pad_id)
+    return out, (~pad).long()
+
+
+@torch.no_grad()
+def collect_rollout(
+    policy: ActorCritic,
+    env,
+    prompt_index: np.ndarray,
+    sampling: Sampling,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Rollout:
+    """Run one synchronous rollout of ``env.num_envs`` episodes, starting row ``i`` on prompt ``prompt_index[i]``."""
+    engine = env.engine
+    obs, _ = env.reset(options={"prompt_index": prompt_index})
+    ids, mask = left_pad(obs["input_ids"], obs["attention_mask"], engine.pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    B, P = ids.shape
+    T = engine.max_new_tokens
+    n_actions = engine.vocab_size
+
+    actions = torch.full((B, T), engine.pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, T, device=device)
+    values = torch.zeros(B, T, device=device)
+    rewards = torch.zeros(B, T, device=device)
+    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
+    alive = np.ones(B, dtype=bool)
+    components = {name: np.zeros(B) for name in engine.rewards.names}
+    prompts = [engine.row_text[i] for i in range(B)]
+    completions = [""] * B
+    terminated_rows = np.zeros(B, dtype=bool)
+
+    logits, value = policy.start(ids, mask, P + T)
+    steps = 0
+    for t in range(T):
+        logp_all = F.log_softmax(shape_logits(logits[:, :n_actions].float(), **vars(sampling)), dim=-1)  # (B, V)
+        action = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)  # (B,)
+        alive_t = torch.from_numpy(alive).to(device)
+        actions[:, t] = torch.where(alive_t, action, engine.pad_id)
+        logprobs[:, t] = logp_all.gather(1, action[:, None]).squeeze(1) * alive_t
+        values[:, t] = value * alive_t
+        valid[:, t] = alive_t
+
+        _, reward, term, trunc, info = env.step(action.cpu().numpy())
+        rewards[:, t] = torch.from_numpy(reward * alive).to(device, torch.float32)
+        parts = info.get("reward_components", {})
+        for name in components:
+            if name in parts:
+                components[name] += parts[name] * alive
+        ended = (term | trunc) & alive
+        for i in np.flatnonzero(ended):
+            completions[i] = info["completion"][i]
+            terminated_rows[i] = term[i]
+        alive &= ~ended
+        steps = t + 1
+        if not alive.any():
+            break
+        logits, value = policy.step(action)
+    policy.release()
+
+    actions, logprobs, values, rewards, valid = (x[:, :steps] for x in (actions, logprobs, values, rewards, valid))
+    return Rollout(
+        ids=torch.cat([ids, actions], dim=1),
+        mask=torch.cat([mask, valid.long()], dim=1),
+        prompt_len=P,
+        actions=actions,
+        logprobs=logprobs,
+        values=values,
+        rewards=rewards,
+        valid=valid,
+        prompt_index=np.asarray(prompt_index),
+        prompts=prompts,
+        completions=completions,
+        components=components,
+        terminated=terminated_rows,
+    )
