@@ -91,7 +91,7 @@ class REINFORCE(BaseAgent):
         approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), rollout.valid)
         return {
             "losses/policy_loss": float(pg_loss.detach()),
-            "losses/entropy": float(entropy_mean),
+            "losses/entropy": float(entropy_mean.detach()),
             "losses/approx_kl": float(approx_kl),
             "losses/grad_norm": grad_norm,
             "losses/advantage_std": float(adv[rollout.valid].std()) if rollout.valid.sum() > 1 else 0.0,
