@@ -42,7 +42,10 @@ class TextGenEnv(gym.Env):
     ``terminated``: the eos token was taken, or the completion contains a ``stop`` string.
     ``truncated``: ``max_new_tokens`` tokens were generated (or the context is full). The last step's
     ``info`` carries ``prompt``, ``completion`` (decoded tokens, special tokens skipped, stop string
-    kept) and ``prompt_index`` (-1 for an ad-hoc prompt). Stepping a finished episode is an error.
+    kept) and ``prompt_index`` (-1 for an ad-hoc prompt). Stepping a finished episode is an error, and
+    so is stepping after a reward raised :class:`textrl.rewards.RewardError` (reset first). Bound episodes
+    with ``max_new_tokens`` rather than a ``TimeLimit`` wrapper: a wrapper that truncates earlier ends the
+    episode before the env pays the sequence rewards.
 
     ## Arguments
     - ``lm``: embedded model name or local HF folder whose tokenizer (and context length) the env uses.
@@ -109,6 +112,7 @@ class TextGenEnv(gym.Env):
         problem = _action_error(action, self.engine.vocab_size)
         if problem:
             raise ValueError(problem)
+        self._done = True  # until the step succeeds: after a RewardError the episode must be reset
         reward, terminated, truncated, components, ends = self.engine.step(self._row, np.array([int(action)]))
         info: dict[str, Any] = {"reward_components": {k: float(v[0]) for k, v in components.items()}}
         info.update(ends.get(0, {}))

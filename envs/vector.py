@@ -206,7 +206,11 @@ class TextGenVectorEnv(VectorEnv):
         if not rows.size:
             return self.engine.observation(copy=self.copy), reward, terminated, truncated, info
 
-        r, term, trunc, components, ends = self.engine.step(rows, actions[rows])
+        try:
+            r, term, trunc, components, ends = self.engine.step(rows, actions[rows])
+        except Exception:
+            self._needs_reset[rows] = True  # e.g. a RewardError: these episodes cannot go on; next step resets
+            raise
         reward[rows], terminated[rows], truncated[rows] = r, term, trunc
         done = np.fromiter(ends, dtype=np.int64, count=len(ends))  # positions in `rows`
         done_rows = rows[done]

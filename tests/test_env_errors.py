@@ -300,3 +300,23 @@ def test_raising_reward_names_the_sample_that_raises(tok):
         match=r"sequence reward 'picky' raised ZeroDivisionError: .* on sample 1 \(prompt='ab', completion='x'\)",
     ):
         env.step(np.array([tid(tok, "a"), tid(tok, "x"), tid(tok, "b")]))
+
+
+def test_env_must_be_reset_after_a_reward_error(tok):
+    def broken(completions, **_):
+        raise RuntimeError("boom")
+
+    env = TextGenEnv(prompts=["ab"], tokenizer=tok, reward=broken, max_new_tokens=1)
+    env.reset(seed=0)
+    with pytest.raises(RewardError, match="'broken' raised RuntimeError: boom"):
+        env.step(tid(tok, "a"))
+    with pytest.raises(RuntimeError, match="call reset"):
+        env.step(tid(tok, "a"))
+    env.reset(seed=0)  # and a reset recovers
+
+    venv = TextGenVectorEnv(2, prompts=["ab"], tokenizer=tok, reward=broken, max_new_tokens=1)
+    venv.reset(seed=0)
+    with pytest.raises(RewardError):
+        venv.step(np.array([tid(tok, "a"), tid(tok, "b")]))
+    _, reward, terminated, truncated, info = venv.step(np.array([tid(tok, "a"), tid(tok, "b")]))
+    assert info["reset"].all() and not reward.any()  # the broken episodes were autoreset, not continued

@@ -1,0 +1,526 @@
+"""Tokens/second of a full RL iteration and of the rollout alone: textrl's agents, a plain PyTorch loop, SB3.
+
+Systems (``--systems``), all on the same model, prompts and reward:
+
+- ``ppo``: textrl PPO with one optimisation step per batch (``n_epochs=1``, ``minibatch_size=B``);
+- ``ppo-4epochs``: textrl PPO with its default epochs and minibatches (4 epochs of minibatches of 8);
+- ``ppo-kl``: as ``ppo`` but with the default ``kl_coef`` (the reference model's batched pass included);
+- ``reinforce``: textrl REINFORCE, RLOO baseline over groups of 4 samples of a prompt;
+- ``plain``: a plain PyTorch loop: HF ``model.generate`` (KV cache) on left-padded prompts, the reward on the
+  decoded text, then one REINFORCE update (log-probs from a full forward with grad, ``-(logp * (R - mean
+  R)).mean()``, one Adam step);
+- ``sb3``: stable-baselines3 PPO run naively over the token env: ``DummyVecEnv`` of B ``TextGenEnv``, a
+  features extractor that runs the GPT-2 trunk over the whole observation at every step (no KV cache),
+  ``net_arch=[]`` so the action net is a ``Linear(E, V)`` head (initialised from the LM head), one
+  rollout of ``n_steps=T`` and one epoch of one minibatch per ``learn()``.
+
+Workload: the embedded model ``tiny`` when it is there, else a randomly initialised GPT-2 of the same shape
+(4 layers, width 256, 4 heads, 256 positions) with a 4,096-token BPE tokenizer trained on the fly; 64 prompts
+of exactly 8 tokens, B drawn per iteration; exactly 32 new tokens per prompt at temperature 1; a cheap
+sequence reward (the fraction of the completion's words that are "the"); ``kl_coef=0`` unless noted.
+EOS cannot end an episode early in any system: its logit is set to -inf wherever a system computes logits
+(see :func:`suppress_in_textrl`, the ``min_new_tokens`` of ``generate``, and the hook on SB3's action net),
+so every iteration generates exactly B x 32 tokens, which the benchmark checks.
+
+Measurement: each (system, batch) run is a subprocess of its own (so its peak RSS, ``ru_maxrss``, is its
+own); runs are interleaved round-robin over the repeats so drifts in machine load hit every system alike.
+A run builds its system, warms up with one iteration and one rollout, then times ``--iters`` full
+iterations and rollouts alternately; the table reports the median over repeats of each run's median.
+"Rollout" is everything before the update: generation, env steps and reward (for ``ppo-kl`` also the
+reference pass); "iteration" adds the update (for textrl: one ``agent.learn`` iteration).
+
+    python benchmarks/agents.py                      # the full table (about 7 minutes on 2 cores)
+    python benchmarks/agents.py --tiny-random --batch-sizes 4 --iters 1 --repeats 1   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python benchmarks/agents.py` puts this folder first on sys.path, where this very file would shadow the
+# `agents` package; drop it (the repo root is importable through the editable install, or added here).
+_HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_ROOT) not in sys.path:
+    sys.path.append(str(_ROOT))
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+LEARNING_RATE = 5e-5
+"""Adam learning rate of every system (textrl's default)."""
+
+SYSTEMS = {
+    "ppo": "textrl PPO (1 epoch, 1 minibatch)",
+    "ppo-4epochs": "textrl PPO (defaults: 4 epochs, minibatch 8)",
+    "ppo-kl": "textrl PPO (1 epoch, kl_coef 0.05, reference pass)",
+    "reinforce": "textrl REINFORCE (RLOO, group 4)",
+    "plain": "PyTorch loop: HF generate + REINFORCE",
+    "sb3": "SB3 PPO over TextGenEnv (no KV cache)",
+}
+"""System name (``--systems``) -> table label."""
+
+
+@dataclass
+class Workload:
+    """What every system runs on; written to ``workload.json`` for the subprocesses."""
+
+    lm: str
+    """Model folder."""
+    source: str
+    """Where the model came from (printed)."""
+    prompts: list[str]
+    """Prompts of exactly ``prompt_tokens`` tokens each."""
+    prompt_tokens: int
+    """P."""
+    new_tokens: int
+    """T, generated per prompt."""
+
+
+def the_fraction(completions: list[str], **_) -> list[float]:
+    """Cheap sequence reward: the fraction of the completion's words that are "the".
+
+    >>> the_fraction(completions=["The cat and the dog", ""])
+    [0.4, 0.0]
+    """
+    out = []
+    for text in completions:
+        words = text.lower().split()
+        out.append(words.count("the") / len(words) if words else 0.0)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (``getrusage(RUSAGE_SELF).ru_maxrss``)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
+
+
+# --- the workload ---------------------------------------------------------------------------------------
+
+
+def _pseudo_english(n_docs: int, seed: int = 0) -> list[str]:
+    """Documents from a small grammar: a corpus for the tiny test model, or when no packaged corpus is there."""
+    rng = random.Random(seed)
+    nouns = ["king", "queen", "knight", "horse", "river", "castle", "garden", "sword", "letter", "crown"]
+    adjs, verbs = ["old", "young", "brave", "quiet", "golden", "dark"], ["sees", "finds", "loves", "follows"]
+
+    def sentence() -> str:
+        return f"The {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)} at dawn."
+
+    return ["\n".join(sentence() for _ in range(5)) for _ in range(n_docs)]
+
+
+def make_prompts(tokenizer, docs: list[str], n: int, length: int, seed: int = 0) -> list[str]:
+    """``n`` distinct lines cut to exactly ``length`` tokens (checked to re-encode to the same tokens)."""
+    lines = [line.strip() for doc in docs for line in doc.splitlines() if len(line.strip()) > 20]
+    random.Random(seed).shuffle(lines)
+    prompts: list[str] = []
+    for line in lines:
+        ids = tokenizer(line)["input_ids"][:length]
+        text = tokenizer.decode(ids)
+        if len(ids) == length and tokenizer(text)["input_ids"] == ids and text not in prompts:
+            prompts.append(text)
+            if len(prompts) == n:
+                return prompts
+    raise RuntimeError(f"found only {len(prompts)} prompts of {length} tokens")
+
+
+def build_workload(folder: Path, tiny_random: bool, prompt_tokens: int, new_tokens: int, seed: int) -> Workload:
+    """The embedded ``tiny`` model if present, else a random GPT-2 of its shape saved into ``folder``."""
+    import torch
+    from transformers.utils import logging
+
+    from textrl import corpus
+    from textrl.lm import EMBEDDED_MODELS, load_tokenizer
+    from textrl.pretrain import PretrainConfig, build_model, save_model, train_tokenizer
+
+    logging.disable_progress_bar()  # "Writing model shards" bars
+    if tiny_random:
+        docs = _pseudo_english(200, seed)
+        cfg = PretrainConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=2, context_length=64)
+        source = "a tiny random GPT-2 (2 layers, width 32, vocab 300; --tiny-random)"
+    else:
+        try:
+            docs = corpus.load_documents()
+        except corpus.CorpusError:
+            docs = _pseudo_english(2000, seed)
+        cfg = PretrainConfig()  # the embedded model's shape: 4 layers, width 256, 4 heads, vocab 4096, 256 positions
+        source = "a random GPT-2 of the embedded model's shape (4 layers, width 256, 4 heads, 256 positions)"
+    if not tiny_random and (EMBEDDED_MODELS["tiny"] / "config.json").is_file():
+        lm, tokenizer = str(EMBEDDED_MODELS["tiny"]), load_tokenizer("tiny")
+        source = "the embedded model `tiny`"
+    else:
+        tokenizer = train_tokenizer(docs[::4], cfg.vocab_size)  # every 4th document: ~1 s, and enough text
+        torch.manual_seed(seed)
+        save_model(build_model(cfg, tokenizer), tokenizer, folder / "model")
+        lm = str(folder / "model")
+        source += f" with a {len(tokenizer)}-token BPE tokenizer trained on the fly"
+    prompts = make_prompts(tokenizer, docs, 64, prompt_tokens, seed)
+    return Workload(lm, source, prompts, prompt_tokens, new_tokens)
+
+
+# --- the systems: each builds a runner with iteration() and rollout(), both returning tokens generated ----
+
+
+def suppress_in_textrl(policy, token_id: int) -> None:
+    """Make ``token_id`` (eos) impossible in a textrl policy: its logit is -inf in every core forward.
+
+    The cores' three forwards (``prefill``, ``decode``: the rollout; ``forward``: the update and the
+    reference pass) are wrapped, so the distribution sampled from is the one trained on. The env is built
+    with ``stop=None``, so every episode is then exactly ``max_new_tokens`` long.
+    """
+    import torch
+
+    index = torch.tensor([token_id])
+
+    def masked(fn):
+        def wrapped(*args, **kwargs):
+            logits, hidden = fn(*args, **kwargs)
+            return logits.index_fill(-1, index.to(logits.device), float("-inf")), hidden
+
+        return wrapped
+
+    cores = [policy.core] + [getattr(policy, name) for name in ("ref_core", "value_core") if hasattr(policy, name)]
+    for core in cores:
+        for name in ("prefill", "decode", "forward"):
+            setattr(core, name, masked(getattr(core, name)))
+
+
+class TextRLRunner:
+    """A textrl agent: an iteration is one ``learn()`` iteration, a rollout is ``collect()``."""
+
+    def __init__(self, system: str, work: Workload, batch: int, seed: int):
+        from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
+        from envs import TextGenEnv
+
+        env = TextGenEnv(lm=work.lm, prompts=work.prompts, reward=the_fraction, max_new_tokens=work.new_tokens)
+        common = {"batch_size": batch, "learning_rate": LEARNING_RATE, "device": "cpu", "kl_coef": 0.0}
+        if system == "ppo":
+            agent = PPO(env, config=PPOConfig(**common, n_epochs=1, minibatch_size=batch), seed=seed, verbose=0)
+        elif system == "ppo-kl":
+            common["kl_coef"] = PPOConfig().kl_coef
+            agent = PPO(env, config=PPOConfig(**common, n_epochs=1, minibatch_size=batch), seed=seed, verbose=0)
+        elif system == "ppo-4epochs":
+            config = PPOConfig(**common, minibatch_size=min(PPOConfig().minibatch_size, batch))
+            agent = PPO(env, config=config, seed=seed, verbose=0)
+        elif system == "reinforce":
+            config = REINFORCEConfig(**common, group_size=4, baseline="rloo")
+            agent = REINFORCE(env, config=config, seed=seed, verbose=0)
+        else:
+            raise ValueError(system)
+        suppress_in_textrl(agent.policy, agent.tokenizer.eos_token_id)
+        self.agent = agent
+
+    def iteration(self) -> int:
+        before = self.agent.num_timesteps
+        self.agent.learn(before + 1)  # exactly one iteration
+        return self.agent.num_timesteps - before
+
+    def rollout(self) -> int:
+        rollout, _, _ = self.agent.collect()
+        return int(rollout.valid.sum())
+
+
+class PlainRunner:
+    """A plain PyTorch loop: HF ``generate`` with KV cache, reward, one REINFORCE step with Adam."""
+
+    def __init__(self, work: Workload, batch: int, seed: int):
+        import torch
+
+        from textrl.lm import load_lm
+
+        torch.manual_seed(seed)
+        self.model, self.tokenizer = load_lm(work.lm)  # eval mode: no dropout, as in textrl
+        self.tokenizer.padding_side = "left"
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE, eps=1e-5)
+        self.work, self.batch, self.rng = work, batch, np.random.default_rng(seed)
+        self.eos = torch.tensor([self.tokenizer.eos_token_id])
+
+    def _generate(self):
+        import torch
+
+        prompts = [self.work.prompts[i] for i in self.rng.integers(len(self.work.prompts), size=self.batch)]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        T = self.work.new_tokens
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,  # the full distribution, as textrl samples it
+                top_p=1.0,
+                max_new_tokens=T,
+                min_new_tokens=T,  # sets the eos logit to -inf at every step: exactly T tokens
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )  # (B, P + T)
+        P = enc["input_ids"].shape[1]
+        completions = self.tokenizer.batch_decode(out[:, P:], skip_special_tokens=True)
+        rewards = torch.tensor(the_fraction(prompts=prompts, completions=completions))  # (B,)
+        return enc, out, rewards
+
+    def rollout(self) -> int:
+        enc, out, _ = self._generate()
+        return out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])
+
+    def iteration(self) -> int:
+        import torch
+        import torch.nn.functional as F
+
+        enc, out, rewards = self._generate()
+        P = enc["input_ids"].shape[1]
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(out[:, P:])], dim=1)  # (B, S)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: count positions from the first token
+        logits = self.model(input_ids=out, attention_mask=mask, position_ids=positions).logits[:, P - 1 : -1]
+        logits = logits.index_fill(-1, self.eos, float("-inf"))  # (B, T, V) the distribution sampled from
+        logp = F.log_softmax(logits, dim=-1).gather(-1, out[:, P:, None]).squeeze(-1)  # (B, T)
+        loss = -(logp * (rewards - rewards.mean())[:, None]).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out.shape[0] * (out.shape[1] - P)
+
+
+class SB3Runner:
+    """stable-baselines3 PPO over a ``DummyVecEnv`` of B ``TextGenEnv``, re-reading the prefix every step."""
+
+    def __init__(self, work: Workload, batch: int, seed: int):
+        import torch
+        from stable_baselines3 import PPO
+        from stable_baselines3.common.callbacks import CallbackList
+        from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+        from stable_baselines3.common.vec_env import DummyVecEnv
+
+        from envs import TextGenEnv
+        from textrl.lm import load_lm, load_tokenizer
+
+        class GPT2Trunk(BaseFeaturesExtractor):
+            """The HF GPT-2 trunk over the full (right-padded) observation; the last valid position's state."""
+
+            def __init__(self, observation_space, lm: str):
+                model, _ = load_lm(lm)
+                super().__init__(observation_space, features_dim=model.config.n_embd)
+                self.trunk = model.transformer
+                self.lm_head_weight = model.lm_head.weight.detach().clone()  # (V, E), to initialise the action net
+
+            def forward(self, obs):
+                ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()  # SB3 hands Box obs as floats
+                hidden = self.trunk(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, C, E)
+                return hidden[torch.arange(len(ids)), mask.sum(1) - 1]  # (N, E)
+
+        tokenizer = load_tokenizer(work.lm)
+        make = functools.partial(
+            TextGenEnv,
+            lm=work.lm,
+            tokenizer=tokenizer,
+            prompts=work.prompts,
+            reward=the_fraction,
+            max_new_tokens=work.new_tokens,
+        )
+        self.steps = work.new_tokens
+        self.model = PPO(
+            "MultiInputPolicy",
+            DummyVecEnv([make] * batch),
+            learning_rate=LEARNING_RATE,
+            n_steps=self.steps,
+            batch_size=batch * self.steps,
+            n_epochs=1,
+            policy_kwargs={
+                "features_extractor_class": GPT2Trunk,
+                "features_extractor_kwargs": {"lm": work.lm},
+                "net_arch": [],
+                "ortho_init": False,
+            },
+            device="cpu",
+            seed=seed,
+            verbose=0,
+        )
+        policy = self.model.policy
+        with torch.no_grad():  # the action net starts as the LM head, so the policy is the same LM
+            policy.action_net.weight.copy_(policy.features_extractor.lm_head_weight)
+            policy.action_net.bias.zero_()
+        eos = torch.tensor([tokenizer.eos_token_id])
+        policy.action_net.register_forward_hook(lambda _m, _i, logits: logits.index_fill(-1, eos, float("-inf")))
+        self.callback = CallbackList([])
+        self.callback.init_callback(self.model)
+        self.batch = batch
+
+    def iteration(self) -> int:
+        self.model.learn(total_timesteps=self.steps * self.batch)  # resets the envs; one rollout + one train()
+        return self.steps * self.batch
+
+    def rollout(self) -> int:
+        self.model.collect_rollouts(self.model.env, self.callback, self.model.rollout_buffer, self.steps)
+        return self.steps * self.batch
+
+
+def build_runner(system: str, work: Workload, batch: int, seed: int):
+    if system == "plain":
+        return PlainRunner(work, batch, seed)
+    if system == "sb3":
+        return SB3Runner(work, batch, seed)
+    return TextRLRunner(system, work, batch, seed)
+
+
+def measure(system: str, work: Workload, batch: int, iters: int, threads: int, seed: int) -> dict:
+    """Build one system, warm up, time ``iters`` iterations and rollouts (alternately); tokens/second."""
+    import torch
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # "Loading weights" bars
+    if threads:
+        torch.set_num_threads(threads)
+    runner = build_runner(system, work, batch, seed)
+    rss_setup = peak_rss_mb()  # imports, model(s), env(s), before any iteration
+    expected = batch * work.new_tokens
+    full: list[float] = []
+    rollout: list[float] = []
+    for i in range(iters + 1):  # the first of each is the warm-up
+        for kind, fn, out in (("iteration", runner.iteration, full), ("rollout", runner.rollout, rollout)):
+            start = time.perf_counter()
+            tokens = fn()
+            elapsed = time.perf_counter() - start
+            if tokens != expected:
+                raise RuntimeError(f"{system} {kind} generated {tokens} tokens, expected B x T = {expected}")
+            if i:
+                out.append(tokens / elapsed)
+    return {
+        "system": system,
+        "batch": batch,
+        "iteration": full,
+        "rollout": rollout,
+        "rss_setup_mb": rss_setup,
+        "rss_peak_mb": peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run(system: str, batch: int, args, workdir: Path, work: Workload) -> dict:
+    """One measurement, in its own subprocess (or in this process with ``--in-process``)."""
+    iters = args.sb3_iters if system == "sb3" else args.iters
+    if args.in_process:
+        return measure(system, work, batch, iters, args.threads, args.seed)
+    command = [sys.executable, __file__, "--worker", system, "--batch", str(batch), "--workdir", str(workdir)]
+    command += ["--iters", str(iters), "--threads", str(args.threads), "--seed", str(args.seed)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if proc.returncode:
+        raise RuntimeError(f"{system} at batch {batch} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+
+def versions() -> str:
+    names = ["torch", "transformers", "gymnasium", "stable-baselines3"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def print_table(results: dict, args, work: Workload, skipped_sb3: list[int], threads: set[int], in_process: bool):
+    def ratio(value: float, base: float | None) -> str:
+        return f"{value / base:.2f}x" if base else "-"
+
+    print(f"Generated tokens/second: median over {args.repeats} run(s) of the median of {args.iters} timed ", end="")
+    print(f"iteration(s) ({args.sb3_iters} for SB3) after one warm-up; ", end="")
+    print("all runs in one process" if in_process else "one subprocess per run")
+    print(f"Model: {work.source}; {len(work.prompts)} prompts of {work.prompt_tokens} tokens, B drawn per ", end="")
+    print(f'iteration; exactly {work.new_tokens} new tokens (eos suppressed); temperature 1; reward: fraction of "the"')
+    print(f"{versions()}; torch threads {', '.join(map(str, sorted(threads)))}; {os.cpu_count()} CPUs\n")
+    print("| system | B | iteration tok/s | vs PPO | rollout tok/s | vs PPO | peak RSS MB | RSS after set-up MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batch_sizes:
+        base = results.get(("ppo", batch))
+        for system in args.systems:
+            r = results.get((system, batch))
+            if r is None:
+                continue
+            rss = "-" if in_process else f"{r['rss_peak_mb']:,.0f}"
+            setup = "-" if in_process else f"{r['rss_setup_mb']:,.0f}"
+            print(
+                f"| {SYSTEMS[system]} | {batch} | {r['iteration']:,.0f} | {ratio(r['iteration'], base and base['iteration'])}"
+                f" | {r['rollout']:,.0f} | {ratio(r['rollout'], base and base['rollout'])} | {rss} | {setup} |"
+            )
+    if skipped_sb3:
+        print(f"\nSB3 PPO was not run at batch {', '.join(map(str, skipped_sb3))}: its training pass re-reads ", end="")
+        print(
+            f"every prefix (B x T full forwards), too slow for the default budget; pass --sb3-max-batch {max(skipped_sb3)}."
+        )
+    if in_process:
+        print("\nPeak RSS is not reported with --in-process (all systems share one process).")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="values of B")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS), help="what to run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs (subprocesses) per system and batch size")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations (and rollouts) per run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--sb3-max-batch", type=int, default=16, help="largest B at which SB3 PPO is run")
+    parser.add_argument("--sb3-iters", type=int, default=1, help="timed iterations per SB3 run (~15 s each at B=16)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="T, tokens generated per prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=8, help="P, tokens per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling")
+    parser.add_argument("--tiny-random", action="store_true", help="a tiny random model instead (for tests)")
+    parser.add_argument("--in-process", action="store_true", help="run every system in this process (no RSS)")
+    parser.add_argument("--worker", choices=list(SYSTEMS), help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:  # a subprocess: one measurement, printed as JSON
+        work = Workload(**json.loads((args.workdir / "workload.json").read_text()))
+        print(json.dumps(measure(args.worker, work, args.batch, args.iters, args.threads, args.seed)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="textrl-bench-") as tmp:
+        workdir = Path(tmp)
+        work = build_workload(workdir, args.tiny_random, args.prompt_tokens, args.new_tokens, args.seed)
+        (workdir / "workload.json").write_text(json.dumps(asdict(work)))
+        jobs = [
+            (system, batch)
+            for batch in args.batch_sizes
+            for system in args.systems
+            if system != "sb3" or batch <= args.sb3_max_batch
+        ]
+        skipped_sb3 = [b for b in args.batch_sizes if "sb3" in args.systems and b > args.sb3_max_batch]
+        runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
+        for _ in range(args.repeats):  # round-robin, so drifts in machine load hit every system alike
+            for system, batch in jobs:
+                runs[system, batch].append(run(system, batch, args, workdir, work))
+    results = {
+        job: {
+            "iteration": statistics.median(statistics.median(r["iteration"]) for r in rs),
+            "rollout": statistics.median(statistics.median(r["rollout"]) for r in rs),
+            "rss_peak_mb": max(r["rss_peak_mb"] for r in rs),
+            "rss_setup_mb": max(r["rss_setup_mb"] for r in rs),
+        }
+        for job, rs in runs.items()
+    }
+    threads = {r["threads"] for rs in runs.values() for r in rs}
+    print_table(results, args, work, skipped_sb3, threads, args.in_process)
+
+
+if __name__ == "__main__":
+    main()
