@@ -23,11 +23,14 @@ EOS cannot end an episode early in any system: its logit is set to -inf wherever
 so every iteration generates exactly B x 32 tokens, which the benchmark checks.
 
 Measurement: each (system, batch) run is a subprocess of its own (so its peak RSS, ``ru_maxrss``, is its
-own); runs are interleaved round-robin over the repeats so drifts in machine load hit every system alike.
-A run builds its system, warms up with one iteration and one rollout, then times ``--iters`` full
-iterations and rollouts alternately; the table reports the median over repeats of each run's median.
-"Rollout" is everything before the update: generation, env steps and reward (for ``ppo-kl`` also the
-reference pass); "iteration" adds the update (for textrl: one ``agent.learn`` iteration).
+own; the RSS after set-up, before any iteration, is printed beside it); runs are interleaved round-robin
+over the repeats so drifts in machine load hit every system alike. A run builds its system, warms up with
+one iteration and one rollout, then times ``--iters`` full iterations and rollouts alternately
+(``--sb3-iters`` for SB3); the table reports the median over repeats of each run's median, and every
+row's ratio to ``ppo`` at the same batch size. "Rollout" is everything before the update: generation, env
+steps and reward (for ``ppo-kl`` also the reference pass); "iteration" adds the update (for textrl: one
+``agent.learn`` iteration). SB3 runs only up to ``--sb3-max-batch`` (16): one of its iterations takes
+~15 s at B=16 on one core and its single 512-sequence minibatch peaks at ~3.7 GB; B=64 would be ~4x both.
 
     python benchmarks/agents.py                      # the full table (about 7 minutes on 2 cores)
     python benchmarks/agents.py --tiny-random --batch-sizes 4 --iters 1 --repeats 1   # a quick smoke run
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="values of B")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS), help="what to run")
     parser.add_argument("--repeats", type=int, default=3, help="runs (subprocesses) per system and batch size")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations (and rollouts) per run")
+    parser.add_argument("--iters", type=int, default=2, help="timed iterations (and rollouts) per run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--sb3-max-batch", type=int, default=16, help="largest B at which SB3 PPO is run")
     parser.add_argument("--sb3-iters", type=int, default=1, help="timed iterations per SB3 run (~15 s each at B=16)")

@@ -318,5 +318,5 @@ def test_env_must_be_reset_after_a_reward_error(tok):
     venv.reset(seed=0)
     with pytest.raises(RewardError):
         venv.step(np.array([tid(tok, "a"), tid(tok, "b")]))
-    _, reward, terminated, truncated, info = venv.step(np.array([tid(tok, "a"), tid(tok, "b")]))
+    _, reward, _, _, info = venv.step(np.array([tid(tok, "a"), tid(tok, "b")]))
     assert info["reset"].all() and not reward.any()  # the broken episodes were autoreset, not continued
