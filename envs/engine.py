@@ -193,8 +193,13 @@ class TokenBatch:
         return {"input_ids": ids.copy() if copy else ids, "attention_mask": mask.copy() if copy else mask}
 
 
+ENV_KEYWORDS = ("lm", "prompts", "reward", "tokenizer", "max_new_tokens", "stop", "context_length", "truncate_prompts")
+"""The keywords shared by both envs (documented in :class:`envs.TextGenEnv`)."""
+
+
 def build_engine(
     num_rows: int,
+    *,
     lm: str,
     prompts: PromptSource | None,
     reward: RewardSpec,

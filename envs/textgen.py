@@ -9,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.engine import _action_error, _observation_space, _prompt_choice, build_engine
+from envs.engine import ENV_KEYWORDS, _action_error, _observation_space, _prompt_choice, build_engine
 from envs.prompts import PromptSource
 from textrl.rewards import RewardSpec
 
@@ -75,20 +75,9 @@ class TextGenEnv(gym.Env):
         truncate_prompts: bool = False,
         render_mode: str | None = None,
     ):
-        self.init_kwargs = {
-            "lm": lm,
-            "prompts": prompts,
-            "reward": reward,
-            "tokenizer": tokenizer,
-            "max_new_tokens": max_new_tokens,
-            "stop": stop,
-            "context_length": context_length,
-            "truncate_prompts": truncate_prompts,
-        }
+        self.init_kwargs = {k: v for k, v in locals().items() if k in ENV_KEYWORDS}
         """The keywords this env was built with (agents build batched copies from them)."""
-        self.engine = build_engine(
-            1, lm, prompts, reward, tokenizer, max_new_tokens, stop, context_length, truncate_prompts
-        )
+        self.engine = build_engine(1, **self.init_kwargs)
         self.tokenizer = self.engine.tokenizer
         self.action_space = spaces.Discrete(self.engine.vocab_size)
         self.observation_space = _observation_space(self.engine)

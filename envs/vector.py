@@ -11,7 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.engine import _observation_space, _prompt_choice, build_engine
+from envs.engine import ENV_KEYWORDS, _observation_space, _prompt_choice, build_engine
 from envs.prompts import PromptSource
 from textrl.rewards import RewardSpec
 
@@ -62,29 +62,9 @@ class TextGenVectorEnv(VectorEnv):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.num_envs = int(num_envs)
-        self.init_kwargs = {
-            "lm": lm,
-            "prompts": prompts,
-            "reward": reward,
-            "tokenizer": tokenizer,
-            "max_new_tokens": max_new_tokens,
-            "stop": stop,
-            "context_length": context_length,
-            "truncate_prompts": truncate_prompts,
-        }
+        self.init_kwargs = {k: v for k, v in locals().items() if k in ENV_KEYWORDS}
         """The keywords this env was built with (agents build batched copies from them)."""
-        self.engine = build_engine(
-            self.num_envs,
-            lm,
-            prompts,
-            reward,
-            tokenizer,
-            max_new_tokens,
-            stop,
-            context_length,
-            truncate_prompts,
-            max_episode_steps,
-        )
+        self.engine = build_engine(self.num_envs, **self.init_kwargs, max_episode_steps=max_episode_steps)
         self.tokenizer = self.engine.tokenizer
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = dict(self.metadata, autoreset_mode=self.autoreset_mode)
