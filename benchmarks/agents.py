@@ -38,37 +38,29 @@ steps and reward (for ``ppo-kl`` also the reference pass); "iteration" adds the 
 
 from __future__ import annotations
 
+import argparse
+import functools
+import importlib.metadata
+import json
+import os
+import random
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# `python benchmarks/agents.py` puts this folder first on sys.path, where this very file would shadow the
-# `agents` package; drop it (the repo root is importable through the editable install, or added here).
-_HERE, _ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
-
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 LEARNING_RATE = 5e-5
 """Adam learning rate of every system (textrl's default)."""
 
 SYSTEMS = {
     "ppo": "textrl PPO (1 epoch, 1 minibatch)",
-    "ppo-4epochs": "textrl PPO (defaults: 4 epochs, minibatch 8)",
-    "ppo-kl": "textrl PPO (1 epoch, kl_coef 0.05, reference pass)",
+    "ppo-4epochs": "textrl PPO (default 4 epochs, minibatch min(8, B))",
+    "ppo-kl": "textrl PPO (1 epoch, default kl_coef: reference pass)",
     "reinforce": "textrl REINFORCE (RLOO, group 4)",
     "plain": "PyTorch loop: HF generate + REINFORCE",
     "sb3": "SB3 PPO over TextGenEnv (no KV cache)",
@@ -440,13 +432,11 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def print_table(results: dict, args, work: Workload, skipped_sb3: list[int], threads: set[int], in_process: bool):
-    def ratio(value: float, base: float | None) -> str:
-        return f"{value / base:.2f}x" if base else "-"
-
+def print_table(results: dict, args, work: Workload, skipped_sb3: list[int], threads: set[int]) -> None:
+    """The header (workload, versions, threads) and one markdown row per (system, batch)."""
+    runs = "all runs in one process" if args.in_process else "one subprocess per run"
     print(f"Generated tokens/second: median over {args.repeats} run(s) of the median of {args.iters} timed ", end="")
-    print(f"iteration(s) ({args.sb3_iters} for SB3) after one warm-up; ", end="")
-    print("all runs in one process" if in_process else "one subprocess per run")
+    print(f"iteration(s) ({args.sb3_iters} for SB3) after one warm-up; {runs}")
     print(f"Model: {work.source}; {len(work.prompts)} prompts of {work.prompt_tokens} tokens, B drawn per ", end="")
     print(f'iteration; exactly {work.new_tokens} new tokens (eos suppressed); temperature 1; reward: fraction of "the"')
     print(f"{versions()}; torch threads {', '.join(map(str, sorted(threads)))}; {os.cpu_count()} CPUs\n")
@@ -458,18 +448,21 @@ def print_table(results: dict, args, work: Workload, skipped_sb3: list[int], thr
             r = results.get((system, batch))
             if r is None:
                 continue
-            rss = "-" if in_process else f"{r['rss_peak_mb']:,.0f}"
-            setup = "-" if in_process else f"{r['rss_setup_mb']:,.0f}"
-            print(
-                f"| {SYSTEMS[system]} | {batch} | {r['iteration']:,.0f} | {ratio(r['iteration'], base and base['iteration'])}"
-                f" | {r['rollout']:,.0f} | {ratio(r['rollout'], base and base['rollout'])} | {rss} | {setup} |"
-            )
+            cells = [SYSTEMS[system], str(batch)]
+            for kind in ("iteration", "rollout"):
+                cells += [f"{r[kind]:,.0f}", f"{r[kind] / base[kind]:.2f}x" if base else "-"]
+            for kind in ("rss_peak_mb", "rss_setup_mb"):
+                cells.append("-" if args.in_process else f"{r[kind]:,.0f}")
+            print("| " + " | ".join(cells) + " |")
     if skipped_sb3:
-        print(f"\nSB3 PPO was not run at batch {', '.join(map(str, skipped_sb3))}: its training pass re-reads ", end="")
         print(
-            f"every prefix (B x T full forwards), too slow for the default budget; pass --sb3-max-batch {max(skipped_sb3)}."
+            f"\nSB3 PPO was not run at batch {', '.join(map(str, skipped_sb3))}: its training pass re-reads every ",
+            end="",
         )
-    if in_process:
+        print(
+            f"prefix (B x T full forwards), too slow for the default budget; pass --sb3-max-batch {max(skipped_sb3)}."
+        )
+    if args.in_process:
         print("\nPeak RSS is not reported with --in-process (all systems share one process).")
 
 
@@ -522,8 +515,14 @@ def main(argv: list[str] | None = None) -> None:
         for job, rs in runs.items()
     }
     threads = {r["threads"] for rs in runs.values() for r in rs}
-    print_table(results, args, work, skipped_sb3, threads, args.in_process)
+    print_table(results, args, work, skipped_sb3, threads)
 
 
 if __name__ == "__main__":
+    # `python benchmarks/agents.py` puts this folder first on sys.path, where this very file would shadow the
+    # `agents` package (imported lazily, inside the functions above); drop it, and make the repo importable.
+    here, root = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    if str(root) not in sys.path:
+        sys.path.append(str(root))
     main()

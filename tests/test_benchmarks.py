@@ -1,16 +1,23 @@
-"""Smoke test of benchmarks/env_steps.py with a tiny budget, asserting on the table it prints."""
+"""Smoke tests of the benchmark scripts with tiny budgets, asserting on the tables they print."""
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "env_steps.py"
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name: str, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_env_steps_benchmark_prints_a_table(capsys):
-    spec = importlib.util.spec_from_file_location("env_steps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("env_steps", "env_steps")
     module.main(["--batch-sizes", "1", "3", "--repeats", "1", "--seconds", "0.01", "--max-new-tokens", "4"])
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (sequence|immediate) \| (\d+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+)x \|$", out, re.M)
@@ -18,3 +25,44 @@ def test_env_steps_benchmark_prints_a_table(capsys):
     for *_, native, sync, ratio in rows:
         native, sync = (float(x.replace(",", "")) for x in (native, sync))
         assert native > 0 and sync > 0 and abs(float(ratio) - native / sync) < 0.06
+
+
+AGENT_ROW = re.compile(
+    r"^\| ([^|]+) \| (\d+) \| ([\d,]+) \| ([\d.]+)x \| ([\d,]+) \| ([\d.]+)x \| ([\d,]+|-) \| ([\d,]+|-) \|$", re.M
+)
+
+
+def _number(cell: str) -> float | None:
+    return None if cell == "-" else float(cell.replace(",", ""))
+
+
+def _agent_rows(out: str) -> dict[str, tuple]:
+    """Table label -> (B, iteration tok/s, its ratio, rollout tok/s, its ratio, peak RSS, set-up RSS)."""
+    return {
+        label: (int(b), _number(it), float(it_x), _number(roll), float(roll_x), _number(rss), _number(setup))
+        for label, b, it, it_x, roll, roll_x, rss, setup in AGENT_ROW.findall(out)
+    }
+
+
+def test_agents_benchmark_prints_a_row_per_system(capsys):
+    module = _load("agents", "agents_benchmark")
+    args = ["--tiny-random", "--batch-sizes", "4", "--iters", "1", "--repeats", "1", "--new-tokens", "6"]
+    module.main([*args, "--in-process"])
+    out = capsys.readouterr().out
+    rows = _agent_rows(out)
+    assert sorted(rows) == sorted(module.SYSTEMS.values()), out
+    ppo = rows[module.SYSTEMS["ppo"]]
+    for batch, it, it_ratio, roll, roll_ratio, _, _ in rows.values():
+        assert batch == 4 and it > 0 and roll > 0
+        assert abs(it_ratio - it / ppo[1]) < 0.01 + 0.01 * it_ratio
+        assert abs(roll_ratio - roll / ppo[3]) < 0.01 + 0.01 * roll_ratio
+    assert "torch threads" in out and "stable-baselines3" in out
+
+
+def test_agents_benchmark_measures_each_run_in_a_subprocess(capsys):
+    module = _load("agents", "agents_benchmark")
+    module.main(["--tiny-random", "--systems", "ppo", "--batch-sizes", "4", "--iters", "1", "--repeats", "1"])
+    rows = _agent_rows(capsys.readouterr().out)
+    (batch, it, ratio, roll, _, rss, setup) = rows[module.SYSTEMS["ppo"]]
+    assert batch == 4 and it > 0 and roll > 0 and ratio == 1.0
+    assert rss >= setup > 50  # MB: a process with torch loaded
