@@ -39,6 +39,11 @@ def test_core_matches_hf_forward(request, arch, core_cls):
             expected = model(real[None]).logits[0]  # the row alone, unpadded
             torch.testing.assert_close(logits[b, mask[b].bool()], expected, atol=2e-5, rtol=1e-4)
 
+        tail_logits, tail_hidden = core.forward(ids, mask, start=7)  # the head only where it is needed
+        full_hidden = core.forward(ids, mask)[1]
+        torch.testing.assert_close(tail_logits, logits[:, 7:])
+        torch.testing.assert_close(tail_hidden, full_hidden[:, 7:])
+
         P = 6
         step_logits = [core.prefill(ids[:, :P], mask[:, :P], 12)[0]]
         for t in range(P, 10):

@@ -25,7 +25,7 @@ from textrl import checkpoint as ckpt
 from textrl.advantages import KLController, kl_penalty
 from textrl.config import to_jsonable
 from textrl.logger import RunLogger, run_name
-from textrl.policy import ActorCritic, shape_logits
+from textrl.policy import ActorCritic, sample, shape_logits
 from textrl.rollout import Rollout, Sampling, collect_rollout, left_pad
 
 
@@ -338,14 +338,14 @@ class BaseAgent:
         if single:
             ids, mask = ids[None], mask[None]
         left_ids, left_mask = left_pad(ids, mask, self.tokenizer.pad_token_id)
-        logits, _ = self.policy.core.forward(left_ids.to(self.device), left_mask.to(self.device))
+        last = left_ids.shape[1] - 1
+        logits, _ = self.policy.core.forward(left_ids.to(self.device), left_mask.to(self.device), last)  # (B, 1, V)
         n = self.env.single_action_space.n
         logits = logits[:, -1, :n].float()
         if deterministic:
             actions = logits.argmax(-1)
         else:
-            probs = F.softmax(shape_logits(logits, **vars(self.sampling)), -1)
-            actions = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            actions = sample(F.softmax(shape_logits(logits, **vars(self.sampling)), -1), self.generator)
         actions = actions.cpu().numpy()
         return (actions[0] if single else actions), None
 
@@ -369,8 +369,7 @@ class BaseAgent:
             if deterministic:
                 token = logits.argmax(-1)
             else:
-                probs = F.softmax(shape_logits(logits, **vars(self.sampling)), -1)
-                token = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+                token = sample(F.softmax(shape_logits(logits, **vars(self.sampling)), -1), self.generator)
             token = torch.where(done, tok.pad_token_id, token)
             out.append(token)
             done |= token == tok.eos_token_id

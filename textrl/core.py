@@ -7,8 +7,9 @@ A core offers
 - ``prefill(ids (B, P), mask (B, P), max_len)``: run the prompts, fill a KV cache with room for
   ``max_len`` positions, return the last position's ``(logits (B, V), hidden (B, E))``;
 - ``decode(tokens (B,))``: one token per row through the cache, same return;
-- ``forward(ids (B, S), mask (B, S))``: the whole sequence (training / reference pass), returning
-  ``(logits (B, S, V), hidden (B, S, E))``.
+- ``forward(ids (B, S), mask (B, S), start=0)``: the whole sequence (training / reference pass),
+  returning ``(logits (B, S - start, V), hidden (B, S - start, E))`` for positions ``start..S-1`` (the
+  LM head is only run where its logits are used).
 
 Rows are **left-padded** inside the cores (the env's observations are right-padded; the rollout converts),
 so in a synchronous rollout every row writes its next key/value into the same cache column and the decode
@@ -41,7 +42,7 @@ class HFCore(nn.Module):
         self.model = model
         self._cache = None
 
-    def _run(self, ids, mask, positions, cache=None):
+    def _run(self, ids, mask, positions, cache=None, keep: int = 0):
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -49,8 +50,10 @@ class HFCore(nn.Module):
             past_key_values=cache,
             use_cache=cache is not None,
             output_hidden_states=True,
+            logits_to_keep=keep,  # 0 = all positions
         )
-        return out.logits, out.hidden_states[-1], out.past_key_values
+        hidden = out.hidden_states[-1]
+        return out.logits, hidden[:, -keep:] if keep else hidden, out.past_key_values
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int):
         from transformers import DynamicCache
@@ -66,8 +69,8 @@ class HFCore(nn.Module):
         logits, hidden, self._cache = self._run(tokens[:, None], self._mask, self._pos[:, None], self._cache)
         return logits[:, -1], hidden[:, -1]
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor):
-        logits, hidden, _ = self._run(ids, mask.long(), positions_from_mask(mask))
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0):
+        logits, hidden, _ = self._run(ids, mask.long(), positions_from_mask(mask), keep=ids.shape[1] - start)
         return logits, hidden
 
     def release(self) -> None:
@@ -134,13 +137,13 @@ class GPT2Core(nn.Module):
 
     # --- the three forwards ----------------------------------------------------------------------------
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0):
         x = self.wte(ids) + self.wpe(positions_from_mask(mask))  # (B, S, E)
         attn_mask = self._full_mask(mask)
         for block in self.blocks:
             q, k, v = self._qkv(block, x)
             x = self._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
-        return self._head(x)
+        return self._head(x[:, start:])  # (B, S - start, V), (B, S - start, E)
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int):
         B, P = ids.shape

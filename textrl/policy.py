@@ -51,6 +51,20 @@ def shape_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     return logits
 
 
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from ``probs`` (B, V) by inverse-CDF sampling.
+
+    Draws one uniform number per row (``torch.multinomial`` draws one per vocabulary entry, which at a
+    4k vocabulary costs ~15x more per step). Zero-probability tokens are never chosen.
+
+    >>> sample(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])).tolist()
+    [1, 2]
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)  # (B,)
+
+
 class ActorCritic(nn.Module):
     """LM policy + value head (+ frozen reference), over one :mod:`textrl.core` core each.
 
@@ -131,13 +145,13 @@ class ActorCritic(nn.Module):
         Returns:
             ``logits`` (B, T, V) predicting tokens ``prompt_len..S-1`` and ``values`` (B, T) or None.
         """
-        logits, hidden = self.core.forward(ids[:, :-1], mask[:, :-1])  # (B, S-1, V), (B, S-1, E)
-        logits = logits[:, prompt_len - 1 :]  # (B, T, V)
+        start = prompt_len - 1  # the position that predicts the first generated token
+        logits, hidden = self.core.forward(ids[:, :-1], mask[:, :-1], start)  # (B, T, V), (B, T, E)
         values = None
         if need_values:
             if self.value_model is not None:
-                _, hidden = self.value_core.forward(ids[:, :-1], mask[:, :-1])
-            values = self.value_head(hidden[:, prompt_len - 1 :]).squeeze(-1)  # (B, T)
+                _, hidden = self.value_core.forward(ids[:, :-1], mask[:, :-1], start)
+            values = self.value_head(hidden).squeeze(-1)  # (B, T)
         return logits, values
 
     @torch.no_grad()
@@ -149,8 +163,8 @@ class ActorCritic(nn.Module):
         """
         if self.ref_model is None:
             raise RuntimeError("this policy was built without a reference model (reference=False)")
-        logits, _ = self.ref_core.forward(ids[:, :-1], mask[:, :-1])
-        logp = F.log_softmax(logits[:, prompt_len - 1 :].float(), dim=-1)
+        logits, _ = self.ref_core.forward(ids[:, :-1], mask[:, :-1], prompt_len - 1)  # (B, T, V)
+        logp = F.log_softmax(logits.float(), dim=-1)
         return logp.gather(-1, actions[..., None]).squeeze(-1)
 
     def trainable_parameters(self):

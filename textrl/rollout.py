@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from textrl.policy import ActorCritic, shape_logits
+from textrl.policy import ActorCritic, sample, shape_logits
 
 
 @dataclass
@@ -111,7 +111,7 @@ def collect_rollout(
     steps = 0
     for t in range(T):
         logp_all = F.log_softmax(shape_logits(logits[:, :n_actions].float(), **vars(sampling)), dim=-1)  # (B, V)
-        action = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)  # (B,)
+        action = sample(logp_all.exp(), generator)  # (B,)
         alive_t = torch.from_numpy(alive).to(device)
         actions[:, t] = torch.where(alive_t, action, engine.pad_id)
         logprobs[:, t] = logp_all.gather(1, action[:, None]).squeeze(1) * alive_t
