@@ -96,11 +96,11 @@ def collect_rollout(
     T = engine.max_new_tokens
     n_actions = engine.vocab_size
 
-    actions = torch.full((B, T), engine.pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(B, T, device=device)
-    values = torch.zeros(B, T, device=device)
-    rewards = torch.zeros(B, T, device=device)
-    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
+    actions = torch.empty(B, T, dtype=torch.long, device=device)
+    logprobs = torch.empty(B, T, device=device)
+    values = torch.empty(B, T, device=device)
+    rewards = np.zeros((B, T))  # host-side until the end: the only per-step copy is the action ids
+    valid = np.zeros((B, T), dtype=bool)
     alive = np.ones(B, dtype=bool)
     components = {name: np.zeros(B) for name in engine.rewards.names}
     prompts = [engine.row_text[i] for i in range(B)]
@@ -112,14 +112,13 @@ def collect_rollout(
     for t in range(T):
         logp_all = F.log_softmax(shape_logits(logits[:, :n_actions].float(), **vars(sampling)), dim=-1)  # (B, V)
         action = sample(logp_all.exp(), generator)  # (B,)
-        alive_t = torch.from_numpy(alive).to(device)
-        actions[:, t] = torch.where(alive_t, action, engine.pad_id)
-        logprobs[:, t] = logp_all.gather(1, action[:, None]).squeeze(1) * alive_t
-        values[:, t] = value * alive_t
-        valid[:, t] = alive_t
+        actions[:, t] = action
+        logprobs[:, t] = logp_all.gather(1, action[:, None]).squeeze(1)
+        values[:, t] = value
+        valid[:, t] = alive
 
         _, reward, term, trunc, info = env.step(action.cpu().numpy())
-        rewards[:, t] = torch.from_numpy(reward * alive).to(device, torch.float32)
+        rewards[:, t] = reward * alive
         parts = info.get("reward_components", {})
         for name in components:
             if name in parts:
@@ -135,16 +134,19 @@ def collect_rollout(
         logits, value = policy.step(action)
     policy.release()
 
-    actions, logprobs, values, rewards, valid = (x[:, :steps] for x in (actions, logprobs, values, rewards, valid))
+    valid_t = torch.from_numpy(valid[:, :steps]).to(device)  # (B, T)
+    actions = actions[:, :steps].masked_fill(~valid_t, engine.pad_id)
+    logprobs, values = logprobs[:, :steps] * valid_t, values[:, :steps] * valid_t
+    rewards_t = torch.from_numpy(rewards[:, :steps]).to(device, torch.float32)
     return Rollout(
         ids=torch.cat([ids, actions], dim=1),
-        mask=torch.cat([mask, valid.long()], dim=1),
+        mask=torch.cat([mask, valid_t.long()], dim=1),
         prompt_len=P,
         actions=actions,
         logprobs=logprobs,
         values=values,
-        rewards=rewards,
-        valid=valid,
+        rewards=rewards_t,
+        valid=valid_t,
         prompt_index=np.asarray(prompt_index),
         prompts=prompts,
         completions=completions,

@@ -1,0 +1,49 @@
+"""Rollout storage: what the KV-cached rollout records agrees with a full forward and with the env."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agents import PPO, PPOConfig
+from envs import TextGenEnv
+from textrl.rewards import keyword_reward
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}])
+@pytest.mark.parametrize("lm", ["gpt2_dir", "llama_dir"])
+def test_rollout_logprobs_values_and_rewards_are_consistent(request, lm, sampling):
+    env = TextGenEnv(
+        lm=str(request.getfixturevalue(lm)),
+        prompts=["The king", "The old queen sees"],
+        reward=keyword_reward(include=["the"]),
+        max_new_tokens=10,
+        stop=["."],  # some episodes end early, so rows have different lengths
+    )
+    agent = PPO(env, config=PPOConfig(batch_size=8, minibatch_size=8, **sampling), seed=3)
+    rollout, rewards, kl = agent.collect()
+    valid = rollout.valid
+
+    # the update's full forward reproduces the rollout's cached log-probs and values: PPO's first ratio is 1
+    with torch.no_grad():
+        logits, values = agent.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len)
+        logprobs, _ = agent.logprobs_and_entropy(logits, rollout.actions)
+    torch.testing.assert_close(logprobs[valid], rollout.logprobs[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values[valid], rollout.values[valid], atol=1e-5, rtol=1e-4)
+
+    tok = agent.tokenizer
+    for i in range(8):
+        n = int(valid[i].sum())
+        assert valid[i, :n].all() and not valid[i, n:].any()  # one contiguous episode per row
+        taken = rollout.actions[i, :n].tolist()
+        assert rollout.completions[i] == tok.decode(taken, skip_special_tokens=True)
+        assert (rollout.actions[i, n:] == tok.pad_token_id).all()
+        assert rollout.mask[i, rollout.prompt_len :].sum() == n
+        expected = keyword_reward(include=["the"])(completions=[rollout.completions[i]])[0]
+        assert rollout.episode_returns[i].item() == pytest.approx(expected)  # paid once, at the last step
+        assert rollout.rewards[i, n - 1].item() == pytest.approx(expected)
+        assert rollout.components["keyword_reward"][i] == pytest.approx(expected)
+        ended_by_stop = "." in rollout.completions[i]
+        assert rollout.terminated[i] == (ended_by_stop or tok.eos_token_id in taken)
+    assert (kl[~valid] == 0).all() and torch.isfinite(kl).all()
+    torch.testing.assert_close(rewards, rollout.rewards - agent.kl_ctl.coef * kl)
