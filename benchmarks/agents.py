@@ -12,7 +12,10 @@ Systems (``--systems``), all on the same model, prompts and reward:
 - ``sb3``: stable-baselines3 PPO run naively over the token env: ``DummyVecEnv`` of B ``TextGenEnv``, a
   features extractor that runs the GPT-2 trunk over the whole observation at every step (no KV cache),
   ``net_arch=[]`` so the action net is a ``Linear(E, V)`` head (initialised from the LM head), one
-  rollout of ``n_steps=T`` and one epoch of one minibatch per ``learn()``.
+  rollout of ``n_steps=T`` and one epoch of one minibatch per ``learn()``;
+- ``sb3-policy``: the same SB3 PPO set-up with :class:`agents.sb3.TransformerActorCriticPolicy`: the LM head
+  is the action net, and during rollouts the trunk runs through the prefix KV cache (one token per row and
+  step instead of the whole prefix); the update is SB3's full forward over its minibatch, as for ``sb3``.
 
 Workload: the embedded model ``tiny`` when it is there, else a randomly initialised GPT-2 of the same shape
 (4 layers, width 256, 4 heads, 256 positions) with a 4,096-token BPE tokenizer trained on the fly; 64 prompts
@@ -29,7 +32,7 @@ one iteration and one rollout, then times ``--iters`` full iterations and rollou
 (``--sb3-iters`` for SB3); the table reports the median over repeats of each run's median, and every
 row's ratio to ``ppo`` at the same batch size. "Rollout" is everything before the update: generation, env
 steps and reward (for ``ppo-kl`` also the reference pass); "iteration" adds the update (for textrl: one
-``agent.learn`` iteration). SB3 runs only up to ``--sb3-max-batch`` (16): one of its iterations takes
+``agent.learn`` iteration). Both SB3 systems run only up to ``--sb3-max-batch`` (16): one naive iteration takes
 ~15 s at B=16 on one core and its single 512-sequence minibatch peaks at ~3.7 GB; B=64 would be ~4x both.
 
     python benchmarks/agents.py                      # the full table (about 7 minutes on 2 cores)
@@ -64,8 +67,12 @@ SYSTEMS = {
     "reinforce": "textrl REINFORCE (RLOO, group 4)",
     "plain": "PyTorch loop: HF generate + REINFORCE",
     "sb3": "SB3 PPO over TextGenEnv (no KV cache)",
+    "sb3-policy": "SB3 PPO + TransformerActorCriticPolicy (prefix cache)",
 }
 """System name (``--systems``) -> table label."""
+SB3_SYSTEMS = {"sb3", "sb3-policy"}
+"""The SB3 systems: their update is a full forward over B x T observations, so ``--sb3-max-batch`` and
+``--sb3-iters`` apply to both."""
 
 
 @dataclass
@@ -292,9 +299,13 @@ class PlainRunner:
 
 
 class SB3Runner:
-    """stable-baselines3 PPO over a ``DummyVecEnv`` of B ``TextGenEnv``, re-reading the prefix every step."""
+    """stable-baselines3 PPO over a ``DummyVecEnv`` of B ``TextGenEnv``.
 
-    def __init__(self, work: Workload, batch: int, seed: int):
+    ``cached=False``: the naive features extractor, re-reading the prefix every step; ``cached=True``:
+    :class:`agents.sb3.TransformerActorCriticPolicy` with its prefix KV cache.
+    """
+
+    def __init__(self, work: Workload, batch: int, seed: int, cached: bool = False):
         import torch
         from stable_baselines3 import PPO
         from stable_baselines3.common.callbacks import CallbackList
@@ -328,27 +339,35 @@ class SB3Runner:
             max_new_tokens=work.new_tokens,
         )
         self.steps = work.new_tokens
+        if cached:
+            from agents.sb3 import TransformerActorCriticPolicy
+
+            policy_class, policy_kwargs = TransformerActorCriticPolicy, {"lm": work.lm}
+        else:
+            policy_class = "MultiInputPolicy"
+            policy_kwargs = {
+                "features_extractor_class": GPT2Trunk,
+                "features_extractor_kwargs": {"lm": work.lm},
+                "net_arch": [],
+                "ortho_init": False,
+            }
         self.model = PPO(
-            "MultiInputPolicy",
+            policy_class,
             DummyVecEnv([make] * batch),
             learning_rate=LEARNING_RATE,
             n_steps=self.steps,
             batch_size=batch * self.steps,
             n_epochs=1,
-            policy_kwargs={
-                "features_extractor_class": GPT2Trunk,
-                "features_extractor_kwargs": {"lm": work.lm},
-                "net_arch": [],
-                "ortho_init": False,
-            },
+            policy_kwargs=policy_kwargs,
             device="cpu",
             seed=seed,
             verbose=0,
         )
         policy = self.model.policy
-        with torch.no_grad():  # the action net starts as the LM head, so the policy is the same LM
-            policy.action_net.weight.copy_(policy.features_extractor.lm_head_weight)
-            policy.action_net.bias.zero_()
+        if not cached:
+            with torch.no_grad():  # the action net starts as the LM head, so the policy is the same LM
+                policy.action_net.weight.copy_(policy.features_extractor.lm_head_weight)
+                policy.action_net.bias.zero_()
         eos = torch.tensor([tokenizer.eos_token_id])
         policy.action_net.register_forward_hook(lambda _m, _i, logits: logits.index_fill(-1, eos, float("-inf")))
         self.callback = CallbackList([])
@@ -367,8 +386,8 @@ class SB3Runner:
 def build_runner(system: str, work: Workload, batch: int, seed: int):
     if system == "plain":
         return PlainRunner(work, batch, seed)
-    if system == "sb3":
-        return SB3Runner(work, batch, seed)
+    if system in ("sb3", "sb3-policy"):
+        return SB3Runner(work, batch, seed, cached=system == "sb3-policy")
     return TextRLRunner(system, work, batch, seed)
 
 
@@ -407,7 +426,7 @@ def measure(system: str, work: Workload, batch: int, iters: int, threads: int, s
 
 def run(system: str, batch: int, args, workdir: Path, work: Workload) -> dict:
     """One measurement, in its own subprocess (or in this process with ``--in-process``)."""
-    iters = args.sb3_iters if system == "sb3" else args.iters
+    iters = args.sb3_iters if system in SB3_SYSTEMS else args.iters
     if args.in_process:
         return measure(system, work, batch, iters, args.threads, args.seed)
     command = [sys.executable, __file__, "--worker", system, "--batch", str(batch), "--workdir", str(workdir)]
@@ -456,11 +475,12 @@ def print_table(results: dict, args, work: Workload, skipped_sb3: list[int], thr
             print("| " + " | ".join(cells) + " |")
     if skipped_sb3:
         print(
-            f"\nSB3 PPO was not run at batch {', '.join(map(str, skipped_sb3))}: its training pass re-reads every ",
+            f"\nSB3 PPO was not run at batch {', '.join(map(str, skipped_sb3))}: the naive system's training pass ",
             end="",
         )
         print(
-            f"prefix (B x T full forwards), too slow for the default budget; pass --sb3-max-batch {max(skipped_sb3)}."
+            "re-reads every prefix (B x T full forwards), too slow for the default budget (the prefix-cache policy "
+            f"runs about B); pass --sb3-max-batch {max(skipped_sb3)}."
         )
     if args.in_process:
         print("\nPeak RSS is not reported with --in-process (all systems share one process).")
@@ -498,9 +518,9 @@ def main(argv: list[str] | None = None) -> None:
             (system, batch)
             for batch in args.batch_sizes
             for system in args.systems
-            if system != "sb3" or batch <= args.sb3_max_batch
+            if system not in SB3_SYSTEMS or batch <= args.sb3_max_batch
         ]
-        skipped_sb3 = [b for b in args.batch_sizes if "sb3" in args.systems and b > args.sb3_max_batch]
+        skipped_sb3 = [b for b in args.batch_sizes if SB3_SYSTEMS & set(args.systems) and b > args.sb3_max_batch]
         runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
         for _ in range(args.repeats):  # round-robin, so drifts in machine load hit every system alike
             for system, batch in jobs:

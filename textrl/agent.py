@@ -37,8 +37,8 @@ class AgentConfig:
     """Episodes per iteration (the vector env's sub-envs)."""
     group_size: int = 1
     """Samples of each prompt per iteration (consecutive rows); batch_size must be a multiple."""
-    learning_rate: float = 5e-5
-    """Adam learning rate."""
+    learning_rate: float = 1e-4
+    """Adam learning rate (1e-4 suits the embedded 4M-parameter model; larger LMs want less)."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     gamma: float = 1.0

@@ -51,16 +51,27 @@ class RunLogger:
 
     def samples(self, prompts: list[str], completions: list[str], rewards: np.ndarray, step: int, n: int = 8) -> None:
         """Log up to ``n`` completions with their rewards as a markdown table."""
-        rows = ["|reward|prompt|completion|", "|-|-|-|"]
-        for p, c, r in list(zip(prompts, completions, rewards, strict=True))[:n]:
-            rows.append(f"|{r:.3f}|{_md(p)}|{_md(c)}|")
-        self.writer.add_text("samples", "\n".join(rows), step)
+        self.writer.add_text("samples", samples_markdown(prompts, completions, rewards, n), step)
 
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def samples_markdown(prompts: list[str], completions: list[str], rewards, n: int = 8) -> str:
+    """Up to ``n`` completions with their rewards as a markdown table (newlines shown as ⏎).
+
+    >>> print(samples_markdown(["Hi"], ["there|"], [1.0]))
+    |reward|prompt|completion|
+    |-|-|-|
+    |1.000|Hi|there\\||
+    """
+    rows = ["|reward|prompt|completion|", "|-|-|-|"]
+    for p, c, r in list(zip(prompts, completions, rewards, strict=True))[:n]:
+        rows.append(f"|{r:.3f}|{_md(p)}|{_md(c)}|")
+    return "\n".join(rows)
 
 
 def _md(text: str) -> str:
