@@ -45,7 +45,7 @@ def _agent_rows(out: str) -> dict[str, tuple]:
 
 
 def test_agents_benchmark_prints_a_row_per_system(capsys):
-    module = _load("agents", "agents_benchmark")
+    module = _load("rl_speed", "rl_speed_benchmark")
     args = ["--tiny-random", "--batch-sizes", "4", "--iters", "1", "--repeats", "1", "--new-tokens", "6"]
     module.main([*args, "--in-process"])
     out = capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_agents_benchmark_prints_a_row_per_system(capsys):
 
 
 def test_agents_benchmark_measures_each_run_in_a_subprocess(capsys):
-    module = _load("agents", "agents_benchmark")
+    module = _load("rl_speed", "rl_speed_benchmark")
     module.main(["--tiny-random", "--systems", "ppo", "--batch-sizes", "4", "--iters", "1", "--repeats", "1"])
     rows = _agent_rows(capsys.readouterr().out)
     (batch, it, ratio, roll, _, rss, setup) = rows[module.SYSTEMS["ppo"]]

@@ -35,8 +35,8 @@ steps and reward (for ``ppo-kl`` also the reference pass); "iteration" adds the 
 ``agent.learn`` iteration). Both SB3 systems run only up to ``--sb3-max-batch`` (16): one naive iteration takes
 ~15 s at B=16 on one core and its single 512-sequence minibatch peaks at ~3.7 GB; B=64 would be ~4x both.
 
-    python benchmarks/agents.py                      # the full table (about 7 minutes on 2 cores)
-    python benchmarks/agents.py --tiny-random --batch-sizes 4 --iters 1 --repeats 1   # a quick smoke run
+    python benchmarks/rl_speed.py                      # the full table (about 7 minutes on 2 cores)
+    python benchmarks/rl_speed.py --tiny-random --batch-sizes 4 --iters 1 --repeats 1   # a quick smoke run
 """
 
 from __future__ import annotations
@@ -539,10 +539,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # `python benchmarks/agents.py` puts this folder first on sys.path, where this very file would shadow the
-    # `agents` package (imported lazily, inside the functions above); drop it, and make the repo importable.
-    here, root = Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    if str(root) not in sys.path:
-        sys.path.append(str(root))
     main()
