@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import secrets
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,7 +162,7 @@ class BaseAgent:
         self.optimizer = torch.optim.Adam(self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
         self.seed = seed
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         self.np_rng = np.random.default_rng(seed)
         self.kl_ctl = KLController(self.config.kl_coef, self.config.kl_target, self.config.kl_horizon)
         self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
@@ -422,8 +424,6 @@ class BaseAgent:
         """Save ``folder/step-{num_timesteps}`` and prune all but the newest ``keep_checkpoints``."""
         path = self.save(Path(folder) / f"step-{self.num_timesteps:012d}")
         for old in sorted(Path(folder).glob("step-*"))[: -max(1, self.config.keep_checkpoints)]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
         return path
 
