@@ -23,12 +23,12 @@ def test_positions_from_mask():
     assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("arch", ["gpt2_dir", "llama_dir", "qwen2_dir"])
-@pytest.mark.parametrize("core_cls", [GPT2Core, HFCore])
+@pytest.mark.parametrize(
+    ("arch", "core_cls"),
+    [("gpt2_dir", GPT2Core), ("gpt2_dir", HFCore), ("llama_dir", HFCore), ("qwen2_dir", HFCore)],
+)
 def test_core_matches_hf_forward(request, arch, core_cls):
     model, _ = load_lm(request.getfixturevalue(arch))
-    if core_cls is GPT2Core and not GPT2Core.supports(model):
-        pytest.skip("GPT2Core covers GPT-2 only; others use HFCore")
     core = core_cls(model)
     vocab = model.get_input_embeddings().num_embeddings
     ids, mask = _batch(vocab)
@@ -54,6 +54,7 @@ def test_core_matches_hf_forward(request, arch, core_cls):
 
 
 def test_make_core_picks_fast_path_for_gpt2(gpt2_dir, llama_dir):
+    assert not GPT2Core.supports(load_lm(llama_dir)[0])
     assert isinstance(make_core(load_lm(gpt2_dir)[0]), GPT2Core)
     assert isinstance(make_core(load_lm(llama_dir)[0]), HFCore)
     assert isinstance(make_core(load_lm(gpt2_dir)[0], fast=False), HFCore)
