@@ -332,6 +332,13 @@ class BaseAgent:
 
     # --- inference -------------------------------------------------------------------------------------
 
+    def _choose(self, logits: torch.Tensor, deterministic: bool) -> torch.Tensor:
+        """Next token per row from logits (B, V): greedy, or sampled from the rollout distribution."""
+        logits = logits[:, : self.env.single_action_space.n].float()
+        if deterministic:
+            return logits.argmax(-1)
+        return sample(F.softmax(shape_logits(logits, **vars(self.sampling)), -1), self.generator)
+
     @torch.no_grad()
     def predict(self, observation: dict[str, np.ndarray], deterministic: bool = False):
         """Next token for an env observation (single or batched), as SB3's ``predict``: ``(actions, None)``."""
@@ -342,13 +349,7 @@ class BaseAgent:
         left_ids, left_mask = left_pad(ids, mask, self.tokenizer.pad_token_id)
         last = left_ids.shape[1] - 1
         logits, _ = self.policy.core.forward(left_ids.to(self.device), left_mask.to(self.device), last)  # (B, 1, V)
-        n = self.env.single_action_space.n
-        logits = logits[:, -1, :n].float()
-        if deterministic:
-            actions = logits.argmax(-1)
-        else:
-            actions = sample(F.softmax(shape_logits(logits, **vars(self.sampling)), -1), self.generator)
-        actions = actions.cpu().numpy()
+        actions = self._choose(logits[:, -1], deterministic).cpu().numpy()
         return (actions[0] if single else actions), None
 
     @torch.no_grad()
@@ -363,16 +364,10 @@ class BaseAgent:
         mask = torch.zeros(len(prompts), P, dtype=torch.long)
         for i, e in enumerate(encoded):
             ids[i, P - len(e) :], mask[i, P - len(e) :] = torch.tensor(e), 1
-        n = self.env.single_action_space.n
         logits, _ = self.policy.start(ids.to(self.device), mask.to(self.device), P + max_new_tokens)
         out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for _ in range(max_new_tokens):
-            logits = logits[:, :n].float()
-            if deterministic:
-                token = logits.argmax(-1)
-            else:
-                token = sample(F.softmax(shape_logits(logits, **vars(self.sampling)), -1), self.generator)
-            token = torch.where(done, tok.pad_token_id, token)
+            token = torch.where(done, tok.pad_token_id, self._choose(logits, deterministic))
             out.append(token)
             done |= token == tok.eos_token_id
             if done.all():
