@@ -1,4 +1,4 @@
-"""The ``textrl`` command line: ``textrl train``, ``textrl generate`` and ``textrl pretrain``.
+"""The ``textrl`` command line: ``textrl train``, ``textrl generate``, ``textrl pretrain`` and ``textrl plot``.
 
 Flags are generated from the config dataclasses (:mod:`textrl.config`), so each option is documented
 once, next to its field.
@@ -84,6 +84,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from textrl.plot import PlotConfig, plot, summary_lines
+
+    out, runs, tags = plot(from_args(PlotConfig, args))
+    for line in summary_lines(runs, tags):
+        print(line)
+    print(f"wrote {out} ({len(tags)} tags, {len(runs)} runs)")
+    return 0
+
+
 def _agent_name(argv: list[str]) -> str:
     """The --agent value on the command line (its flags depend on it), default ppo."""
     for i, arg in enumerate(argv):
@@ -99,6 +109,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     from agents import AGENTS
     from textrl import __version__
+    from textrl.config import field_docs
+    from textrl.plot import PlotConfig
     from textrl.pretrain import PretrainConfig
     from textrl.train import TrainConfig
 
@@ -119,6 +131,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train a small GPT-2 (tokenizer + model) from scratch")
     add_dataclass_args(p, PretrainConfig)
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("plot", help="draw learning curves from TensorBoard logs to a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help=field_docs(PlotConfig)["runs"])
+    add_dataclass_args(p, PlotConfig, skip=("runs",))
+    p.set_defaults(func=_plot)
     return parser
 
 
