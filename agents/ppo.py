@@ -8,6 +8,11 @@ reference and the loop live in :class:`textrl.agent.BaseAgent`.
    clipped surrogate ``-min(r A, clip(r, 1 +- eps) A)``, clipped value loss, entropy bonus,
    gradient clipping; stop the epochs early once the approximate KL to the rollout policy exceeds
    ``1.5 * target_kl`` (as SB3 does).
+
+Guards (``nonfinite``): the rollout's values, the advantages and returns are checked before any update,
+each minibatch's loss before its backward pass and its gradient before its step. With ``"skip"``, a
+non-finite minibatch is not applied and ends the iteration's updates (minibatch steps already taken in
+that iteration, on finite numbers, stay).
 """
 
 from __future__ import annotations
@@ -77,9 +82,12 @@ class PPO(BaseAgent):
     def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.config
         valid = rollout.valid
+        self.check_finite("values (critic)", rollout.values)
         advantages, returns = gae(rewards, rollout.values, valid, cfg.gamma, cfg.gae_lambda)  # (B, T) each
         if cfg.normalize_advantage:
             advantages = masked_whiten(advantages, valid)
+        self.check_finite("advantages", advantages)
+        self.check_finite("returns", returns)
 
         B = rollout.ids.shape[0]
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "kl", "clip", "gn")}
@@ -101,7 +109,10 @@ class PPO(BaseAgent):
                 ent = masked_mean(entropy, m)
                 loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite PPO loss at iteration {self.iteration}")
+                    self.nonfinite(
+                        f"non-finite PPO loss at iteration {self.iteration + 1}, epoch {_epoch + 1} (policy loss "
+                        f"{float(pg_loss)}, value loss {float(v_loss)}, entropy {float(ent)})"
+                    )
                 loss.backward()
                 stats["gn"].append(self.clip_and_step())
 

@@ -13,6 +13,9 @@ Baselines (``baseline=``):
 ``G_t`` is the discounted per-token return of the KL-penalised rewards (immediate + sequence); a
 sample's group score is its episode return ``G_0``. A baseline that does not depend on the sample's own
 actions keeps the gradient unbiased.
+
+Guards (``nonfinite``): the returns (before they update the moving average), the advantages, the loss
+and the gradient are checked before the step.
 """
 
 from __future__ import annotations
@@ -59,25 +62,24 @@ class REINFORCE(BaseAgent):
         super().__init__(env, lm=lm, config=config, **kwargs)
         self.moving_average: float | None = None
 
-    def advantages(self, rollout: Rollout, rewards: torch.Tensor) -> torch.Tensor:
-        """``(G_t - b) / scale`` per token (B, T), zero on padding."""
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(G_t - b) / scale`` per token (B, T), zero on padding, and the episode returns (B,)."""
         cfg = self.config
         returns = discounted_returns(rewards, rollout.valid, cfg.gamma)  # (B, T)
+        self.check_finite("returns", returns)
         scores = returns[:, 0]  # (B,) each sample's episode return
         if cfg.baseline == "none":
             base, scale = torch.zeros_like(scores), torch.ones_like(scores)
         elif cfg.baseline == "moving_average":
             base = torch.full_like(scores, self.moving_average if self.moving_average is not None else 0.0)
             scale = torch.ones_like(scores)
-            mean = float(scores.mean())
-            d = cfg.baseline_decay
-            self.moving_average = mean if self.moving_average is None else d * self.moving_average + (1 - d) * mean
         else:
             base, scale = group_baseline(scores, cfg.group_size, cfg.baseline)
-        return (returns - base[:, None]) / scale[:, None] * rollout.valid
+        return (returns - base[:, None]) / scale[:, None] * rollout.valid, scores
 
     def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
-        adv = self.advantages(rollout, rewards)  # (B, T)
+        adv, scores = self.advantages(rollout, rewards)  # (B, T), (B,)
+        self.check_finite("advantages", adv)
         with self.autocast():
             logits, _ = self.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len, need_values=False)
         logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions)  # (B, T) each
@@ -85,9 +87,15 @@ class REINFORCE(BaseAgent):
         entropy_mean = masked_mean(entropy, rollout.valid)
         loss = pg_loss - self.config.ent_coef * entropy_mean
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite REINFORCE loss at iteration {self.iteration}")
+            self.nonfinite(
+                f"non-finite REINFORCE loss at iteration {self.iteration + 1} "
+                f"(policy loss {float(pg_loss)}, entropy {float(entropy_mean)})"
+            )
         loss.backward()
         grad_norm = self.clip_and_step()
+        if self.config.baseline == "moving_average":  # only a batch that was applied moves the baseline
+            mean, d = float(scores.mean()), self.config.baseline_decay
+            self.moving_average = mean if self.moving_average is None else d * self.moving_average + (1 - d) * mean
         approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), rollout.valid)
         return {
             "losses/policy_loss": float(pg_loss.detach()),

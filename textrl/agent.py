@@ -4,12 +4,19 @@ An agent subclass only says how to turn a rollout into a parameter update (``tra
 ``collect_rollouts()`` from ``train()``. The loop is: draw prompts (in groups), collect a rollout through
 the KV-cached policy, score the reference log-probs in one batched pass, subtract the per-token KL
 penalty, ``train``, update the KL coefficient, log, checkpoint.
+
+Guarded training: NaN/inf in the KL penalty, the rewards, values, advantages/returns, a loss or the
+gradients stops the run with a :class:`NonFiniteError` naming what was non-finite and where, before that
+update is applied and before anything is saved (``nonfinite="raise"``), or discards the batch and counts
+it in ``charts/skipped_batches`` (``nonfinite="skip"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import secrets
 import shutil
 import time
@@ -75,9 +82,15 @@ class AgentConfig:
     """Iterations between checkpoints during learn() (0 = only at the end, when a folder is set)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
+    nonfinite: Literal["raise", "skip"] = "raise"
+    """On NaN/inf in rewards, advantages, a loss or gradients: stop with an error, or skip the batch (counted)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}: {f.name} must be a finite number, got {value}")
         checks = [
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.group_size >= 1, "group_size must be >= 1"),
@@ -88,13 +101,35 @@ class AgentConfig:
             (self.kl_coef >= 0, "kl_coef must be >= 0"),
             (self.kl_estimator in ("k1", "k3"), "kl_estimator must be 'k1' or 'k3'"),
             (self.kl_target is None or self.kl_target > 0, "kl_target must be > 0 (or None)"),
+            (self.kl_horizon >= 1, "kl_horizon must be >= 1"),
             (self.temperature > 0, "temperature must be > 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.value_model in ("shared", "separate"), "value_model must be 'shared' or 'separate'"),
+            (self.autocast in ("none", "bf16", "fp16"), "autocast must be 'none', 'bf16' or 'fp16'"),
+            (self.log_interval >= 1, "log_interval must be >= 1"),
+            (self.sample_interval >= 0, "sample_interval must be >= 0"),
+            (self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.nonfinite in ("raise", "skip"), "nonfinite must be 'raise' or 'skip'"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{type(self).__name__}: {message}")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN/inf in rewards, values, advantages, a loss or gradients; the message says which and where."""
+
+
+class SkipBatch(Exception):
+    """Raised inside an iteration to discard its batch (``nonfinite="skip"``); caught by ``learn``."""
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of a tokenizer's vocabulary (token -> id), to tell whether a checkpoint fits an env."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode()).hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,10 +203,12 @@ class BaseAgent:
         self.sampling = Sampling(self.config.temperature, self.config.top_k, self.config.top_p)
         self.num_timesteps = 0
         self.iteration = 0
+        self.skipped_batches = 0
         self.verbose = verbose
         self.tensorboard_log = tensorboard_log
         self.run_dir: Path | None = None
         self.logger: RunLogger | None = None
+        self._saved: tuple[Path, int] | None = None  # (folder, num_timesteps) of the last checkpoint written
 
     # --- subclass hook ---------------------------------------------------------------------------------
 
@@ -203,14 +240,39 @@ class BaseAgent:
         entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
         return logp.gather(-1, actions[..., None]).squeeze(-1), entropy
 
+    def nonfinite(self, message: str) -> None:
+        """Stop (``nonfinite="raise"``: :class:`NonFiniteError`) or discard this batch (``"skip"``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.nonfinite == "skip":
+            raise SkipBatch(message)
+        raise NonFiniteError(
+            f"{message}; stopped before applying it (no checkpoint was written for this iteration; "
+            "nonfinite='skip' discards such batches instead)"
+        )
+
+    def check_finite(self, what: str, x: torch.Tensor) -> None:
+        """Call :meth:`nonfinite` when ``x`` holds NaN or inf, naming ``what`` and how many values."""
+        bad = ~torch.isfinite(x.detach())
+        if bad.any():
+            self.nonfinite(
+                f"non-finite {what} at iteration {self.iteration + 1} ({int(bad.sum())} of {x.numel()} values)"
+            )
+
     def clip_and_step(self) -> float:
-        """Clip gradients, take an optimizer step; return the pre-clip gradient norm (raises on non-finite)."""
+        """Clip gradients, take an optimizer step; return the pre-clip gradient norm.
+
+        A non-finite gradient is not applied: :meth:`nonfinite` names the first parameter that has one.
+        """
         params = self.policy.trainable_parameters()
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
         if not torch.isfinite(norm):
-            raise FloatingPointError(
-                f"non-finite gradient norm ({norm.item()}) at iteration {self.iteration}; nothing was applied"
-            )
+            names = [
+                name
+                for name, p in self.policy.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            where = f" (first in {names[0]}; {len(names)} tensors affected)" if names else ""
+            self.nonfinite(f"non-finite gradient norm ({norm.item()}) at iteration {self.iteration + 1}{where}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -229,7 +291,9 @@ class BaseAgent:
             if self.tensorboard_log is None:
                 return
             self.run_dir = Path(self.tensorboard_log) / (tb_log_name or run_name(self.env_id, self.name, self.seed))
-        self.logger = RunLogger(self.run_dir, self.config)
+        # resuming: hide what a crashed run logged after its last checkpoint (TensorBoard's purge_step)
+        purge = self.num_timesteps + 1 if self.num_timesteps else None
+        self.logger = RunLogger(self.run_dir, self.config, purge_step=purge)
 
     def collect(self) -> tuple[Rollout, torch.Tensor, torch.Tensor | None]:
         """One rollout; returns it with the KL-penalised rewards (B, T) and the per-token KL (or None)."""
@@ -245,6 +309,21 @@ class BaseAgent:
             kl = kl_penalty(rollout.logprobs, ref, self.config.kl_estimator) * rollout.valid
             rewards = rewards - self.kl_ctl.coef * kl
         return rollout, rewards, kl
+
+    def _guarded_train(self, rollout: Rollout, rewards: torch.Tensor, kl: torch.Tensor | None) -> dict[str, float]:
+        """Check the rollout's numbers, then :meth:`train`; a skipped batch returns no loss stats."""
+        try:
+            self.check_finite("env rewards", rollout.rewards)
+            if kl is not None:
+                self.check_finite("KL penalty (policy vs reference log-probs)", kl)
+            self.check_finite("KL-penalised rewards", rewards)
+            return self.train(rollout, rewards)
+        except SkipBatch as e:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_batches += 1
+            if self.verbose:
+                print(f"skipping batch: {e}")
+            return {}
 
     def learn(
         self,
@@ -275,13 +354,13 @@ class BaseAgent:
                 t0 = time.perf_counter()
                 rollout, rewards, kl = self.collect()
                 t_rollout = time.perf_counter() - t0
-                stats = self.train(rollout, rewards)
+                stats = self._guarded_train(rollout, rewards, kl)
                 elapsed = time.perf_counter() - t0
                 tokens = int(rollout.valid.sum())
                 self.num_timesteps += tokens
                 self.iteration += 1
                 episode_kl = float((kl.sum(1)).mean()) if kl is not None else 0.0
-                self.kl_ctl.update(episode_kl, self.config.batch_size)
+                self.kl_ctl.update(episode_kl, self.config.batch_size)  # a non-finite KL leaves it unchanged
                 stats.update(self._rollout_stats(rollout, episode_kl, tokens, elapsed, t_rollout))
                 self._log(rollout, stats)
                 bar.update(min(tokens, total_timesteps - bar.n))
@@ -296,7 +375,7 @@ class BaseAgent:
                     break
         finally:
             bar.close()
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and self._saved != (Path(checkpoint_dir), self.num_timesteps):
             self.save_checkpoint(checkpoint_dir)
         if self.logger is not None:
             self.logger.flush()
@@ -313,6 +392,7 @@ class BaseAgent:
             "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
             "charts/tokens_per_second": tokens / elapsed,
             "charts/rollout_tokens_per_second": tokens / t_rollout,
+            "charts/skipped_batches": self.skipped_batches,
         }
         for name, values in rollout.components.items():
             stats[f"rollout/reward/{name}"] = float(values.mean())
@@ -379,7 +459,15 @@ class BaseAgent:
     # --- persistence -----------------------------------------------------------------------------------
 
     def _write(self, folder: Path) -> None:
-        self.policy.model.save_pretrained(folder / "policy", safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        bar_was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
+        try:
+            self.policy.model.save_pretrained(folder / "policy", safe_serialization=True)
+        finally:
+            if bar_was_on:
+                hf_logging.enable_progress_bar()
         self.tokenizer.save_pretrained(folder / "policy")
         ckpt.save_module(folder / "value_head.safetensors", self.policy.value_head)
         if self.policy.value_model is not None:
@@ -399,8 +487,11 @@ class BaseAgent:
                 "config": to_jsonable(self.config),
                 "num_timesteps": self.num_timesteps,
                 "iteration": self.iteration,
+                "skipped_batches": self.skipped_batches,
                 "seed": self.seed,
                 "lm": self.lm,
+                "vocab_size": int(self.env.single_action_space.n),
+                "tokenizer_sha256": tokenizer_fingerprint(self.env.engine.tokenizer),
                 "kl_controller": self.kl_ctl.state_dict(),
                 "np_rng": self.np_rng.bit_generator.state,
                 "env_id": self.env_id,
@@ -416,9 +507,23 @@ class BaseAgent:
         return ckpt.write_atomic(path, self._write)
 
     def save_checkpoint(self, folder: str | Path) -> Path:
-        """Save ``folder/step-{num_timesteps}`` and prune all but the newest ``keep_checkpoints``."""
-        path = self.save(Path(folder) / f"step-{self.num_timesteps:012d}")
-        for old in sorted(Path(folder).glob("step-*"))[: -max(1, self.config.keep_checkpoints)]:
+        """Save ``folder/step-{num_timesteps}`` and prune all but the newest ``keep_checkpoints``.
+
+        Also removes what a killed writer left (hidden ``.step-*.tmp-<pid>`` folders) and newer checkpoints
+        that fail verification (left by a crash, after which the run resumed from an earlier one).
+        """
+        folder = Path(folder)
+        ckpt.remove_unfinished(folder)
+        path = self.save(folder / f"step-{self.num_timesteps:012d}")
+        self._saved = (folder, self.num_timesteps)
+        others = sorted(p for p in folder.glob("step-*") if p.name != path.name)
+        for newer in (p for p in others if p.name > path.name):
+            try:
+                ckpt.verify(newer)
+            except ckpt.CheckpointError:
+                shutil.rmtree(newer, ignore_errors=True)
+        older = [p for p in others if p.name < path.name]
+        for old in older[: max(0, len(older) - (self.config.keep_checkpoints - 1))]:
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -430,10 +535,16 @@ class BaseAgent:
         """
         folder = ckpt.verify(path)
         state = ckpt.load_json(folder / "state.json")
+        if not isinstance(state, dict):
+            raise ckpt.CheckpointError(f"{folder / 'state.json'} is not a JSON object")
         if state.get("agent") != cls.name:
             raise ckpt.CheckpointError(f"{folder} holds a {state.get('agent')!r} agent, not {cls.name!r}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing or not isinstance(state["config"], dict):
+            raise ckpt.CheckpointError(f"{folder / 'state.json'} is incomplete (missing {missing or ['config']})")
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         config = cls.config_class(**{k: v for k, v in state["config"].items() if k in fields} | overrides)
+        config.validate()
         if env is None:
             env_id = state.get("env_id")
             if env_id not in gym.registry:
@@ -441,6 +552,8 @@ class BaseAgent:
             env = gym.make_vec(
                 env_id, num_envs=config.batch_size, vectorization_mode="vector_entry_point", **state["env_kwargs"]
             )
+        env = make_vector_env(env, config.batch_size)
+        _check_tokenizer(folder, state, env)
         agent = cls(env, lm=folder / "policy", config=config, tensorboard_log=tensorboard_log, seed=state["seed"])
         agent._restore(folder, state)
         return agent
@@ -454,20 +567,48 @@ class BaseAgent:
                 ckpt.load_module(folder / "reference.safetensors", self.policy.ref_model)
             optim = ckpt.unflatten_state(state["optimizer"], ckpt.load_tensors(folder / "optimizer.safetensors"))
             self.optimizer.load_state_dict(optim)
-        except (RuntimeError, KeyError, ValueError) as e:
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             if isinstance(e, ckpt.CheckpointError):
                 raise
             raise ckpt.CheckpointError(f"{folder} does not fit this model/config: {e}") from None
-        rng = ckpt.load_tensors(folder / "rng.safetensors")
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        self.np_rng.bit_generator.state = state["np_rng"]
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.num_timesteps, self.iteration = state["num_timesteps"], state["iteration"]
-        self.lm = state["lm"]
-        self.load_extra_state(state.get("extra", {}))
-        if state.get("run_dir") and self.tensorboard_log is not None:
-            self.run_dir = Path(state["run_dir"])
+        try:
+            rng = ckpt.load_tensors(folder / "rng.safetensors")
+            self.generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            self.np_rng.bit_generator.state = state["np_rng"]
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.num_timesteps, self.iteration = int(state["num_timesteps"]), int(state["iteration"])
+            self.skipped_batches = int(state.get("skipped_batches", 0))
+            self.lm = state["lm"]
+            self.load_extra_state(state.get("extra") or {})
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
+            if isinstance(e, ckpt.CheckpointError):
+                raise
+            raise ckpt.CheckpointError(f"{folder / 'state.json'} holds a bad value: {type(e).__name__}: {e}") from None
+        if self.tensorboard_log is not None:
+            if folder.parent.name == "checkpoints" and (folder.parent.parent / "config.json").is_file():
+                self.run_dir = folder.parent.parent  # the run folder it sits in, even if it was moved
+            elif state.get("run_dir"):
+                self.run_dir = Path(state["run_dir"])
+
+
+_STATE_KEYS = ("config", "num_timesteps", "iteration", "seed", "lm", "kl_controller", "np_rng", "optimizer")
+"""Keys every checkpoint's state.json must have."""
+
+
+def _check_tokenizer(folder: Path, state: dict, env) -> None:
+    """A checkpoint must be resumed on an env with the tokenizer it was trained with."""
+    n = int(env.single_action_space.n)
+    if "vocab_size" in state and state["vocab_size"] != n:
+        raise ckpt.CheckpointError(
+            f"{folder} was trained on a vocabulary of {state['vocab_size']} tokens (lm {state.get('lm')!r}) "
+            f"but this env has {n}: it comes from a different model; use the env it was trained on"
+        )
+    if "tokenizer_sha256" in state and state["tokenizer_sha256"] != tokenizer_fingerprint(env.engine.tokenizer):
+        raise ckpt.CheckpointError(
+            f"{folder} was trained with a different tokenizer than this env's (same size, different tokens; "
+            f"lm {state.get('lm')!r}): it comes from a different model; use the env it was trained on"
+        )
 
 
 def _jsonable(value: Any) -> bool:

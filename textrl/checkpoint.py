@@ -2,8 +2,10 @@
 
 A checkpoint is a folder. It is written under a temporary name, completed with ``manifest.json`` (size and
 SHA-256 of every file), and only then renamed into place, so a crash mid-write leaves either the old
-checkpoint or the new one, never a half-written folder under the real name. Loading verifies the
-manifest; a truncated or altered file is a :class:`CheckpointError` that names the file.
+checkpoint or the new one, never a half-written folder under the real name (a killed writer leaves a
+hidden ``.step-*.tmp-<pid>`` folder, which is never read and is removed by the next write). Loading
+verifies the manifest; a truncated, altered or unlisted file is a :class:`CheckpointError` that names the
+file, and :func:`latest_checkpoint` skips such a checkpoint for the previous good one, reporting the skip.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +90,7 @@ def write_atomic(folder: str | Path, write) -> Path:
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
+    _fsync_dir(folder.parent)  # make the rename itself durable
     if old.exists():
         shutil.rmtree(old)
     return folder
@@ -96,6 +101,50 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with p.open("rb") as fh:
                 os.fsync(fh.fileno())
+    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_UNFINISHED = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
+
+
+def remove_unfinished(folder: str | Path) -> list[Path]:
+    """Delete the leftovers of writers that died mid-write (``.<name>.tmp-<pid>``, ``.<name>.old-<pid>``).
+
+    Folders of a process that is still running are left alone. Returns what was removed.
+    """
+    removed = []
+    for path in Path(folder).glob(".*"):
+        match = _UNFINISHED.match(path.name)
+        if match and path.is_dir() and not _pid_alive(int(match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: this process is not writing while it cleans up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's process) or cannot tell: keep it
+    return True
 
 
 def verify(folder: str | Path) -> Path:
@@ -108,15 +157,32 @@ def verify(folder: str | Path) -> Path:
         raise CheckpointError(f"{folder} is not a complete textrl checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{manifest_path} is corrupt: {e}") from None
+    if not isinstance(manifest, dict) or not all(_manifest_entry(k, v) for k, v in manifest.items()):
+        raise CheckpointError(f"{manifest_path} is corrupt: expected {{file: {{bytes, sha256}}}}")
     for name, meta in manifest.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {folder} is missing {name}")
         if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"checkpoint file {path} is truncated or corrupt (size/hash mismatch)")
+    for path in folder.rglob("*"):  # a file added later (e.g. a pickle) is never loaded unchecked
+        name = str(path.relative_to(folder))
+        if path.is_file() and name != MANIFEST and name not in manifest and not path.name.startswith("."):
+            raise CheckpointError(f"checkpoint {folder} holds {name}, which is not in its manifest")
     return folder
+
+
+def _manifest_entry(name: object, meta: object) -> bool:
+    return (
+        isinstance(name, str)
+        and not Path(name).is_absolute()
+        and ".." not in Path(name).parts
+        and isinstance(meta, dict)
+        and isinstance(meta.get("bytes"), int)
+        and isinstance(meta.get("sha256"), str)
+    )
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -152,16 +218,24 @@ def save_json(path: Path, data: Any) -> None:
 def load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest *complete* ``step-*`` checkpoint under ``folder`` (incomplete ones are skipped)."""
+def latest_checkpoint(
+    folder: str | Path, on_skip: Callable[[Path, CheckpointError], None] | None = None
+) -> Path | None:
+    """The newest *complete* ``step-*`` checkpoint under ``folder``, or None.
+
+    A newer one that fails :func:`verify` (truncated, corrupt, incomplete) is skipped for the previous
+    good one; ``on_skip(path, error)`` is called for each skipped checkpoint so the caller can say so.
+    Unfinished writes (hidden ``.step-*.tmp-*`` folders) are never considered.
+    """
     folder = Path(folder)
     for path in sorted(folder.glob("step-*"), reverse=True):
         try:
             return verify(path)
-        except CheckpointError:
-            continue
+        except CheckpointError as e:
+            if on_skip is not None:
+                on_skip(path, e)
     return None

@@ -150,7 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (LMNotFoundError, NotACausalLMError, CorpusError, CheckpointError, ValueError, TypeError) as e:
+    except (
+        LMNotFoundError,
+        NotACausalLMError,
+        CorpusError,
+        CheckpointError,
+        FloatingPointError,  # textrl.agent.NonFiniteError: NaN/inf in training, named in the message
+        ValueError,
+        TypeError,
+    ) as e:
         print(f"textrl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -32,10 +32,11 @@ def run_name(env_id: str, agent: str, seed: int | None) -> str:
 class RunLogger:
     """A TensorBoard writer for one run folder (created lazily, so a run with no logging writes nothing)."""
 
-    def __init__(self, folder: str | Path, config: Any = None):
+    def __init__(self, folder: str | Path, config: Any = None, purge_step: int | None = None):
+        """``purge_step``: when resuming, hide events at steps >= it (logged after the last checkpoint)."""
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.folder))
+        self.writer = SummaryWriter(str(self.folder), purge_step=purge_step)
         if config is not None:
             self.writer.add_text("config", config_markdown(config))
             save_config(config, self.folder)

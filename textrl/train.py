@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,11 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad value."""
+        if self.total_timesteps < 1:
+            raise ValueError(f"total_timesteps must be >= 1, got {self.total_timesteps}")
+
 
 def load_env(spec: str, env_kwargs: dict):
     """An env from a registered id (with keywords) or from ``file.py:factory``."""
@@ -63,14 +69,22 @@ def load_env(spec: str, env_kwargs: dict):
 
 
 def resolve_resume(path: str | Path) -> Path:
-    """The checkpoint to resume from: ``path`` itself, or the latest complete one in a run folder."""
+    """The checkpoint to resume from: ``path`` itself, or the latest complete one in a run folder.
+
+    A checkpoint given by name must verify (else a :class:`CheckpointError` naming the bad file). In a run
+    folder, a newest checkpoint that is truncated or corrupt is skipped, with a warning on stderr naming
+    it and why, for the previous good one; unfinished writes (hidden ``.step-*.tmp-*`` folders) are ignored.
+    """
     from textrl.checkpoint import CheckpointError, latest_checkpoint, verify
 
+    def warn(skipped: Path, error: CheckpointError) -> None:
+        print(f"warning: skipping checkpoint {skipped}: {error}", file=sys.stderr)
+
     path = Path(path)
-    if (path / "state.json").is_file():
+    if (path / "state.json").is_file() or (path / "manifest.json").is_file():
         return verify(path)
     for folder in (path / "checkpoints", path):
-        found = latest_checkpoint(folder)
+        found = latest_checkpoint(folder, on_skip=warn)
         if found is not None:
             return found
     raise CheckpointError(f"no complete checkpoint under {path}")
@@ -83,20 +97,25 @@ def train(cfg: TrainConfig, agent_overrides: dict) -> dict:
     if cfg.agent not in AGENTS:
         raise ValueError(f"unknown agent {cfg.agent!r}; choose from {sorted(AGENTS)}")
     cls = AGENTS[cfg.agent]
+    cfg.validate()
+    if not cfg.resume:  # fail on a bad flag before loading anything (a resume validates the merged config)
+        cls.config_class(**agent_overrides).validate()
     try:
         env_kwargs = json.loads(cfg.env_kwargs)
     except json.JSONDecodeError as e:
         raise ValueError(f"--env-kwargs is not valid JSON: {e}") from None
     if not isinstance(env_kwargs, dict):
         raise ValueError("--env-kwargs must be a JSON object")
+    checkpoint = resolve_resume(cfg.resume) if cfg.resume else None
     env = load_env(cfg.env, env_kwargs)
-    history: list[float] = []
+    history: dict[str, float | int | None] = {"first": None, "last": None, "iterations": 0}  # O(1) over a long run
 
     def record(agent, stats):
-        history.append(stats["rollout/reward_mean"])
+        history["first"] = stats["rollout/reward_mean"] if history["first"] is None else history["first"]
+        history["last"] = stats["rollout/reward_mean"]
+        history["iterations"] += 1
 
-    if cfg.resume:
-        checkpoint = resolve_resume(cfg.resume)
+    if checkpoint is not None:
         agent = cls.load(checkpoint, env=env, tensorboard_log=cfg.tensorboard_log, **agent_overrides)
         print(f"resuming from {checkpoint} at {agent.num_timesteps} tokens")
     else:
@@ -109,9 +128,9 @@ def train(cfg: TrainConfig, agent_overrides: dict) -> dict:
     if cfg.save:
         agent.save(cfg.save)
     summary = {
-        "first_reward": history[0] if history else None,
-        "last_reward": history[-1] if history else None,
-        "iterations": len(history),
+        "first_reward": history["first"],
+        "last_reward": history["last"],
+        "iterations": history["iterations"],
         "num_timesteps": agent.num_timesteps,
         "run_dir": str(agent.run_dir) if agent.run_dir else None,
     }
