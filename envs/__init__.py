@@ -1,20 +1,43 @@
 """Gymnasium environments for token-level text generation.
 
-``import envs`` registers ``textrl/TextGen-v0``: the generic env, configured through ``gymnasium.make``
+``import envs`` registers ``textrl/TextGen-v0``, the generic env, configured through ``gymnasium.make``
 keywords (``prompts``, ``reward``, ``max_new_tokens``, ...) and working out of the box on the embedded LM::
 
     env = gymnasium.make("textrl/TextGen-v0", reward=my_reward)
     envs = gymnasium.make_vec("textrl/TextGen-v0", num_envs=16, vectorization_mode="vector_entry_point")
+
+and the built-in tasks, one module each, with their own prompts and rewards (see :mod:`envs.task`):
+``textrl/Sentiment-v0``, ``textrl/Keywords-v0``, ``textrl/Arithmetic-v0``, ``textrl/Reference-v0`` and
+``textrl/Similarity-v0``.
 """
 
 import gymnasium
 
+from envs.arithmetic import ArithmeticEnv
 from envs.engine import DEFAULT_PROMPTS, TokenBatch
+from envs.keywords import KeywordsEnv
 from envs.prompts import PromptError, PromptSet
+from envs.reference import ReferenceEnv
+from envs.sentiment import SentimentEnv
+from envs.similarity import SimilarityEnv
+from envs.task import TaskEnv
 from envs.textgen import TextGenEnv
 from envs.vector import TextGenVectorEnv
 
-__all__ = ["DEFAULT_PROMPTS", "PromptError", "PromptSet", "TextGenEnv", "TextGenVectorEnv", "TokenBatch"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "ArithmeticEnv",
+    "KeywordsEnv",
+    "PromptError",
+    "PromptSet",
+    "ReferenceEnv",
+    "SentimentEnv",
+    "SimilarityEnv",
+    "TaskEnv",
+    "TextGenEnv",
+    "TextGenVectorEnv",
+    "TokenBatch",
+]
 
 ENV_IDS: dict[str, dict] = {
     "textrl/TextGen-v0": {
@@ -24,6 +47,23 @@ ENV_IDS: dict[str, dict] = {
     },
 }
 """Registered ids -> ``gymnasium.register`` arguments."""
+
+# The built-in tasks: one module each; the vector entry point builds the batched env from the same options.
+TASKS: dict[str, tuple[type[TaskEnv], float]] = {
+    "textrl/Sentiment-v0": (SentimentEnv, 0.5),
+    "textrl/Keywords-v0": (KeywordsEnv, 1.5),
+    "textrl/Arithmetic-v0": (ArithmeticEnv, 1.4),
+    "textrl/Reference-v0": (ReferenceEnv, 0.3),
+    "textrl/Similarity-v0": (SimilarityEnv, 0.5),
+}
+"""Task ids -> (env class, reward_threshold)."""
+for _id, (_cls, _threshold) in TASKS.items():
+    ENV_IDS[_id] = {
+        "entry_point": _cls,
+        "vector_entry_point": _cls.vector,
+        "reward_threshold": _threshold,
+        "kwargs": {"lm": "tiny"},
+    }
 
 for _id, _spec in ENV_IDS.items():
     if _id not in gymnasium.registry:

@@ -462,3 +462,7 @@ REWARDS: dict[str, Callable[[], Callable]] = {
     "repeated_token_penalty": repeated_token_penalty,
 }
 """Built-in rewards by name (usable as ``reward="keyword_reward"``): name -> class with defaults."""
+
+from textrl.reward_library import LIBRARY_REWARDS  # noqa: E402  (no cycle: it imports nothing from here)
+
+REWARDS.update(LIBRARY_REWARDS)
