@@ -206,16 +206,15 @@ def suppress_in_textrl(policy, token_id: int) -> None:
 class TextRLRunner:
     """A textrl agent: an iteration is one ``learn()`` iteration, a rollout is ``collect()``."""
 
-    def __init__(self, system: str, work: Workload, batch: int, seed: int):
+    def __init__(self, system: str, work: Workload, batch: int, seed: int, kl_coef: float | None = None):
+        """``kl_coef`` (when given) replaces the system's own KL coefficient (0, or the default for ``ppo-kl``)."""
         from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
         from envs import TextGenEnv
 
         env = TextGenEnv(lm=work.lm, prompts=work.prompts, reward=the_fraction, max_new_tokens=work.new_tokens)
-        common = {"batch_size": batch, "learning_rate": LEARNING_RATE, "device": "cpu", "kl_coef": 0.0}
-        if system == "ppo":
-            agent = PPO(env, config=PPOConfig(**common, n_epochs=1, minibatch_size=batch), seed=seed, verbose=0)
-        elif system == "ppo-kl":
-            common["kl_coef"] = PPOConfig().kl_coef
+        kl = kl_coef if kl_coef is not None else PPOConfig().kl_coef if system == "ppo-kl" else 0.0
+        common = {"batch_size": batch, "learning_rate": LEARNING_RATE, "device": "cpu", "kl_coef": kl}
+        if system in ("ppo", "ppo-kl"):
             agent = PPO(env, config=PPOConfig(**common, n_epochs=1, minibatch_size=batch), seed=seed, verbose=0)
         elif system == "ppo-4epochs":
             config = PPOConfig(**common, minibatch_size=min(PPOConfig().minibatch_size, batch))

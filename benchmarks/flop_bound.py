@@ -1,0 +1,137 @@
+"""The physical limit of one RL iteration on this machine: matmul throughput at the model's shapes.
+
+What is counted (GPT-2: L layers, width E, vocabulary V, feed-forward 4E; B rows, P prompt and T new tokens):
+
+- **rollout**: the prompt prefill (B·P positions through the blocks, the LM head at the last one) and T-1
+  KV-cached decode steps (B positions each, blocks and head): every token but the last is fed once;
+- **training**: one forward + backward over the B·(P+T-1) positions that predict the T new tokens (the LM
+  head only on those B·T positions): forward ``2MKN`` per weight matmul, backward two more of the same size
+  (input and weight gradients);
+- **reference** (only with the KL penalty): one forward like the training one, without backward;
+- **attention** scores and mixing (``4·L·E`` per query and key position, causal) are added to each phase's
+  FLOPs and costed at that phase's matmul rate; layer norms, softmax, GELU, embeddings, the value head and
+  the optimizer step are not counted (a few percent at this size).
+
+Nothing a system may skip is counted (old-log-prob passes, a separate value trunk, re-reading prefixes),
+so the bound is the same for every system. The time of each phase is the sum over its weight matmuls of
+the measured time of ``torch.matmul`` at exactly that shape (for training also the two backward shapes),
+best of several repeats; the ceiling is ``B·T / (t_rollout + t_training [+ t_reference])`` generated
+tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The architecture numbers the count needs (from a GPT-2 ``config.json``)."""
+
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    n_inner: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shape:
+        inner = config.get("n_inner") or 4 * config["n_embd"]
+        return cls(config["n_layer"], config["n_embd"], config["vocab_size"], inner)
+
+    def block_matmuls(self, m: int) -> list[tuple[int, int, int]]:
+        """One layer's weight matmuls ``(M, K, N)`` for M positions: qkv, attention out, fc, mlp out."""
+        e, f = self.n_embd, self.n_inner
+        return [(m, e, 3 * e), (m, e, e), (m, e, f), (m, f, e)]
+
+    def matmul_params(self) -> int:
+        """Weights that take part in a matmul per token: the blocks' and the LM head's (tied or not)."""
+        e, f = self.n_embd, self.n_inner
+        return self.n_layer * (4 * e * e + 2 * e * f) + e * self.vocab_size
+
+
+def phases(shape: Shape, batch: int, prompt: int, new: int) -> dict[str, dict]:
+    """Per phase: ``matmuls`` as ``[(M, K, N, count, backward)]`` and ``attention`` FLOPs, for one iteration."""
+    L, E, V = shape.n_layer, shape.n_embd, shape.vocab_size
+    B, P, T = batch, prompt, new
+
+    def grouped(m: int, head_m: int, backward: bool, count: int = 1) -> list[tuple]:
+        rows = [(*mkn, L * count, backward) for mkn in shape.block_matmuls(m)]
+        return [*rows, (head_m, E, V, count, backward)]
+
+    decode_ctx = sum(P + t for t in range(1, T))  # keys each decode step attends to
+    rollout = {
+        "matmuls": grouped(B * P, B, False) + grouped(B, B, False, count=T - 1),
+        "attention": 4 * B * L * E * (P * (P + 1) // 2 + decode_ctx),
+    }
+    S = P + T - 1
+    train_attn = 4 * B * L * E * (S * (S + 1) // 2)
+    training = {"matmuls": grouped(B * S, B * T, True), "attention": 3 * train_attn}
+    reference = {"matmuls": grouped(B * S, B * T, False), "attention": train_attn}
+    return {"rollout": rollout, "training": training, "reference": reference}
+
+
+def phase_flops(phase: dict) -> float:
+    mm = sum(2 * m * k * n * count * (3 if backward else 1) for m, k, n, count, backward in phase["matmuls"])
+    return mm + phase["attention"]
+
+
+def _time_matmul(m: int, k: int, n: int, transpose: str, min_seconds: float, repeats: int) -> float:
+    """Best mean seconds of one ``torch.matmul`` with the given operand layout at (M, K) x (K, N)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if transpose == "fwd":  # X @ W
+        a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    elif transpose == "dx":  # dY @ W^T: (M, N) x (N, K)
+        a, b = torch.randn(m, n, generator=g), torch.randn(k, n, generator=g).t()
+    else:  # dW = X^T @ dY: (K, M) x (M, N)
+        a, b = torch.randn(m, k, generator=g).t(), torch.randn(m, n, generator=g)
+    for _ in range(3):
+        torch.matmul(a, b)
+    reps = 1
+    while True:  # enough calls per sample to be well above the timer's resolution
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        if time.perf_counter() - t0 >= min_seconds:
+            break
+        reps *= 2
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def measure(shape: Shape, batch: int, prompt: int, new: int, kl: bool, min_seconds: float = 0.01) -> dict:
+    """Time every phase's matmuls on this machine (this process's torch threads); the ceiling in tokens/s."""
+    import torch
+
+    cache: dict[tuple, float] = {}
+
+    def timed(m: int, k: int, n: int, layout: str) -> float:
+        if (m, k, n, layout) not in cache:
+            cache[m, k, n, layout] = _time_matmul(m, k, n, layout, min_seconds, repeats=5)
+        return cache[m, k, n, layout]
+
+    out: dict = {"threads": torch.get_num_threads(), "shape": asdict(shape), "phases": {}}
+    for name, phase in phases(shape, batch, prompt, new).items():
+        seconds = 0.0
+        for m, k, n, count, backward in phase["matmuls"]:
+            layouts = ("fwd", "dx", "dw") if backward else ("fwd",)
+            seconds += count * sum(timed(m, k, n, layout) for layout in layouts)
+        mm_flops = phase_flops({**phase, "attention": 0})
+        rate = mm_flops / seconds
+        seconds += phase["attention"] / rate
+        out["phases"][name] = {"flops": phase_flops(phase), "seconds": seconds, "gflops": rate / 1e9}
+    used = ["rollout", "training"] + (["reference"] if kl else [])
+    tokens = batch * new
+    rollout_used = ["rollout"] + (["reference"] if kl else [])
+    out["counted"] = used
+    out["flops_per_token"] = {name: out["phases"][name]["flops"] / tokens for name in out["phases"]}
+    out["ceiling"] = tokens / sum(out["phases"][name]["seconds"] for name in used)
+    out["rollout_ceiling"] = tokens / sum(out["phases"][name]["seconds"] for name in rollout_used)
+    return out

@@ -1,0 +1,438 @@
+"""textrl against its peers on one workload: generated tokens/s of a full RL iteration and of the rollout.
+
+Systems (``--systems``), all on the same model, prompts, reward and sampling:
+
+- ``ppo``: textrl PPO, one optimisation step per batch (``n_epochs=1``, ``minibatch_size=B``);
+- ``reinforce``: textrl REINFORCE, RLOO baseline over groups of 4 samples of a prompt;
+- ``grpo``, ``rloo``: TRL ``GRPOTrainer`` / ``RLOOTrainer`` (the installed TRL), B completions per step as B/4
+  prompts x ``num_generations=4``, one optimisation step per generation batch (see ``trl_systems.py``);
+- ``trl-ppo``: TRL 1.12's ``PPOTrainer`` (removed from TRL after 1.12), run by ``--trl-ppo-python``: the
+  reward function wrapped as a parameter-free "reward model", a separate value model, one epoch of one
+  minibatch;
+- ``sb3-policy``: stable-baselines3 PPO with ``agents.sb3.TransformerActorCriticPolicy`` over B ``TextGenEnv``;
+- ``sb3``: SB3 PPO with a naive features extractor (the full GPT-2 trunk over every prefix, no KV cache);
+- ``plain``: a plain PyTorch loop: HF ``generate`` (KV cache) + one REINFORCE step.
+
+The textrl, plain-loop and SB3 systems are ``rl_speed.py``'s runners; see its docstring for their details.
+
+Workload: the embedded ``tiny`` (4-layer GPT-2, 4.27M parameters; ``--tiny-random`` for a 2-layer toy),
+exported once as an HF folder with every dropout probability 0 and loaded from there by every system;
+64 prompts of exactly 8 tokens; exactly 32 new tokens per prompt (eos suppressed everywhere: textrl's and
+SB3's logits, ``min_new_tokens`` for ``generate``/GRPO/RLOO, an LM-head hook for TRL PPO), temperature 1,
+no top-k/top-p; the reward is the fraction of the completion's words that are "the"; Adam(W) at lr 5e-5.
+KL (``--kl``, default on, textrl's default): textrl ``kl_coef=0.05`` (a reference pass per batch), TRL
+``beta=0.05`` (GRPO/RLOO) and ``kl_coef=0.05`` (PPO); the plain loop and SB3 have no reference model.
+With ``--kl off`` every coefficient is 0 and the reference model is dropped, except TRL PPO's, which always runs.
+
+Measurement: every (system, B) run is a subprocess of its own (its peak RSS, ``ru_maxrss``, is its own),
+runs are interleaved round by round (round 1: every system and B, then round 2, ...) so drifts in machine
+load hit all alike; a run does ``--warmup`` iterations, then ``--iters`` timed ones; the table gives the
+median over rounds of each run's median, the spread (half the range over rounds, as a percentage) and
+each figure's ratio to textrl PPO at the same B. "Rollout" is everything before the first gradient pass
+(generation, reward, and the reference/old-log-prob passes where a system has them), measured inside the
+same iterations. The FLOP bound (``flop_bound.py``) is measured in its own subprocess each round too.
+
+    python benchmarks/peers.py                                   # the full table (~15 min on 2 cores)
+    python benchmarks/peers.py --batch-sizes 16 --systems ppo grpo --rounds 1 --iters 2   # a quick look
+    python benchmarks/peers.py --learning                        # wall-clock to a reward: textrl PPO vs GRPO
+
+TRL PPO needs its own venv (TRL 1.12; install torch first, or pip pulls a CUDA build):
+``python3 -m venv ../.venv-trl112 && ../.venv-trl112/bin/pip install torch==2.13.0 &&
+../.venv-trl112/bin/pip install trl==1.12.0 accelerate datasets``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # rl_speed.py, trl_systems.py, flop_bound.py, learning.py beside this file
+import flop_bound  # noqa: E402
+import rl_speed  # noqa: E402
+import trl_systems  # noqa: E402
+
+SYSTEMS = {
+    "ppo": "textrl PPO (1 epoch, 1 minibatch)",
+    "reinforce": "textrl REINFORCE (RLOO, group 4)",
+    "grpo": "TRL GRPOTrainer (4 generations)",
+    "rloo": "TRL RLOOTrainer (4 generations)",
+    "trl-ppo": "TRL 1.12 PPOTrainer (1 epoch, 1 minibatch)",
+    "sb3-policy": "SB3 PPO + TransformerActorCriticPolicy",
+    "sb3": "SB3 PPO, naive (no KV cache)",
+    "plain": "PyTorch loop: HF generate + REINFORCE",
+}
+"""System name (``--systems``) -> table label."""
+KL_COEF = 0.05
+"""KL coefficient of every system that has a reference model, with ``--kl on`` (textrl's default)."""
+DEFAULT_TRL_PPO_PYTHON = HERE.parents[1] / ".venv-trl112" / "bin" / "python"
+
+
+# --- the workload ---------------------------------------------------------------------------------------
+
+
+def export_lm(source: str, folder: Path) -> str:
+    """Save ``source`` as a plain HF folder (model + tokenizer, pad and eos set) with all dropout at 0."""
+    from textrl.lm import load_lm
+
+    model, tokenizer = load_lm(source)
+    for name in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, 0.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def build(workdir: Path, args) -> rl_speed.Workload:
+    work = rl_speed.build_workload(workdir, args.tiny_random, args.prompt_tokens, args.new_tokens, args.seed)
+    work.lm = export_lm(work.lm, workdir / "hf-model")
+    (workdir / "workload.json").write_text(json.dumps(asdict(work)))
+    return work
+
+
+# --- a worker: one system at one batch size -------------------------------------------------------------
+
+
+class Stopwatch:
+    """Accumulates the time spent in the methods it wraps (the rollout part of an iteration)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, owner, name: str) -> None:
+        fn = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def stepwise_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool) -> list[dict]:
+    """textrl, the plain loop and SB3: ``rl_speed`` runners, one ``iteration()`` per step."""
+    watch = Stopwatch()
+    if system in ("ppo", "reinforce"):
+        runner = rl_speed.TextRLRunner(system, work, batch, seed, kl_coef=KL_COEF if kl else 0.0)
+        watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
+    elif system == "plain":
+        runner = rl_speed.PlainRunner(work, batch, seed)
+        watch.wrap(runner, "_generate")  # generate + decode + reward
+    else:
+        runner = rl_speed.SB3Runner(work, batch, seed, cached=system == "sb3-policy")
+        watch.wrap(runner.model, "collect_rollouts")
+    rows = []
+    for _ in range(steps):
+        watch.take()
+        t0 = time.perf_counter()
+        tokens = runner.iteration()
+        rows.append({"tokens": tokens, "seconds": time.perf_counter() - t0, "rollout_seconds": watch.take()})
+    return rows
+
+
+def library_versions() -> dict[str, str]:
+    names = ["torch", "transformers", "trl", "accelerate", "datasets", "stable-baselines3", "textrl-suite"]
+    out = {}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+def measure(system: str, work, batch: int, steps: int, warmup: int, threads: int, seed: int, kl: bool) -> dict:
+    """Build one system and run ``steps`` iterations (the first ``warmup`` are not timed); per-step rows."""
+    import torch
+
+    trl_systems.quiet()
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if system in ("grpo", "rloo"):
+        rows, _ = trl_systems.run_group_trainer(
+            system,
+            work.lm,
+            work.prompts,
+            rl_speed.the_fraction,
+            batch,
+            work.new_tokens,
+            steps,
+            learning_rate=rl_speed.LEARNING_RATE,
+            beta=KL_COEF if kl else 0.0,
+            seed=seed,
+        )
+    elif system == "trl-ppo":
+        rows = trl_systems.run_trl_ppo(
+            work.lm,
+            work.prompts,
+            rl_speed.the_fraction,
+            batch,
+            work.new_tokens,
+            steps,
+            learning_rate=rl_speed.LEARNING_RATE,
+            kl_coef=KL_COEF if kl else 0.0,
+            seed=seed,
+        )
+    else:
+        rows = stepwise_rows(system, work, batch, steps, seed, kl)
+    expected = batch * work.new_tokens
+    for i, row in enumerate(rows):
+        if row["tokens"] != expected:
+            raise RuntimeError(f"{system} iteration {i} generated {row['tokens']} tokens, expected B x T = {expected}")
+    if len(rows) != steps:
+        raise RuntimeError(f"{system} ran {len(rows)} iterations, expected {steps}")
+    return {
+        "system": system,
+        "batch": batch,
+        "rows": rows[warmup:],
+        "wall_seconds": time.perf_counter() - t0,
+        "rss_peak_mb": rl_speed.peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "versions": library_versions(),
+    }
+
+
+def measure_flops(work, batch: int, threads: int, kl: bool) -> dict:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    shape = flop_bound.Shape.from_config(json.loads((Path(work.lm) / "config.json").read_text()))
+    return flop_bound.measure(shape, batch, work.prompt_tokens, work.new_tokens, kl)
+
+
+# --- the driver -----------------------------------------------------------------------------------------
+
+
+def interpreter(system: str, args) -> str | None:
+    if system != "trl-ppo":
+        return sys.executable
+    path = args.trl_ppo_python
+    return str(path) if path and Path(path).exists() else None
+
+
+def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
+    """One measurement, in its own subprocess (or in this process with ``--in-process``)."""
+    system, batch = job
+    steps, warmup = args.warmup + args.iters, args.warmup
+    if system == "sb3":  # ~15 s per naive iteration at B=16
+        steps, warmup = 1 + min(args.iters, args.sb3_iters), 1
+    if args.in_process:
+        if system == "flops":
+            return measure_flops(work, batch, args.threads, args.kl == "on")
+        return measure(system, work, batch, steps, warmup, args.threads, args.seed, args.kl == "on")
+    command = [interpreter(system, args), __file__, "--worker", system, "--batch", str(batch)]
+    command += ["--workdir", str(workdir), "--steps", str(steps), "--warmup", str(warmup)]
+    command += ["--threads", str(args.threads), "--seed", str(args.seed), "--kl", args.kl]
+    env = {**os.environ, **trl_systems.QUIET_ENV}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: list[dict]) -> dict | None:
+    """Median over runs of each run's median (tokens/s, rollout tokens/s, s/iteration); max peak RSS."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return None
+    per_run = {"iteration": [], "rollout": [], "seconds": []}
+    for r in ok:
+        per_run["iteration"].append(statistics.median(x["tokens"] / x["seconds"] for x in r["rows"]))
+        per_run["rollout"].append(statistics.median(x["tokens"] / x["rollout_seconds"] for x in r["rows"]))
+        per_run["seconds"].append(statistics.median(x["seconds"] for x in r["rows"]))
+    out = {k: statistics.median(v) for k, v in per_run.items()}
+    its = per_run["iteration"]
+    out["spread"] = (max(its) - min(its)) / 2 / out["iteration"]
+    out["rss_peak_mb"] = max(r["rss_peak_mb"] for r in ok)
+    out["runs"], out["versions"], out["threads"] = len(ok), ok[0]["versions"], ok[0]["threads"]
+    return out
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
+
+
+def report(results: dict, bounds: dict, errors: dict, args, work, skipped: list[str], load: tuple) -> str:
+    """The markdown report: set-up, the table per B, the FLOP bound, versions."""
+    kl = args.kl == "on"
+    lines = [
+        f"# textrl vs peers, {datetime.date.today().isoformat()}",
+        "",
+        f"Model: {work.source} (exported HF folder, dropout 0); {len(work.prompts)} prompts of {work.prompt_tokens} "
+        f'tokens; exactly {work.new_tokens} new tokens (eos suppressed); temperature 1; reward: fraction of "the"; '
+        f"one optimisation step per batch; KL {'on: coefficient ' + str(KL_COEF) if kl else 'off'}.",
+        f"Median over {args.rounds} interleaved round(s) of each run's median over {args.iters} timed iteration(s) "
+        f"after {args.warmup} warm-up (naive SB3: {min(args.iters, args.sb3_iters)} after 1); "
+        + ("all in one process." if args.in_process else "one subprocess per run."),
+        f"Machine: {os.cpu_count()} CPUs; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end.",
+        "",
+    ]
+    for batch in args.batch_sizes:
+        base = results.get(("ppo", batch))
+        bound = bounds.get(batch)
+        lines += [
+            f"## B = {batch}",
+            "",
+            "| system | iteration tok/s | vs PPO | rollout tok/s | vs PPO | s/iteration | vs PPO | peak RSS MB "
+            "| vs PPO | % of FLOP bound |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for system in args.systems:
+            r = results.get((system, batch))
+            if r is None:
+                continue
+            cells = [SYSTEMS[system], f"{fmt(r['iteration'])} ±{100 * r['spread']:.0f}%"]
+            for key in ("iteration", "rollout", "seconds", "rss_peak_mb"):
+                if key != "iteration":
+                    cells.append(fmt(r[key]) if key != "seconds" else f"{r[key]:.3f}")
+                cells.append(f"{r[key] / base[key]:.2f}x" if base else "-")
+            cells.append(f"{100 * r['iteration'] / bound['ceiling']:.0f}%" if bound else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        if bound:
+            ph, fpt = bound["phases"], bound["flops_per_token"]
+            counted = " + ".join(bound["counted"])
+            lines += [
+                "",
+                f"FLOP bound at B = {batch} ({bound['threads']} threads): `torch.matmul` at the model's shapes runs "
+                f"{ph['rollout']['gflops']:.0f} GFLOP/s for the rollout (prefill and M = B decode steps), "
+                f"{ph['training']['gflops']:.0f} GFLOP/s for training (M = B·(P+T-1), forward and both backward "
+                f"matmuls). FLOPs per generated token: rollout {fpt['rollout'] / 1e6:.1f}M, training "
+                f"{fpt['training'] / 1e6:.1f}M, reference {fpt['reference'] / 1e6:.1f}M; counted: {counted} = "
+                f"{sum(fpt[k] for k in bound['counted']) / 1e6:.1f}M. Ceiling: **{bound['ceiling']:,.0f} tok/s** for "
+                f"the full iteration, {bound['rollout_ceiling']:,.0f} tok/s for the rollout"
+                + (" (with the reference pass)" if kl else "")
+                + "."
+                + (
+                    f" textrl PPO reaches {100 * base['iteration'] / bound['ceiling']:.0f}% of it"
+                    f" ({100 * base['rollout'] / bound['rollout_ceiling']:.0f}% for the rollout)."
+                    if base
+                    else ""
+                ),
+            ]
+        lines.append("")
+    for (system, batch), error in errors.items():
+        lines.append(f"- {SYSTEMS[system]} at B = {batch} failed: `{error}`")
+    lines += [f"- {note}" for note in skipped]
+    versions = library_versions()
+    for (system, _), r in results.items():
+        for name, version in r["versions"].items():
+            if versions.get(name) != version:  # TRL PPO's own venv
+                versions.setdefault(f"{name} (for {SYSTEMS[system]})", version)
+    threads = sorted({r["threads"] for r in results.values()})
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; torch threads {threads}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="values of B")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS), help="what to run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one run per system and B each)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per run before the timed ones")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--kl", choices=["on", "off"], default="on", help="KL penalty to a reference model")
+    parser.add_argument("--sb3-max-batch", type=int, default=16, help="largest B for naive SB3 (~4 GB RSS at 16)")
+    parser.add_argument("--sb3-iters", type=int, default=1, help="timed iterations of naive SB3 (~15 s each)")
+    parser.add_argument("--trl-ppo-python", type=Path, default=DEFAULT_TRL_PPO_PYTHON, help="python with trl 1.12")
+    parser.add_argument("--new-tokens", type=int, default=32, help="T, tokens generated per prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=8, help="P, tokens per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling")
+    parser.add_argument("--tiny-random", action="store_true", help="a tiny random model instead (for tests)")
+    parser.add_argument("--in-process", action="store_true", help="run every system in this process (tests)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-bound measurement")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is abandoned")
+    parser.add_argument("--out", type=Path, help="markdown file (default benchmarks/results/peers-<date>.md)")
+    parser.add_argument("--learning", action="store_true", help="wall-clock to a reward instead (learning.py)")
+    parser.add_argument("--learning-seconds", type=float, default=180, help="training budget per system")
+    parser.add_argument("--learning-threshold", type=float, default=0.5, help="mean reward to reach")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:  # a subprocess: one measurement, printed as JSON on the last line
+        work = rl_speed.Workload(**json.loads((args.workdir / "workload.json").read_text()))
+        if args.worker == "flops":
+            result = measure_flops(work, args.batch, args.threads, args.kl == "on")
+        elif args.worker.startswith("learn-"):
+            import peer_learning
+
+            result = peer_learning.worker(args.worker, work, args)
+        else:
+            kl = args.kl == "on"
+            result = measure(args.worker, work, args.batch, args.steps, args.warmup, args.threads, args.seed, kl)
+        print(json.dumps(result))
+        return
+    if args.learning:
+        import peer_learning
+
+        peer_learning.main(args)
+        return
+
+    load_start = os.getloadavg()[0]
+    skipped = []
+    systems = list(args.systems)
+    if "trl-ppo" in systems and (args.in_process or interpreter("trl-ppo", args) is None):
+        systems.remove("trl-ppo")
+        skipped.append(
+            f"TRL PPO skipped: no interpreter with trl 1.12 at {args.trl_ppo_python} (--trl-ppo-python)"
+            if not args.in_process
+            else "TRL PPO skipped: it runs in its own venv, not with --in-process"
+        )
+    jobs = [(s, b) for b in args.batch_sizes for s in systems if s != "sb3" or b <= args.sb3_max_batch]
+    if "sb3" in systems and any(b > args.sb3_max_batch for b in args.batch_sizes):
+        skipped.append(f"naive SB3 run only up to B = {args.sb3_max_batch} (--sb3-max-batch): its update re-reads")
+        skipped[-1] += " every prefix (B x T full forwards), ~4x the time and memory per 4x B"
+    if not args.no_flops:
+        jobs += [("flops", b) for b in args.batch_sizes]
+    runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
+    with tempfile.TemporaryDirectory(prefix="textrl-peers-") as tmp:
+        work = build(Path(tmp), args)
+        for i in range(args.rounds):  # interleaved, so drifts in machine load hit every system alike
+            for job in jobs:
+                t0 = time.perf_counter()
+                runs[job].append(run(job, args, Path(tmp), work))
+                elapsed = time.perf_counter() - t0
+                print(f"round {i + 1}/{args.rounds}: {job[0]} B={job[1]} {elapsed:.0f} s", file=sys.stderr)
+    results, errors, bounds = {}, {}, {}
+    for (system, batch), rs in runs.items():
+        if system == "flops":
+            ok = [r for r in rs if "error" not in r]
+            if ok:  # the best round: the bound is what the machine can do
+                bounds[batch] = max(ok, key=lambda r: r["ceiling"])
+            continue
+        summary = summarise(rs)
+        if summary is None:
+            errors[system, batch] = rs[-1]["error"]
+        else:
+            results[system, batch] = summary
+    text = report(results, bounds, errors, args, work, skipped, (load_start, os.getloadavg()[0]))
+    print(text)
+    out = args.out or HERE / "results" / f"peers-{datetime.date.today().isoformat()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
