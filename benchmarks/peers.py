@@ -282,7 +282,7 @@ def report(results: dict, bounds: dict, errors: dict, args, work, skipped: list[
         f"one optimisation step per batch; KL {'on: coefficient ' + str(KL_COEF) if kl else 'off'}.",
         f"Median over {args.rounds} interleaved round(s) of each run's median over {args.iters} timed iteration(s) "
         f"after {args.warmup} warm-up (naive SB3: {min(args.iters, args.sb3_iters)} after 1); "
-        + ("all in one process." if args.in_process else "one subprocess per run."),
+        + ("all in one process (so peak RSS is not per system)." if args.in_process else "one subprocess per run."),
         f"Machine: {os.cpu_count()} CPUs; load average {load[0]:.2f} at the start, {load[1]:.2f} at the end.",
         "",
     ]

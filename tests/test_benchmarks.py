@@ -66,3 +66,31 @@ def test_agents_benchmark_measures_each_run_in_a_subprocess(capsys):
     (batch, it, ratio, roll, _, rss, setup) = rows[module.SYSTEMS["ppo"]]
     assert batch == 4 and it > 0 and roll > 0 and ratio == 1.0
     assert rss >= setup > 50  # MB: a process with torch loaded
+
+
+PEER_ROW = re.compile(
+    r"^\| ([^|]+) \| ([\d,.]+) ±(\d+)% \| ([\d.]+)x \| ([\d,.]+) \| ([\d.]+)x \| ([\d.]+) \| ([\d.]+)x "
+    r"\| ([\d,.]+) \| ([\d.]+)x \| (\d+)% \|$",
+    re.M,
+)
+
+
+def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch):
+    module = _load("peers", "peers_benchmark")
+    for name, value in module.trl_systems.QUIET_ENV.items():  # set by the run; restored after the test
+        monkeypatch.setenv(name, value)
+    systems = ["ppo", "reinforce"] + (["grpo"] if importlib.util.find_spec("trl") else [])
+    report = tmp_path / "peers.md"
+    args = ["--tiny-random", "--in-process", "--batch-sizes", "4", "--new-tokens", "4", "--iters", "1"]
+    module.main([*args, "--warmup", "1", "--rounds", "1", "--systems", *systems, "--out", str(report)])
+    out = capsys.readouterr().out
+    assert report.read_text() in out
+    rows = {m[0]: [float(x.replace(",", "")) for x in m[1:]] for m in PEER_ROW.findall(report.read_text())}
+    assert sorted(rows) == sorted(module.SYSTEMS[s] for s in systems), out
+    ppo = rows[module.SYSTEMS["ppo"]]
+    for it, _spread, it_x, roll, roll_x, seconds, _s_x, rss, _rss_x, _bound in rows.values():
+        assert it > 0 and roll >= it and seconds > 0 and rss > 0
+        assert abs(it_x - it / ppo[0]) < 0.01 + 0.01 * it_x and abs(roll_x - roll / ppo[3]) < 0.01 + 0.01 * roll_x
+    assert ppo[2] == ppo[4] == ppo[6] == ppo[8] == 1.0
+    assert re.search(r"Ceiling: \*\*[\d,]+ tok/s\*\* for the full iteration", out)
+    assert "torch threads" in out and "transformers" in out
