@@ -115,17 +115,13 @@ def worker(name: str, work, args) -> dict:
 
 
 def summary_rows(results: dict[str, dict], threshold: float, marks: list[float]) -> list[str]:
-    lines = [
-        "| system | set-up s | time to reward >= "
-        f"{threshold} (s) | iterations | tokens | reward first {SMOOTH} -> last {SMOOTH} iterations | "
-        + " | ".join(f"reward at {m:.0f} s" for m in marks)
-        + " |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(marks),
-    ]
+    header = ["system", "set-up s", f"time to reward >= {threshold} (s)", "iterations", "tokens"]
+    header += [f"reward first {SMOOTH} -> last {SMOOTH} iterations", *(f"reward at {m:.0f} s" for m in marks)]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for name, r in results.items():
         rows = r["rows"]
         if not rows:
-            lines.append(f"| {SYSTEMS[name]} | {r['setup_seconds']:.1f} | no iteration | | | |" + " |" * len(marks))
+            lines.append(f"| {SYSTEMS[name]} | {r['setup_seconds']:.1f} | no iteration |" + " |" * (len(header) - 3))
             continue
         hit = next((i for i in range(len(rows)) if reached(rows[: i + 1], threshold)), None)
         first = statistics.mean(x["reward"] for x in rows[:SMOOTH])
@@ -138,7 +134,7 @@ def summary_rows(results: dict[str, dict], threshold: float, marks: list[float])
         end = hit if hit is not None else len(rows) - 1
         lines.append(
             f"| {SYSTEMS[name]} | {r['setup_seconds']:.1f} | {when} | {end + 1} | {rows[end]['tokens']:,} | "
-            f"{first:.2f} -> {last:.2f} | " + " | ".join(at) + " |"
+            f"{first:.2f} -> {last:.2f} |" + "".join(f" {a} |" for a in at)
         )
     return lines
 

@@ -271,6 +271,40 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
 
 
+TARGETS = [
+    (16, "reinforce", "grpo", 2.0),
+    (16, "ppo", "trl-ppo", 3.0),
+    (16, "ppo", "grpo", 1.5),
+    (64, "reinforce", "grpo", 3.0),
+]
+"""The issue's speed targets for the full iteration: (B, system, peer, minimum ratio of tokens/s)."""
+
+
+def target_lines(results: dict, bounds: dict) -> list[str]:
+    """The issue's targets that this run's results can decide, each ticked or not."""
+    checks = list(TARGETS)
+    batches = sorted({b for _, b in results})
+    checks += [(b, a, "sb3", 20.0) for b in batches for a in ("ppo", "reinforce")]
+    checks += [(b, a, "plain", 1.0) for b in batches for a in ("ppo", "reinforce")]
+    lines = []
+    for batch, system, peer, goal in checks:
+        mine, theirs = results.get((system, batch)), results.get((peer, batch))
+        if mine and theirs:
+            ratio = mine["iteration"] / theirs["iteration"]
+            ok = ratio > goal if goal == 1.0 else ratio >= goal
+            bar = "> 1x (faster)" if goal == 1.0 else f">= {goal:g}x"
+            names = f"{SYSTEMS[system]} / {SYSTEMS[peer]}"
+            lines.append(f"- [{'x' if ok else ' '}] B = {batch}: {names} = {ratio:.2f}x (target {bar})")
+    r, bound = results.get(("reinforce", 64)), bounds.get(64)
+    if r and bound:
+        frac = r["iteration"] / bound["ceiling"]
+        lines.append(
+            f"- [{'x' if frac >= 0.5 else ' '}] B = 64: {SYSTEMS['reinforce']} at {100 * frac:.0f}% of the FLOP "
+            "bound (target >= 50%)"
+        )
+    return lines
+
+
 def report(results: dict, bounds: dict, errors: dict, args, work, skipped: list[str], load: tuple) -> str:
     """The markdown report: set-up, the table per B, the FLOP bound, versions."""
     kl = args.kl == "on"
@@ -329,6 +363,9 @@ def report(results: dict, bounds: dict, errors: dict, args, work, skipped: list[
                 ),
             ]
         lines.append("")
+    targets = target_lines(results, bounds)
+    if targets:
+        lines += ["## Targets (full iteration tokens/s)", "", *targets, ""]
     for (system, batch), error in errors.items():
         lines.append(f"- {SYSTEMS[system]} at B = {batch} failed: `{error}`")
     lines += [f"- {note}" for note in skipped]
