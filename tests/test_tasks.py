@@ -115,7 +115,7 @@ def test_keywords_prompts_state_their_constraints():
 
 
 def test_arithmetic_episode_rewards_each_digit_then_the_answer():
-    env = gym.make("textrl/Arithmetic-v0")
+    env = gym.make("textrl/Arithmetic-v0", numerals="digits")
     _obs, info = env.reset(options={"prompt_index": 89})  # 8+9
     assert info["prompt"].endswith("8+9=")
     rewards, info, term, trunc = _play(env, "17\n")
@@ -131,22 +131,40 @@ def test_arithmetic_episode_rewards_each_digit_then_the_answer():
 
 
 def test_arithmetic_without_digit_reward_is_sparse():
-    env = gym.make("textrl/Arithmetic-v0", digit_weight=0.0)
+    env = gym.make("textrl/Arithmetic-v0", numerals="digits", digit_weight=0.0)
     env.reset(options={"prompt_index": 89})
     rewards, *_ = _play(env, "17\n")
     assert rewards == [0.0, 0.0, 1.0]
 
 
+def test_arithmetic_in_words():
+    env = gym.make("textrl/Arithmetic-v0")  # words: what the embedded LM can read and write
+    _, info = env.reset(options={"prompt_index": 89})
+    assert info["prompt"].endswith(".\nEight and nine make")
+    assert info["prompt"].count(" make ") == 2 and info["prompt"].count(".\n") == 2  # two solved examples
+    tok = env.unwrapped.tokenizer
+    pieces = tok.convert_ids_to_tokens(_ids(tok, " seventeen."))
+    rewards, info, term, _ = _play(env, " seventeen.")
+    assert term and info["reward_components"]["exact_match"] == 1.0
+    assert len(rewards) == len(pieces) and sum(rewards) == pytest.approx(1.5)  # 0.5 spread over the word + 1
+    assert all(r > 0 for r in rewards[: len(pieces) - 1])  # every piece of the word earns its share
+    env.reset(options={"prompt_index": 89})
+    rewards, info, *_ = _play(env, " seven.")
+    assert info["reward_components"]["exact_match"] == 0.0
+    assert sum(rewards) == pytest.approx(0.5 * 5 / 9)  # "seven" is the first 5 letters of "seventeen"
+    assert envs.arithmetic.number_words(42) == "forty-two"
+
+
 @pytest.mark.parametrize("operator, a, b, answer", [("-", 3, 7, "-4"), ("*", 6, 7, "42")])
 def test_arithmetic_operators(operator, a, b, answer):
-    env = gym.make("textrl/Arithmetic-v0", operator=operator).unwrapped
+    env = gym.make("textrl/Arithmetic-v0", numerals="digits", operator=operator).unwrapped
     row = 10 * a + b
     assert env.engine.prompts.texts[row].endswith(f"{a}{operator}{b}=")
     assert env.engine.prompts.fields["answer"][row] == answer
 
 
 def test_exact_and_digit_match_edge_cases():
-    assert exact_match()(completions=["", " 7 ", "7 7"], answer=["7", "7", "7"]) == [0.0, 1.0, 0.0]
+    assert exact_match()(completions=["", " 7 ", "7 7", "7.\n"], answer=["7", "7", "7", "7"]) == [0.0, 1.0, 0.0, 1.0]
     r = digit_match()
     # a space before the answer is allowed; a wrong digit ends the credit for good
     assert r(new_tokens=[" "], completions=[" "], answer=["12"]) == [0.0]
