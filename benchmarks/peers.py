@@ -243,7 +243,10 @@ def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
     command += ["--workdir", str(workdir), "--steps", str(steps), "--warmup", str(warmup)]
     command += ["--threads", str(args.threads), "--seed", str(args.seed), "--kl", args.kl]
     env = {**os.environ, **trl_systems.QUIET_ENV}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within --timeout {args.timeout:.0f} s"}
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -257,7 +260,7 @@ def summarise(runs: list[dict]) -> dict | None:
     per_run = {"iteration": [], "rollout": [], "seconds": []}
     for r in ok:
         per_run["iteration"].append(statistics.median(x["tokens"] / x["seconds"] for x in r["rows"]))
-        per_run["rollout"].append(statistics.median(x["tokens"] / x["rollout_seconds"] for x in r["rows"]))
+        per_run["rollout"].append(statistics.median(x["tokens"] / max(x["rollout_seconds"], 1e-9) for x in r["rows"]))
         per_run["seconds"].append(statistics.median(x["seconds"] for x in r["rows"]))
     out = {k: statistics.median(v) for k, v in per_run.items()}
     its = per_run["iteration"]
@@ -409,6 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.worker:  # a subprocess: one measurement, printed as JSON on the last line
+        trl_systems.quiet(logs=True)
         work = rl_speed.Workload(**json.loads((args.workdir / "workload.json").read_text()))
         if args.worker == "flops":
             result = measure_flops(work, args.batch, args.threads, args.kl == "on")
@@ -459,10 +463,11 @@ def main(argv: list[str] | None = None) -> None:
             if ok:  # the best round: the bound is what the machine can do
                 bounds[batch] = max(ok, key=lambda r: r["ceiling"])
             continue
+        failed = [r["error"] for r in rs if "error" in r]
+        if failed:
+            errors[system, batch] = f"{len(failed)} of {len(rs)} runs: {failed[-1]}"
         summary = summarise(rs)
-        if summary is None:
-            errors[system, batch] = rs[-1]["error"]
-        else:
+        if summary is not None:
             results[system, batch] = summary
     text = report(results, bounds, errors, args, work, skipped, (load_start, os.getloadavg()[0]))
     print(text)

@@ -30,16 +30,17 @@ GROUP_SIZE = 4
 """Completions per prompt for GRPO and RLOO (as textrl REINFORCE's ``group_size``)."""
 
 
-def quiet() -> None:
-    """Offline, no telemetry; no deprecation warnings or progress bars from transformers."""
+def quiet(logs: bool = False) -> None:
+    """Offline, no telemetry, no deprecation warnings; with ``logs`` also no transformers logs or progress bars."""
     import warnings
 
     os.environ.update(QUIET_ENV)
     warnings.filterwarnings("ignore", category=FutureWarning)  # gradient_checkpointing -> activation_checkpointing
-    import transformers
+    if logs:
+        import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def _step_timer(rows: list[dict], state: dict):
@@ -218,7 +219,8 @@ def run_trl_ppo(
     the end of a response) are suppressed by a forward hook on the policy's and reference's LM head, so
     sampling, the stored log-probs and the update all see the same distribution.
 
-    The rollout ends where the first training forward through the policy-and-value wrapper starts.
+    The rollout runs from the start of generation to the first training forward through the policy-and-value
+    wrapper (generation, the reference, value and reward passes, GAE and TRL's ``gc.collect()`` in between).
     """
     quiet()
     import torch
@@ -282,20 +284,21 @@ def run_trl_ppo(
     )
     trainer.remove_callback(PrinterCallback)  # it prints every step's metrics
     rows: list[dict] = []
-    state = {"last": 0.0, "rollout": 0.0, "tokens": 0}
+    state = {"last": 0.0, "rollout": 0.0, "tokens": 0, "start": 0.0}
     trainer.add_callback(_step_timer(rows, state))
 
     batch_generation = ppo_module.batch_generation
     forward = ppo_module.forward
 
     def timed_batch_generation(model, queries, *args, **kwargs):
+        state["start"] = time.perf_counter()  # the rollout's first work
         query_responses, logits = batch_generation(model, queries, *args, **kwargs)
         state["tokens"] += query_responses[:, queries.shape[1] :].numel()
         return query_responses, logits
 
     def timed_forward(model, *args, **kwargs):
         if model is trainer.model and state["rollout"] == 0.0:  # the first training forward of the step
-            state["rollout"] = time.perf_counter() - state["last"]
+            state["rollout"] = time.perf_counter() - state["start"]
         return forward(model, *args, **kwargs)
 
     ppo_module.batch_generation = timed_batch_generation
