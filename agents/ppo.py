@@ -109,9 +109,9 @@ class PPO(BaseAgent):
                 ent = masked_mean(entropy, m)
                 loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
                 if not torch.isfinite(loss):
+                    parts = f"policy loss {pg_loss.item()}, value loss {v_loss.item()}, entropy {ent.item()}"
                     self.nonfinite(
-                        f"non-finite PPO loss at iteration {self.iteration + 1}, epoch {_epoch + 1} (policy loss "
-                        f"{float(pg_loss)}, value loss {float(v_loss)}, entropy {float(ent)})"
+                        f"non-finite PPO loss at iteration {self.iteration + 1}, epoch {_epoch + 1} ({parts})"
                     )
                 loss.backward()
                 stats["gn"].append(self.clip_and_step())

@@ -89,7 +89,7 @@ class REINFORCE(BaseAgent):
         if not torch.isfinite(loss):
             self.nonfinite(
                 f"non-finite REINFORCE loss at iteration {self.iteration + 1} "
-                f"(policy loss {float(pg_loss)}, entropy {float(entropy_mean)})"
+                f"(policy loss {float(pg_loss.detach())}, entropy {float(entropy_mean.detach())})"
             )
         loss.backward()
         grad_norm = self.clip_and_step()

@@ -264,8 +264,8 @@ class BaseAgent:
         A non-finite gradient is not applied: :meth:`nonfinite` names the first parameter that has one.
         """
         params = self.policy.trainable_parameters()
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
-        if not torch.isfinite(norm):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not torch.isfinite(norm):  # checked before clipping, which would spread the NaN to every tensor
             names = [
                 name
                 for name, p in self.policy.named_parameters()
@@ -273,6 +273,7 @@ class BaseAgent:
             ]
             where = f" (first in {names[0]}; {len(names)} tensors affected)" if names else ""
             self.nonfinite(f"non-finite gradient norm ({norm.item()}) at iteration {self.iteration + 1}{where}")
+        torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm or float("inf"), norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -370,6 +371,8 @@ class BaseAgent:
                     and self.config.checkpoint_interval
                     and (self.iteration % self.config.checkpoint_interval == 0)
                 ):
+                    if self.logger is not None:
+                        self.logger.flush()  # the logs up to a checkpoint survive a crash after it
                     self.save_checkpoint(checkpoint_dir)
                 if callback is not None and callback(self, stats) is False:
                     break
