@@ -139,18 +139,19 @@ def summary_rows(results: dict[str, dict], threshold: float, marks: list[float])
     return lines
 
 
-def main(args) -> None:
-    import peers
+def main(args, *, build, script: str, versions: dict[str, str]) -> None:
+    """Train each system in a subprocess of ``script`` (peers.py) on the workload ``build`` makes; print the table."""
+    import trl_systems
 
     results = {}
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="textrl-peers-learning-") as tmp:
-        work = peers.build(Path(tmp), args)
+        work = build(Path(tmp), args)
         for name in SYSTEMS:
-            command = [sys.executable, peers.__file__, "--worker", name, "--workdir", tmp, "--seed", str(args.seed)]
+            command = [sys.executable, script, "--worker", name, "--workdir", tmp, "--seed", str(args.seed)]
             command += ["--threads", str(args.threads), "--learning-seconds", str(args.learning_seconds)]
             command += ["--learning-threshold", str(args.learning_threshold)]
-            env = {**os.environ, **peers.trl_systems.QUIET_ENV}
+            env = {**os.environ, **trl_systems.QUIET_ENV}
             proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
             if proc.returncode:
                 raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
@@ -169,10 +170,10 @@ def main(args) -> None:
             "",
             *summary_rows(results, args.learning_threshold, marks),
             "",
-            f"Versions: {', '.join(f'{k} {v}' for k, v in peers.library_versions().items())}.",
+            f"Versions: {', '.join(f'{k} {v}' for k, v in versions.items())}.",
         ]
     )
     print(text)
-    out = args.out or peers.HERE / "results" / f"peers-learning-{datetime.date.today().isoformat()}.md"
+    out = args.out or Path(script).parent / "results" / f"peers-learning-{datetime.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
