@@ -30,7 +30,11 @@ load hit all alike; a run does ``--warmup`` iterations, then ``--iters`` timed o
 median over rounds of each run's median, the spread (half the range over rounds, as a percentage) and
 each figure's ratio to textrl PPO at the same B. "Rollout" is everything before the first gradient pass
 (generation, reward, and the reference/old-log-prob passes where a system has them), measured inside the
-same iterations. The FLOP bound (``flop_bound.py``) is measured in its own subprocess each round too.
+same iterations. Naive SB3 runs only up to ``--sb3-max-batch`` (16) with ``--sb3-iters`` (1) timed iteration
+after one warm-up (~20 s an iteration and ~3.6 GB at B = 16). The FLOP bound (``flop_bound.py``) is measured
+in its own subprocess each round too; the best round's is reported, with every system's fraction of it and
+the issue's speed targets ticked. The report is printed and written to ``--out`` (default
+``benchmarks/results/peers-<date>.md``).
 
     python benchmarks/peers.py                                   # the full table (~15 min on 2 cores)
     python benchmarks/peers.py --batch-sizes 16 --systems ppo grpo --rounds 1 --iters 2   # a quick look
