@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 import gymnasium as gym
 import numpy as np
@@ -240,7 +240,7 @@ class BaseAgent:
         entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
         return logp.gather(-1, actions[..., None]).squeeze(-1), entropy
 
-    def nonfinite(self, message: str) -> None:
+    def nonfinite(self, message: str) -> NoReturn:
         """Stop (``nonfinite="raise"``: :class:`NonFiniteError`) or discard this batch (``"skip"``)."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.nonfinite == "skip":
@@ -494,7 +494,7 @@ class BaseAgent:
                 "seed": self.seed,
                 "lm": self.lm,
                 "vocab_size": int(self.env.single_action_space.n),
-                "tokenizer_sha256": tokenizer_fingerprint(self.env.engine.tokenizer),
+                "tokenizer_sha256": self._tokenizer_sha256(),
                 "kl_controller": self.kl_ctl.state_dict(),
                 "np_rng": self.np_rng.bit_generator.state,
                 "env_id": self.env_id,
@@ -504,6 +504,11 @@ class BaseAgent:
                 "extra": self.extra_state(),
             },
         )
+
+    def _tokenizer_sha256(self) -> str:
+        if getattr(self, "_tokenizer_sha", None) is None:  # computed once: a large vocabulary takes a moment
+            self._tokenizer_sha = tokenizer_fingerprint(self.env.engine.tokenizer)
+        return self._tokenizer_sha
 
     def save(self, path: str | Path) -> Path:
         """Save everything needed to resume exactly (weights as safetensors, no pickle), atomically."""
@@ -583,6 +588,7 @@ class BaseAgent:
             self.num_timesteps, self.iteration = int(state["num_timesteps"]), int(state["iteration"])
             self.skipped_batches = int(state.get("skipped_batches", 0))
             self.lm = state["lm"]
+            self.env_id = state.get("env_id") or self.env_id  # the run's own env id (names, reloads)
             self.load_extra_state(state.get("extra") or {})
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             if isinstance(e, ckpt.CheckpointError):
