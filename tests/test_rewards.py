@@ -73,6 +73,14 @@ def test_builtin_registry_and_kinds():
         "repetition_penalty": "sequence",
         "token_keyword_shaping": "immediate",
         "repeated_token_penalty": "immediate",
+        "vader_sentiment": "sequence",
+        "chrf": "sequence",
+        "bleu": "sequence",
+        "rouge": "sequence",
+        "semantic_similarity": "sequence",
+        "misspelling_rate": "sequence",
+        "lexical_constraints": "sequence",
+        "lexical_shaping": "immediate",
     }
     assert isinstance(token_keyword_shaping(), ImmediateReward)
     assert not isinstance(length_penalty(), ImmediateReward)
