@@ -171,7 +171,7 @@ def measure(system: str, work, batch: int, steps: int, warmup: int, threads: int
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if system in ("grpo", "rloo"):
-        rows, _ = trl_systems.run_group_trainer(
+        rows = trl_systems.run_group_trainer(
             system,
             work.lm,
             work.prompts,

@@ -14,6 +14,7 @@ that has torch, transformers and TRL but not textrl.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -75,7 +76,7 @@ def run_group_trainer(
     seed: int,
     suppress_eos: bool = True,
     callbacks: list | None = None,
-) -> tuple[list[dict], object]:
+) -> list[dict]:
     """TRL GRPOTrainer (``kind="grpo"``) or RLOOTrainer (``"rloo"``): ``steps`` steps of ``batch`` completions.
 
     One optimisation step per generation batch: ``per_device_train_batch_size = generation_batch_size = batch``
@@ -88,7 +89,7 @@ def run_group_trainer(
     generation and optimisation are aligned, as here.
 
     Returns:
-        The per-step rows and the trainer.
+        The per-step rows.
     """
     quiet()
     import torch
@@ -106,7 +107,7 @@ def run_group_trainer(
     if batch % GROUP_SIZE:
         raise ValueError(f"{kind}: batch {batch} is not a multiple of num_generations={GROUP_SIZE}")
     tokenizer = AutoTokenizer.from_pretrained(lm)
-    out_dir = tempfile.mkdtemp(prefix=f"textrl-peers-{kind}-")
+    out_dir = tempfile.mkdtemp(prefix=f"textrl-peers-{kind}-")  # nothing is saved there; removed at the end
     args = Config(
         output_dir=out_dir,
         per_device_train_batch_size=batch,
@@ -155,8 +156,11 @@ def run_group_trainer(
 
     trainer._generate_and_score_completions = timed_generate
     torch.manual_seed(seed)
-    trainer.train()
-    return rows, trainer
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return rows
 
 
 def sequence_reward_model(reward: Callable, tokenizer, prompt_len: int):
@@ -246,7 +250,7 @@ def run_trl_ppo(
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
     if {len(ids) for ids in dataset["input_ids"]} != {prompt_len}:
         raise ValueError("trl-ppo: every prompt must have the same number of tokens")
-    out_dir = tempfile.mkdtemp(prefix="textrl-peers-trl-ppo-")
+    out_dir = tempfile.mkdtemp(prefix="textrl-peers-trl-ppo-")  # nothing is saved there; removed at the end
     args = PPOConfig(
         output_dir=out_dir,
         per_device_train_batch_size=batch,
@@ -304,5 +308,8 @@ def run_trl_ppo(
     ppo_module.batch_generation = timed_batch_generation
     ppo_module.forward = timed_forward
     torch.manual_seed(seed)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return rows
