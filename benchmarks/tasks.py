@@ -48,20 +48,24 @@ TASKS = {  # task -> (id, training budget in generated tokens, agent-config over
 }
 
 
-def evaluate(agent, episodes: int, seed: int = 1234) -> tuple[float, float, list[tuple[str, str]]]:
-    """Mean and standard error of the episode reward over the task's first ``episodes`` prompts."""
+def evaluate(agent, episodes: int, seed: int = 1234):
+    """Mean and standard error of the episode reward over the task's first ``episodes`` prompts, the mean
+    of each reward component, and three samples."""
     env, B = agent.env, agent.config.batch_size
     n_prompts = len(env.engine.prompts)
     generator = torch.Generator(device=agent.device).manual_seed(seed)
-    returns, samples = [], []
+    returns, samples, components = [], [], {}
     for start in range(0, episodes, B):
         index = (np.arange(start, start + B) % n_prompts).astype(np.int64)
         with torch.no_grad():
             rollout = collect_rollout(agent.policy, env, index, agent.sampling, generator, agent.device)
         returns.extend(rollout.episode_returns.cpu().tolist())
         samples.extend(zip(rollout.prompts, rollout.completions, strict=True))
+        for name, values in rollout.components.items():
+            components.setdefault(name, []).extend(values.tolist())
     r = np.asarray(returns[:episodes])
-    return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))), samples[:3]
+    parts = {name: float(np.mean(v[:episodes])) for name, v in components.items()}
+    return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))), parts, samples[:3]
 
 
 def cli_command(env_id: str, env_kwargs: dict, agent: str, config, budget: int, seed: int) -> str:
@@ -85,7 +89,7 @@ def run(task: str, agent_name: str, args, env_kwargs: dict | None = None, label:
     config = dataclasses.replace(config, **overrides)
     env = gym.make(env_id, **env_kwargs)
     agent = cls(env, config=config, seed=args.seed, tensorboard_log=args.runs, verbose=0)
-    before, before_se, before_samples = evaluate(agent, args.eval_episodes)
+    before, before_se, before_parts, before_samples = evaluate(agent, args.eval_episodes)
     history: list[tuple[int, float, float]] = []
     t0 = time.perf_counter()
     agent.learn(
@@ -94,7 +98,7 @@ def run(task: str, agent_name: str, args, env_kwargs: dict | None = None, label:
         tb_log_name=f"{task}__{agent_name}{'__' + label if label else ''}__{args.seed}",
     )
     wall = time.perf_counter() - t0
-    after, after_se, after_samples = evaluate(agent, args.eval_episodes)
+    after, after_se, after_parts, after_samples = evaluate(agent, args.eval_episodes)
     tail = history[-max(1, len(history) // 10) :]
     return {
         "task": task + (f" ({label})" if label else ""),
@@ -103,6 +107,8 @@ def run(task: str, agent_name: str, args, env_kwargs: dict | None = None, label:
         "before_se": before_se,
         "after": after,
         "after_se": after_se,
+        "components_before": before_parts,
+        "components_after": after_parts,
         "kl": float(np.mean([k for _, _, k in tail])),
         "train_first": history[0][1],
         "train_last": float(np.mean([r for _, r, _ in tail])),
@@ -155,6 +161,12 @@ def main() -> None:
                 results.append(run(task, agent_name, args, {"digit_weight": 0.0}, label="exact match only"))
                 r = results[-1]
                 print(f"  exact-match only: {r['before']:.3f} -> {r['after']:.3f}  {r['wall']:.0f} s", flush=True)
+    for r in results:
+        if len(r["components_after"]) > 1:
+            parts = ", ".join(
+                f"{k} {r['components_before'][k]:.3f} -> {v:.3f}" for k, v in r["components_after"].items()
+            )
+            print(f"{r['task']} / {r['agent']} components (unweighted): {parts}")
     print("\n" + table(results) + "\n")
     for r in results:
         print(f"### {r['task']} / {r['agent']}")
