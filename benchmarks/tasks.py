@@ -26,7 +26,7 @@ import torch
 
 import envs
 from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
-from textrl.rollout import collect_rollout
+from textrl.evaluation import evaluate_agent
 
 AGENTS = {
     "reinforce": (
@@ -48,24 +48,10 @@ TASKS = {  # task -> (id, training budget in generated tokens, agent-config over
 }
 
 
-def evaluate(agent, episodes: int, seed: int = 1234):
-    """Mean and standard error of the episode reward over the task's first ``episodes`` prompts, the mean
-    of each reward component, and three samples."""
-    env, B = agent.env, agent.config.batch_size
-    n_prompts = len(env.engine.prompts)
-    generator = torch.Generator(device=agent.device).manual_seed(seed)
-    returns, samples, components = [], [], {}
-    for start in range(0, episodes, B):
-        index = (np.arange(start, start + B) % n_prompts).astype(np.int64)
-        with torch.no_grad():
-            rollout = collect_rollout(agent.policy, env, index, agent.sampling, generator, agent.device)
-        returns.extend(rollout.episode_returns.cpu().tolist())
-        samples.extend(zip(rollout.prompts, rollout.completions, strict=True))
-        for name, values in rollout.components.items():
-            components.setdefault(name, []).extend(values.tolist())
-    r = np.asarray(returns[:episodes])
-    parts = {name: float(np.mean(v[:episodes])) for name, v in components.items()}
-    return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))), parts, samples[:3]
+def evaluate(agent, episodes: int):
+    """Mean reward, its standard error, the component means and three samples (textrl.evaluation)."""
+    ev = evaluate_agent(agent, episodes)
+    return ev.mean, ev.stderr, ev.components, [(p, c) for p, c, _ in ev.samples[:3]]
 
 
 def cli_command(env_id: str, env_kwargs: dict, agent: str, config, budget: int, seed: int) -> str:

@@ -292,3 +292,21 @@ def test_task_rewards_are_deterministic_across_batched_and_single_envs():
         single.reset(options={"prompt_index": i})
         got = sum(single.step(int(a))[1] for a in actions[i])
         assert got == pytest.approx(total[i])
+
+
+def test_evaluate_agent_is_fixed_and_leaves_training_untouched():
+    from agents import REINFORCE, REINFORCEConfig
+    from textrl.evaluation import evaluate_agent
+
+    cfg = REINFORCEConfig(batch_size=4, group_size=2, kl_coef=0.0)
+    a = REINFORCE("textrl/Arithmetic-v0", config=cfg, seed=0, verbose=0)
+    b = REINFORCE("textrl/Arithmetic-v0", config=cfg, seed=0, verbose=0)
+    e1, e2 = evaluate_agent(a, episodes=6), evaluate_agent(a, episodes=6)
+    assert e1.samples == e2.samples and e1.mean == e2.mean  # same seed, same episodes
+    assert [s[0] for s in e1.samples] == a.env.engine.prompts.texts[:6]  # the first prompts, in order
+    assert e1.mean == pytest.approx(np.mean([s[2] for s in e1.samples]))
+    assert set(e1.components) == {"exact_match", "digit_match"}
+    ra, rb = [], []
+    a.learn(30, callback=lambda ag, s: ra.append(s["rollout/reward_mean"]))
+    b.learn(30, callback=lambda ag, s: rb.append(s["rollout/reward_mean"]))
+    assert ra == rb  # evaluating `a` first did not change its training
