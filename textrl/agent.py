@@ -236,8 +236,11 @@ class BaseAgent:
         n = self.env.single_action_space.n
         shaped = shape_logits(logits[..., :n].float(), **vars(self.sampling))
         logp = F.log_softmax(shaped, dim=-1)  # (B, T, V)
-        p = logp.exp()
-        entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+        # Without an entropy bonus the entropy is only logged: computed outside the graph, the backward skips
+        # its full-vocabulary passes (-9% of a REINFORCE iteration at B=16). Its gradient would be 0 * dH.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.ent_coef != 0):
+            p = logp.exp()
+            entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
         return logp.gather(-1, actions[..., None]).squeeze(-1), entropy
 
     def nonfinite(self, message: str) -> NoReturn:
