@@ -194,7 +194,11 @@ class BaseAgent:
             )
         use_ref = self.config.kl_coef > 0 or self.config.kl_target is not None
         self.policy = ActorCritic(model, self.config.value_model, reference=use_ref).to(self.device)
-        self.optimizer = torch.optim.Adam(self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5)
+        # fused: one kernel over all parameters (3.5 ms a step instead of 15 ms for the per-tensor loop on CPU)
+        fused = self.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(
+            self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5, fused=fused
+        )
         self.seed = seed
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
@@ -237,7 +241,7 @@ class BaseAgent:
         shaped = shape_logits(logits[..., :n].float(), **vars(self.sampling))
         logp = F.log_softmax(shaped, dim=-1)  # (B, T, V)
         # Without an entropy bonus the entropy is only logged: computed outside the graph, the backward skips
-        # its full-vocabulary passes (-9% of a REINFORCE iteration at B=16). Its gradient would be 0 * dH.
+        # its full-vocabulary passes (-10% of the update at B=16). Its gradient would be 0 * dH.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.ent_coef != 0):
             p = logp.exp()
             entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
