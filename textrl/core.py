@@ -21,12 +21,48 @@ LM through its own forward with a ``DynamicCache``. Both are tested for agreemen
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+
+_GELU_K = 2 * math.sqrt(2 / math.pi)
+
+
+class _TanhGELU(torch.autograd.Function):
+    """GPT-2's tanh GELU written as ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))``.
+
+    The same function (``0.5 (1 + tanh z) = sigmoid(2 z)``; it differs from ``F.gelu(approximate="tanh")``
+    by float rounding, at most ~5e-7), but torch's CPU ``tanh`` kernel is ~3.5x slower than its ``sigmoid``:
+    the forward takes 108 instead of 235 us on a (64, 1024) decode activation. The backward is torch's own
+    tanh-GELU derivative.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _tanh_gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(torch.addcmul(x, x * x, x, value=0.044715).mul_(_GELU_K))
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU (``approximate``: ``"tanh"`` or ``"none"``); the tanh one through :class:`_TanhGELU`."""
+    if approximate != "tanh":
+        return F.gelu(x, approximate=approximate)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _TanhGELU.apply(x)
+    return _tanh_gelu(x)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -120,7 +156,7 @@ class GPT2Core(nn.Module):
         att = att.transpose(1, 2).reshape(B * S, H * D)
         x = x + torch.addmm(block.attn.c_proj.bias, att, block.attn.c_proj.weight).view(B, S, H * D)
         h = F.layer_norm(x, (H * D,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, H * D)
-        h = F.gelu(torch.addmm(block.mlp.c_fc.bias, h, block.mlp.c_fc.weight), approximate=self.approximate)
+        h = gelu(torch.addmm(block.mlp.c_fc.bias, h, block.mlp.c_fc.weight), self.approximate)
         return x + torch.addmm(block.mlp.c_proj.bias, h, block.mlp.c_proj.weight).view(B, S, H * D)
 
     def _head(self, x):  # (B, S, E) -> logits (B, S, V), hidden (B, S, E)
