@@ -53,7 +53,8 @@ class _TanhGELU(torch.autograd.Function):
 
 
 def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(torch.addcmul(x, x * x, x, value=0.044715).mul_(_GELU_K))
+    y = x * x  # the only new tensor: every later step is in place
+    return torch.addcmul(x, y, x, value=0.044715, out=y).mul_(_GELU_K).sigmoid_().mul_(x)
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
