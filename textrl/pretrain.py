@@ -202,6 +202,15 @@ def save_model(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, folde
 
 
 @torch.no_grad()
+def _count(n: int, noun: str) -> str:
+    """``1 thread``, ``2 threads``.
+
+    >>> _count(1, "thread"), _count(2, "thread")
+    ('1 thread', '2 threads')
+    """
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _sample(model, tokenizer, prompt: str, seed: int) -> str:
     from textrl.lm import generate
 
@@ -310,7 +319,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "unigram_perplexity": math.exp(base_loss),
         "eval_history": history,
         "wall_clock_seconds": round(time.time() - t_start, 1),
-        "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, torch {torch.__version__}, {_count(torch.get_num_threads(), 'thread')}",
         "config": dataclasses.asdict(cfg),
         "run": str(run),
         "samples": {p: _sample(model, tokenizer, p, cfg.seed) for p in ("ROMEO:\n", "And God said")},
