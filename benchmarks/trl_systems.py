@@ -62,6 +62,28 @@ def _step_timer(rows: list[dict], state: dict):
     return StepTimer()
 
 
+def _common_args(out_dir: str, batch: int, learning_rate: float, seed: int) -> dict:
+    """The trainer settings every TRL system shares, so the workload cannot drift between them: B samples
+    per optimisation step, temperature 1, a constant learning rate, fp32 and no gradient checkpointing (TRL
+    defaults to bf16 and checkpointing), CPU, and no logging, saving, reporting or progress bar."""
+    return {
+        "output_dir": out_dir,
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": 1,
+        "temperature": 1.0,
+        "learning_rate": learning_rate,
+        "lr_scheduler_type": "constant",
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "use_cpu": True,
+        "report_to": "none",
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": seed,
+    }
+
+
 def run_group_trainer(
     kind: str,
     lm: str,
@@ -109,29 +131,16 @@ def run_group_trainer(
     tokenizer = AutoTokenizer.from_pretrained(lm)
     out_dir = tempfile.mkdtemp(prefix=f"textrl-peers-{kind}-")  # nothing is saved there; removed at the end
     args = Config(
-        output_dir=out_dir,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
+        **_common_args(out_dir, batch, learning_rate, seed),
         num_generations=GROUP_SIZE,
         num_iterations=1,
         max_completion_length=new_tokens,
-        temperature=1.0,
         top_p=1.0,
         top_k=0,
         generation_kwargs={"min_new_tokens": new_tokens} if suppress_eos else None,
         beta=beta,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
         max_steps=steps,
-        bf16=False,
-        gradient_checkpointing=False,
         disable_dropout=True,
-        use_cpu=True,
-        report_to="none",
-        logging_strategy="no",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=seed,
         dataloader_num_workers=0,
     )
     rows: list[dict] = []
@@ -252,29 +261,16 @@ def run_trl_ppo(
         raise ValueError("trl-ppo: every prompt must have the same number of tokens")
     out_dir = tempfile.mkdtemp(prefix="textrl-peers-trl-ppo-")  # nothing is saved there; removed at the end
     args = PPOConfig(
-        output_dir=out_dir,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
+        **_common_args(out_dir, batch, learning_rate, seed),
         num_mini_batches=1,
         num_ppo_epochs=1,
         local_rollout_forward_batch_size=batch,
         total_episodes=steps * batch,
         response_length=new_tokens,
-        temperature=1.0,
         stop_token=None,
         missing_eos_penalty=None,
         kl_coef=kl_coef,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
         num_sample_generations=0,
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        logging_strategy="no",
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=seed,
     )
     trainer = PPOTrainer(
         args=args,
