@@ -48,12 +48,6 @@ TASKS = {  # task -> (id, training budget in generated tokens, agent-config over
 }
 
 
-def evaluate(agent, episodes: int):
-    """Mean reward, its standard error, the component means and three samples (textrl.evaluation)."""
-    ev = evaluate_agent(agent, episodes)
-    return ev.mean, ev.stderr, ev.components, [(p, c) for p, c, _ in ev.samples[:3]]
-
-
 def cli_command(env_id: str, env_kwargs: dict, agent: str, config, budget: int, seed: int) -> str:
     defaults = type(config)()
     flags = [
@@ -75,7 +69,7 @@ def run(task: str, agent_name: str, args, env_kwargs: dict | None = None, label:
     config = dataclasses.replace(config, **overrides)
     env = gym.make(env_id, **env_kwargs)
     agent = cls(env, config=config, seed=args.seed, tensorboard_log=args.runs, verbose=0)
-    before, before_se, before_parts, before_samples = evaluate(agent, args.eval_episodes)
+    before = evaluate_agent(agent, args.eval_episodes)
     history: list[tuple[int, float, float]] = []
     t0 = time.perf_counter()
     agent.learn(
@@ -84,17 +78,17 @@ def run(task: str, agent_name: str, args, env_kwargs: dict | None = None, label:
         tb_log_name=f"{task}__{agent_name}{'__' + label if label else ''}__{args.seed}",
     )
     wall = time.perf_counter() - t0
-    after, after_se, after_parts, after_samples = evaluate(agent, args.eval_episodes)
+    after = evaluate_agent(agent, args.eval_episodes)
     tail = history[-max(1, len(history) // 10) :]
     return {
         "task": task + (f" ({label})" if label else ""),
         "agent": agent_name,
-        "before": before,
-        "before_se": before_se,
-        "after": after,
-        "after_se": after_se,
-        "components_before": before_parts,
-        "components_after": after_parts,
+        "before": before.mean,
+        "before_se": before.stderr,
+        "after": after.mean,
+        "after_se": after.stderr,
+        "components_before": before.components,
+        "components_after": after.components,
         "kl": float(np.mean([k for _, _, k in tail])),
         "train_first": history[0][1],
         "train_last": float(np.mean([r for _, r, _ in tail])),
@@ -104,7 +98,7 @@ def run(task: str, agent_name: str, args, env_kwargs: dict | None = None, label:
         "threshold": gym.spec(env_id).reward_threshold,
         "command": cli_command(env_id, env_kwargs, agent_name, config, budget, args.seed),
         "run_dir": str(agent.run_dir),
-        "samples": [(p, b, a) for (p, b), (_, a) in zip(before_samples, after_samples, strict=True)],
+        "samples": [(p, b, a) for (p, b, _), (_, a, _) in zip(before.samples[:3], after.samples[:3], strict=True)],
     }
 
 

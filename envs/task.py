@@ -41,7 +41,6 @@ class TaskEnv(TextGenEnv):
 
     def __init__(self, lm: str = "tiny", **kwargs: Any):
         super().__init__(lm=lm, **self.env_keywords(**kwargs))
-        self.task_options = self._split(kwargs)[0]
 
     @classmethod
     def build(cls, **options: Any) -> dict[str, Any]:
@@ -82,9 +81,7 @@ class TaskEnv(TextGenEnv):
         """The natively batched vector env of this task (the registered ``vector_entry_point``)."""
         vector_only = ("autoreset_mode", "copy", "max_episode_steps")
         extra = {k: kwargs.pop(k) for k in vector_only if k in kwargs}
-        env = TextGenVectorEnv(num_envs, lm=lm, **cls.env_keywords(**kwargs), **extra)
-        env.task_options = cls._split(kwargs)[0]
-        return env
+        return TextGenVectorEnv(num_envs, lm=lm, **cls.env_keywords(**kwargs), **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------
