@@ -95,10 +95,12 @@ class PPO(BaseAgent):
         for _epoch in range(cfg.n_epochs):
             order = torch.randperm(B, generator=self.generator, device=self.generator.device).to(rollout.ids.device)
             for start in range(0, B, cfg.minibatch_size):
-                mb = order[start : start + cfg.minibatch_size]
+                mb = order[start : start + cfg.minibatch_size].sort().values  # in rollout order: replay slices
                 m = valid[mb]
                 with self.autocast():
-                    logits, values = self.policy.evaluate(rollout.ids[mb], rollout.mask[mb], rollout.prompt_len)
+                    logits, values = self.policy.evaluate(
+                        rollout.ids[mb], rollout.mask[mb], rollout.prompt_len, rows=mb
+                    )
                 logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions[mb])  # (b, T)
                 values = values.float()
 

@@ -234,3 +234,24 @@ def test_agent_checkpoint_has_no_pickles(env, tmp_path):
     path = REINFORCE(env, config=_small(REINFORCE), seed=0).save(tmp_path / "a")
     suffixes = {p.suffix for p in Path(path).rglob("*") if p.is_file()}
     assert suffixes <= {".safetensors", ".json", ".jinja", ""}, suffixes
+
+
+@pytest.mark.parametrize("cls", [REINFORCE, PPO])
+def test_update_replays_the_rollout_only_while_the_weights_are_unchanged(cls, env):
+    """The first (on-policy) forward of each update replays the rollout's record; later minibatches cannot.
+
+    PPO here takes 2 epochs x 2 minibatches per iteration: only the first of the four sees the weights the
+    rollout was sampled with (the fused Adam step must mark the record stale). The result equals training
+    without replay up to float rounding.
+    """
+    runs = {}
+    for replay in (True, False):
+        agent = cls(env, config=_small(cls), seed=0)
+        agent.policy.replay = replay
+        for _ in range(3):
+            agent.learn(agent.num_timesteps + 1)  # one iteration each
+        runs[replay] = agent
+    assert runs[True].iteration == 3
+    assert runs[True].policy.core.replayed == 3 and runs[False].policy.core.replayed == 0
+    for a, b in zip(_params(runs[True]), _params(runs[False]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

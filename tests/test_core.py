@@ -67,3 +67,106 @@ def test_decode_past_cache_raises(gpt2_dir):
     core.decode(torch.zeros(1, dtype=torch.long))
     with pytest.raises(RuntimeError, match="KV cache full"):
         core.decode(torch.zeros(1, dtype=torch.long))
+
+
+# --- rollout replay: the update's forward takes the linear layers' outputs from the rollout's record ----------
+
+
+def _recorded_rollout(core: GPT2Core, vocab: int, steps: int = 6):
+    """Prefill 3 left-padded prompts with a record, decode ``steps`` tokens; returns ids, mask, P."""
+    ids, mask = _batch(vocab)
+    P = 5
+    ids, mask = ids[:, :P], mask[:, :P]
+    torch.manual_seed(2)
+    new = torch.randint(0, vocab, (3, steps))
+    with torch.no_grad():
+        core.prefill(ids, mask, P + steps, record=True)
+        for t in range(steps - 1):  # the last token is never fed: nothing predicts past it
+            core.decode(new[:, t])
+    core.release()
+    return torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1), P
+
+
+def _loss_grads(core: GPT2Core, ids, mask, P, rows=None):
+    """Logits of the generated positions and the gradients of a loss over them."""
+    core.model.zero_grad(set_to_none=True)
+    logits, hidden = core.forward(ids[:, :-1], mask[:, :-1], P - 1, rows)
+    weights = torch.linspace(-1, 1, logits.shape[-1])
+    valid = mask[:, P:, None]
+    ((logits.log_softmax(-1) * weights * valid).sum() + (hidden * valid).square().sum()).backward()
+    grads = {n: p.grad.clone() for n, p in core.model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+def _assert_grads_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        scale = b[name].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(a[name] / scale, b[name] / scale, atol=2e-5, rtol=0, msg=name)
+
+
+def test_replay_gives_the_recomputed_logits_and_gradients(gpt2_dir):
+    core = GPT2Core(load_lm(gpt2_dir)[0])
+    vocab = core.lm_head.weight.shape[0]
+    ids, mask, P = _recorded_rollout(core, vocab)
+    mask[2, -2:] = 0  # row 2 ended early: its last tokens are pads in the update, not what the decode fed
+    ids[2, -2:] = 0
+    replayed_logits, replayed = _loss_grads(core, ids, mask, P)
+    assert core.replayed == 1
+    record, core._record = core._record, None
+    logits, recomputed = _loss_grads(core, ids, mask, P)
+    assert core.replayed == 1  # no record: computed
+    valid = mask[:, P:].bool()
+    torch.testing.assert_close(replayed_logits[valid], logits[valid], atol=2e-5, rtol=1e-4)
+    _assert_grads_close(replayed, recomputed)
+
+    core._record = record  # a subset of rows, as a PPO minibatch asks for them
+    rows = torch.tensor([2, 0])
+    _, sub_replayed = _loss_grads(core, ids[rows], mask[rows], P, rows)
+    assert core.replayed == 2
+    core._record = None
+    _, sub_recomputed = _loss_grads(core, ids[rows], mask[rows], P)
+    _assert_grads_close(sub_replayed, sub_recomputed)
+
+
+def test_replay_only_for_the_recorded_tokens_and_weights(gpt2_dir):
+    core = GPT2Core(load_lm(gpt2_dir)[0])
+    vocab = core.lm_head.weight.shape[0]
+    ids, mask, P = _recorded_rollout(core, vocab)
+
+    other = ids.clone()
+    other[1, P + 1] = (other[1, P + 1] + 1) % vocab  # one token differs
+    _loss_grads(core, other, mask, P)
+    assert core.replayed == 0
+    holed = mask.clone()
+    holed[0, P + 1] = 0  # a hole inside a completion: the decode let later tokens see that one
+    _loss_grads(core, ids, holed, P)
+    assert core.replayed == 0
+    _loss_grads(core, ids, mask, P, rows=torch.tensor([1, 0]))  # rows named in another order than given
+    assert core.replayed == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        core.forward(ids[:, :-1], mask[:, :-1], P - 1)
+    assert core.replayed == 0
+
+    _loss_grads(core, ids, mask, P)
+    assert core.replayed == 1
+    torch.optim.SGD(core.model.parameters(), lr=0.1).step()  # the weights move: the record is stale
+    logits, _ = core.forward(ids[:, :-1], mask[:, :-1], P - 1)
+    assert core.replayed == 1 and core._record is None
+    core._record = None
+    torch.testing.assert_close(logits, core.forward(ids[:, :-1], mask[:, :-1], P - 1)[0])
+
+
+def test_record_reuses_its_buffers_and_survives_a_full_cache(gpt2_dir):
+    core = GPT2Core(load_lm(gpt2_dir)[0])
+    vocab = core.lm_head.weight.shape[0]
+    _recorded_rollout(core, vocab)
+    buffer = core._record.qkv[0]
+    ids, mask, P = _recorded_rollout(core, vocab)
+    assert core._record.qkv[0] is buffer  # same shapes: the same memory
+    with torch.no_grad():  # decode into the last cache position: beyond what an update can use
+        core.prefill(ids[:, :P], mask[:, :P], P + 2, record=True)
+        core.decode(ids[:, P])
+        core.decode(ids[:, P + 1])
+    _loss_grads(core, ids[:, : P + 2], mask[:, : P + 2], P)
+    assert core.replayed == 1

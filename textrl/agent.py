@@ -156,6 +156,11 @@ def make_vector_env(env, batch_size: int):
     raise TypeError(f"env must be a TextGenEnv, a TextGenVectorEnv or a registered id, got {type(env).__name__}")
 
 
+def _bump_versions(optimizer: torch.optim.Optimizer, *_) -> None:
+    """Mark every parameter of ``optimizer`` as changed in place (an optimizer step post-hook)."""
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+
+
 class BaseAgent:
     """Common machinery; subclasses set ``name``, ``config_class`` and implement :meth:`train`."""
 
@@ -199,6 +204,9 @@ class BaseAgent:
         self.optimizer = torch.optim.Adam(
             self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5, fused=fused
         )
+        # the fused kernel updates parameters without bumping their autograd version counters, which is how
+        # the policy's cores tell that a rollout record (replay) or a cached weight copy is stale: bump them
+        self.optimizer.register_step_post_hook(_bump_versions)
         self.seed = seed
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))

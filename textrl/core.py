@@ -17,6 +17,17 @@ mask is one shared slice. :class:`GPT2Core` is our own minimal forward over the 
 ``GPT2LMHeadModel`` with a static cache (at this model size the per-token cost is framework overhead, so a
 lean loop is several times faster than the generic HF forward); :class:`HFCore` runs any other HF causal
 LM through its own forward with a ``DynamicCache``. Both are tested for agreement with the HF forward.
+
+Rollout replay (:class:`GPT2Core`): a rollout started with ``prefill(..., record=True)`` keeps the output
+of every linear layer (QKV, attention projection, MLP in and out, per layer) and the LM head's logits in
+a :class:`Record`, written in place by the same matmuls that sample the tokens. When the update then runs
+``forward`` on those very sequences with unchanged weights (REINFORCE, and PPO's first minibatch: the
+on-policy step), the forward takes each linear layer's output from the record instead of recomputing it
+(:class:`_Replayed`), while everything else (embeddings, layer norms, attention, GELU) is recomputed with
+autograd as usual; the backward is exactly the usual one (the same three matmuls per layer as ``addmm``'s
+backward). So the update skips the forward's matmuls, about a fifth of the FLOPs of an RL iteration
+(benchmarks/peers.py). Rows whose tokens, weights (version counters) or autocast state differ from the
+record's are computed normally.
 """
 
 from __future__ import annotations
@@ -66,6 +77,63 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return _tanh_gelu(x)
 
 
+class _Replayed(torch.autograd.Function):
+    """A linear layer whose output was recorded during the rollout: the forward returns the record.
+
+    ``y = x @ weight + bias`` (HF ``Conv1D`` layout, weight (in, out)) or, with ``transposed``,
+    ``y = x @ weight.T`` (an ``nn.Linear`` / tied LM head, weight (out, in)). The backward is the one
+    autograd runs for ``addmm`` / ``linear``: ``dx = g W^T``, ``dW = x^T g`` (or ``g^T x``), ``db = sum g``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recorded, transposed: bool):
+        ctx.save_for_backward(x, weight)
+        ctx.transposed, ctx.has_bias = transposed, bias is not None
+        return recorded.view_as(recorded)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (g @ (weight if ctx.transposed else weight.t())).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = g.t() @ x2 if ctx.transposed else x2.t() @ g
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g.sum(0)
+        return dx, dw, db, None, None
+
+
+class Record:
+    """What a recorded rollout keeps: the fed tokens and every linear layer's output, per position.
+
+    Buffers are (B, max_len - 1, width): a decode step writes its matmul output straight into column t
+    (``out=`` with a row stride: no copy, no extra op), and the update's sequences (all but the last token,
+    so max_len - 1 positions) are then whole, contiguous buffers. ``logits`` is (B, max_len - P, V), from
+    position P - 1 on. The buffers are reused by the next rollout of the same shape (fresh 10-100 MB
+    tensors cost page faults on every iteration).
+    """
+
+    def __init__(self, core: GPT2Core, B: int, P: int, max_len: int, like: torch.Tensor):
+        E, V, L = core.wte.embedding_dim, core.lm_head.weight.shape[0], len(core.blocks)
+        inner = core.blocks[0].mlp.c_fc.weight.shape[1]
+        new = lambda *shape: torch.empty(shape, dtype=like.dtype, device=like.device)  # noqa: E731
+        self.key = (B, P, max_len, like.dtype, like.device)
+        self.ids = torch.empty(B, max_len, dtype=torch.long, device=like.device)
+        self.capacity = max_len - 1  # positions recorded; the last one never feeds an update
+        self.qkv = [new(B, self.capacity, 3 * E) for _ in range(L)]
+        self.proj = [new(B, self.capacity, E) for _ in range(L)]
+        self.fc = [new(B, self.capacity, inner) for _ in range(L)]
+        self.mlp = [new(B, self.capacity, E) for _ in range(L)]
+        self.logits = new(B, max_len - P, V)
+        self.reset(P, None)
+
+    def reset(self, P: int, version) -> None:
+        self.P, self.len, self.version = P, 0, version
+        self.prompt_mask: torch.Tensor | None = None
+
+
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for left-padded rows: 0 at each row's first real token (pads get 0)."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, S)
@@ -92,7 +160,8 @@ class HFCore(nn.Module):
         hidden = out.hidden_states[-1]
         return out.logits, hidden[:, -keep:] if keep else hidden, out.past_key_values
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int):
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
+        """As :meth:`GPT2Core.prefill`; ``record`` is accepted and ignored (no replay for generic models)."""
         from transformers import DynamicCache
 
         self._mask = mask.long()
@@ -106,7 +175,7 @@ class HFCore(nn.Module):
         logits, hidden, self._cache = self._run(tokens[:, None], self._mask, self._pos[:, None], self._cache)
         return logits[:, -1], hidden[:, -1]
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
         logits, hidden, _ = self._run(ids, mask.long(), positions_from_mask(mask), keep=ids.shape[1] - start)
         return logits, hidden
 
@@ -142,6 +211,11 @@ class GPT2Core(nn.Module):
         self.wte, self.wpe, self.blocks, self.ln_f = tr.wte, tr.wpe, tr.h, tr.ln_f
         self.lm_head = model.lm_head
         self._k: torch.Tensor | None = None
+        self._record: Record | None = None
+        self._head_t: torch.Tensor | None = None
+        self._head_version: tuple[int, int] | None = None
+        self.replayed = 0
+        """How many ``forward`` calls took their linear layers from a rollout record (for tests/benchmarks)."""
 
     # --- pieces ----------------------------------------------------------------------------------------
 
@@ -174,7 +248,11 @@ class GPT2Core(nn.Module):
 
     # --- the three forwards ----------------------------------------------------------------------------
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
+        """The whole sequence; ``rows`` (indices into the last recorded rollout) allows a replay."""
+        record, rows = self._replayable(ids, mask, start, rows)
+        if record is not None:
+            return self._replay(record, ids, mask, start, rows)
         x = self.wte(ids) + self.wpe(positions_from_mask(mask))  # (B, S, E)
         attn_mask = self._full_mask(mask)
         for block in self.blocks:
@@ -182,7 +260,7 @@ class GPT2Core(nn.Module):
             x = self._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
         return self._head(x[:, start:])  # (B, S - start, V), (B, S - start, E)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int):
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
         B, P = ids.shape
         E, H = self.wte.embedding_dim, self.n_head
         if max_len > self.wpe.num_embeddings:
@@ -190,38 +268,157 @@ class GPT2Core(nn.Module):
         shape = (len(self.blocks), B, H, max_len, E // H)
         self._k = torch.empty(shape, dtype=self.wte.weight.dtype, device=ids.device)
         self._v = torch.empty_like(self._k)
+        self._layer_k = [self._k[i] for i in range(len(self.blocks))]  # (B, H, max_len, D) views
+        self._layer_v = [self._v[i] for i in range(len(self.blocks))]
+        head = self.lm_head.weight  # (V, E); decode multiplies by a contiguous (E, V) copy: ~25% faster at B=16
+        if self._head_t is None or self._head_version != (head._version, head.data_ptr()):
+            self._head_t, self._head_version = head.detach().t().contiguous(), (head._version, head.data_ptr())
         self._keymask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=ids.device)
         self._keymask[:, 0, 0, :P] = mask.bool()
         self._len = P
         self._pos = positions_from_mask(mask)[:, -1].clone()  # (B,)
+        rec = None
+        if record and max_len > P and not torch.is_autocast_enabled(ids.device.type):
+            rec = self._record
+            if rec is None or rec.key != (B, P, max_len, self.wte.weight.dtype, ids.device):
+                self._record = rec = None  # free the old buffers before allocating new ones
+                rec = Record(self, B, P, max_len, self.wte.weight)
+            rec.reset(P, self._weights_version())
+            rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
+        self._record = rec
         x = self.wte(ids) + self.wpe(positions_from_mask(mask))
         attn_mask = self._full_mask(mask)
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, x)
             self._k[i, :, :, :P], self._v[i, :, :, :P] = k, v
-            x = self._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+            if rec is None:
+                x = self._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+                continue
+            # the same block as _finish_block, keeping each linear layer's output
+            rec.qkv[i][:, :P] = torch.stack((q, k, v), 2).transpose(1, 3).reshape(B, P, 3 * E)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B * P, E)
+            proj = torch.addmm(block.attn.c_proj.bias, att, block.attn.c_proj.weight).view(B, P, E)
+            x = x + proj
+            h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * P, E)
+            fc = torch.addmm(block.mlp.c_fc.bias, h, block.mlp.c_fc.weight)
+            out = torch.addmm(block.mlp.c_proj.bias, gelu(fc, self.approximate), block.mlp.c_proj.weight)
+            x = x + out.view(B, P, E)
+            rec.proj[i][:, :P], rec.fc[i][:, :P], rec.mlp[i][:, :P] = proj, fc.view(B, P, -1), out.view(B, P, E)
         logits, hidden = self._head(x[:, -1:])
+        if rec is not None:
+            rec.logits[:, 0] = logits[:, 0]
+            rec.len = P
         return logits[:, 0], hidden[:, 0]
 
     def decode(self, tokens: torch.Tensor):
+        """One token per row (B,) through the cache; all activations are (B, width) rows."""
         t = self._len
         if t >= self._k.shape[3]:
             raise RuntimeError(f"KV cache full ({t} positions); prefill with a larger max_len")
+        rec = self._record if self._record is not None and t < self._record.capacity else None
+        B, E, H = len(tokens), self.wte.embedding_dim, self.n_head
         self._pos += 1
         self._keymask[:, 0, 0, t] = True
-        x = self.wte(tokens[:, None]) + self.wpe(self._pos[:, None])  # (B, 1, E)
+        x = self.wte.weight[tokens] + self.wpe.weight[self._pos]  # (B, E)
         keymask = self._keymask[..., : t + 1]
+        ln, addmm = F.layer_norm, torch.addmm
         for i, block in enumerate(self.blocks):
-            q, k, v = self._qkv(block, x)
-            self._k[i, :, :, t : t + 1], self._v[i, :, :, t : t + 1] = k, v
-            att = F.scaled_dot_product_attention(q, self._k[i, :, :, : t + 1], self._v[i, :, :, : t + 1], keymask)
-            x = self._finish_block(block, x, att)
+            attn, mlp, k_cache, v_cache = block.attn, block.mlp, self._layer_k[i], self._layer_v[i]
+            h = ln(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            if rec is None:
+                qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight).view(B, 3, H, E // H)
+            else:
+                qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight, out=rec.qkv[i][:, t]).view(B, 3, H, E // H)
+            k_cache.select(2, t).copy_(qkv[:, 1])
+            v_cache.select(2, t).copy_(qkv[:, 2])
+            q = qkv[:, 0].unsqueeze(2)  # (B, H, 1, D)
+            att = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, t + 1), v_cache.narrow(2, 0, t + 1), keymask)
+            att = att.view(B, E)
+            if rec is None:
+                x = x + addmm(attn.c_proj.bias, att, attn.c_proj.weight)
+                h = ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
+                h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight), self.approximate)
+                x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight)
+            else:
+                x = x + addmm(attn.c_proj.bias, att, attn.c_proj.weight, out=rec.proj[i][:, t])
+                h = ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
+                h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight, out=rec.fc[i][:, t]), self.approximate)
+                x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight, out=rec.mlp[i][:, t])
         self._len = t + 1
-        logits, hidden = self._head(x)
-        return logits[:, 0], hidden[:, 0]
+        hidden = ln(x, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
+        if rec is None:
+            return torch.mm(hidden, self._head_t), hidden
+        rec.ids[:, t] = tokens
+        rec.len = t + 1
+        return torch.mm(hidden, self._head_t, out=rec.logits[:, t - rec.P + 1]), hidden
 
     def release(self) -> None:
-        self._k = self._v = None
+        """Free the KV cache (a rollout record stays until the weights change or the next rollout)."""
+        self._k = self._v = self._layer_k = self._layer_v = None
+
+    # --- replay ----------------------------------------------------------------------------------------
+
+    def _weights_version(self) -> tuple[int, ...]:
+        """Changes whenever a parameter is updated in place (optimizer steps, ``load_state_dict``)."""
+        return tuple(p._version for p in self.model.parameters())
+
+    def _replayable(self, ids, mask, start, rows) -> tuple[Record | None, torch.Tensor | None]:
+        rec = self._record
+        if rec is None or torch.is_autocast_enabled(ids.device.type):
+            return None, rows
+        if rec.version != self._weights_version():
+            self._record = None  # stale for good: free it
+            return None, rows
+        if (
+            rows is not None
+            and len(rows) == rec.ids.shape[0]
+            and torch.equal(rows, torch.arange(len(rows), device=rows.device))
+        ):
+            rows = None  # all rows in order: slices of the record instead of gathered copies
+        S = ids.shape[1]
+        if rec.len < S or start < 0 or ids.dtype != torch.long:
+            return None, rows
+        recorded = rec.ids[:, :S] if rows is None else rec.ids[rows, :S]
+        if recorded.shape != ids.shape:
+            return None, rows
+        taken = mask.bool()  # positions after a row's end are masked out and carry other tokens
+        if not torch.equal(recorded.masked_fill(~taken, 0), ids.masked_fill(~taken, 0)):
+            return None, rows
+        prompt_mask = rec.prompt_mask if rows is None else rec.prompt_mask[rows]
+        if not torch.equal(taken[:, : rec.P], prompt_mask):  # the prompts' padding, as prefilled
+            return None, rows
+        generated = taken[:, rec.P :]  # the decode let every position see all earlier ones: no holes
+        if not torch.equal(generated, generated.cummin(1).values):
+            return None, rows
+        return rec, rows
+
+    def _replay(self, rec: Record, ids, mask, start, rows):
+        """``forward`` with every linear layer's output taken from ``rec`` (see :class:`_Replayed`)."""
+        B, S = ids.shape
+        E, H = self.wte.embedding_dim, self.n_head
+        pick = (lambda buf: buf[:, :S]) if rows is None else (lambda buf: buf[rows, :S])
+        x = self.wte(ids) + self.wpe(positions_from_mask(mask))  # (B, S, E)
+        attn_mask = self._full_mask(mask)
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            h = F.layer_norm(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            qkv = _Replayed.apply(h, attn.c_attn.weight, attn.c_attn.bias, pick(rec.qkv[i]), False)
+            q, k, v = qkv.unflatten(-1, (3, H, E // H)).permute(2, 0, 3, 1, 4)  # (B, H, S, D) each
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, S, E)
+            x = x + _Replayed.apply(att, attn.c_proj.weight, attn.c_proj.bias, pick(rec.proj[i]), False)
+            h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
+            fc = _Replayed.apply(h, mlp.c_fc.weight, mlp.c_fc.bias, pick(rec.fc[i]), False)
+            out = _Replayed.apply(
+                gelu(fc, self.approximate), mlp.c_proj.weight, mlp.c_proj.bias, pick(rec.mlp[i]), False
+            )
+            x = x + out
+        self.replayed += 1
+        hidden = F.layer_norm(x[:, start:], (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
+        j = start - rec.P + 1  # column of the logits record that predicts position start + 1
+        if j < 0:
+            return F.linear(hidden, self.lm_head.weight), hidden
+        logits = rec.logits[:, j : j + S - start] if rows is None else rec.logits[rows, j : j + S - start]
+        return _Replayed.apply(hidden, self.lm_head.weight, None, logits, True), hidden
 
 
 def make_core(model: PreTrainedModel, fast: bool = True) -> nn.Module:

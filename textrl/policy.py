@@ -162,6 +162,8 @@ class ActorCritic(nn.Module):
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
             self.ref_core = make_core(self.ref_model, fast)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.replay = True
+        """Record rollouts so the next update on them skips its forward matmuls (see :mod:`textrl.core`)."""
 
     def train(self, mode: bool = True):
         """Keep every HF module in eval mode (no dropout); only our own flag changes."""
@@ -173,9 +175,9 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int):
         """Prefill prompts (B, P); returns logits (B, V) and values (B,) for the first action."""
-        logits, hidden = self.core.prefill(ids, mask, max_len)
+        logits, hidden = self.core.prefill(ids, mask, max_len, record=self.replay)
         if self.value_model is not None:
-            _, vhidden = self.value_core.prefill(ids, mask, max_len)
+            _, vhidden = self.value_core.prefill(ids, mask, max_len, record=self.replay)
             return logits, self.value_head(vhidden).squeeze(-1)
         return logits, self.value_head(hidden).squeeze(-1)
 
@@ -196,21 +198,30 @@ class ActorCritic(nn.Module):
 
     # --- training --------------------------------------------------------------------------------------
 
-    def evaluate(self, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, need_values: bool = True):
+    def evaluate(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        prompt_len: int,
+        need_values: bool = True,
+        rows: torch.Tensor | None = None,
+    ):
         """Logits for the generated positions and their values, with gradients.
 
         Args:
             ids, mask: prompt + completion, (B, S) with prompts left-padded to ``prompt_len``.
+            rows: which rows of the last rollout these are (None: all of them, in order); with unchanged
+                weights the forward then replays the rollout's recorded activations (:mod:`textrl.core`).
 
         Returns:
             ``logits`` (B, T, V) predicting tokens ``prompt_len..S-1`` and ``values`` (B, T) or None.
         """
         start = prompt_len - 1  # the position that predicts the first generated token
-        logits, hidden = self.core.forward(ids[:, :-1], mask[:, :-1], start)  # (B, T, V), (B, T, E)
+        logits, hidden = self.core.forward(ids[:, :-1], mask[:, :-1], start, rows)  # (B, T, V), (B, T, E)
         values = None
         if need_values:
             if self.value_model is not None:
-                _, hidden = self.value_core.forward(ids[:, :-1], mask[:, :-1], start)
+                _, hidden = self.value_core.forward(ids[:, :-1], mask[:, :-1], start, rows)
             values = self.value_head(hidden).squeeze(-1)  # (B, T)
         return logits, values
 
