@@ -4,9 +4,12 @@ What is counted (GPT-2: L layers, width E, vocabulary V, feed-forward 4E; B rows
 
 - **rollout**: the prompt prefill (B·P positions through the blocks, the LM head at the last one) and T-1
   KV-cached decode steps (B positions each, blocks and head): every token but the last is fed once;
-- **training**: one forward + backward over the B·(P+T-1) positions that predict the T new tokens (the LM
-  head only on those B·T positions): forward ``2MKN`` per weight matmul, backward two more of the same size
-  (input and weight gradients);
+- **training**: the backward over the B·(P+T-1) positions that predict the T new tokens (the LM head only
+  on those B·T positions): two matmuls per weight matmul of the forward (input and weight gradients),
+  ``2MKN`` each. The update's *forward* matmuls are not counted: with one on-policy optimisation step per
+  batch they compute exactly what the rollout already computed, and a system may take them from there
+  (textrl's rollout replay does; :mod:`textrl.core`). A system that recomputes them does ~1/3 more
+  training FLOPs than counted;
 - **reference** (only with the KL penalty): one forward like the training one, without backward;
 - **attention** scores and mixing (``4·L·E`` per query and key position, causal) are added to each phase's
   FLOPs and costed at that phase's matmul rate; layer norms, softmax, GELU, embeddings, the value head and
@@ -50,29 +53,34 @@ class Shape:
         return self.n_layer * (4 * e * e + 2 * e * f) + e * self.vocab_size
 
 
+FORWARD = ("fwd",)
+BACKWARD = ("dx", "dw")
+"""Matmul layouts of a phase: the forward ``X @ W``; the backward ``dY @ W^T`` and ``X^T @ dY``."""
+
+
 def phases(shape: Shape, batch: int, prompt: int, new: int) -> dict[str, dict]:
-    """Per phase: ``matmuls`` as ``[(M, K, N, count, backward)]`` and ``attention`` FLOPs, for one iteration."""
+    """Per phase: ``matmuls`` as ``[(M, K, N, count, layouts)]`` and ``attention`` FLOPs, for one iteration."""
     L, E, V = shape.n_layer, shape.n_embd, shape.vocab_size
     B, P, T = batch, prompt, new
 
-    def grouped(m: int, head_m: int, backward: bool, count: int = 1) -> list[tuple]:
-        rows = [(*mkn, L * count, backward) for mkn in shape.block_matmuls(m)]
-        return [*rows, (head_m, E, V, count, backward)]
+    def grouped(m: int, head_m: int, layouts: tuple[str, ...], count: int = 1) -> list[tuple]:
+        rows = [(*mkn, L * count, layouts) for mkn in shape.block_matmuls(m)]
+        return [*rows, (head_m, E, V, count, layouts)]
 
     decode_ctx = sum(P + t for t in range(1, T))  # keys each decode step attends to
     rollout = {
-        "matmuls": grouped(B * P, B, False) + grouped(B, B, False, count=T - 1),
+        "matmuls": grouped(B * P, B, FORWARD) + grouped(B, B, FORWARD, count=T - 1),
         "attention": 4 * B * L * E * (P * (P + 1) // 2 + decode_ctx),
     }
     S = P + T - 1
     train_attn = 4 * B * L * E * (S * (S + 1) // 2)
-    training = {"matmuls": grouped(B * S, B * T, True), "attention": 3 * train_attn}
-    reference = {"matmuls": grouped(B * S, B * T, False), "attention": train_attn}
+    training = {"matmuls": grouped(B * S, B * T, BACKWARD), "attention": 2 * train_attn}
+    reference = {"matmuls": grouped(B * S, B * T, FORWARD), "attention": train_attn}
     return {"rollout": rollout, "training": training, "reference": reference}
 
 
 def phase_flops(phase: dict) -> float:
-    mm = sum(2 * m * k * n * count * (3 if backward else 1) for m, k, n, count, backward in phase["matmuls"])
+    mm = sum(2 * m * k * n * count * len(layouts) for m, k, n, count, layouts in phase["matmuls"])
     return mm + phase["attention"]
 
 
@@ -120,8 +128,7 @@ def measure(shape: Shape, batch: int, prompt: int, new: int, kl: bool, min_secon
     out: dict = {"threads": torch.get_num_threads(), "shape": asdict(shape), "phases": {}}
     for name, phase in phases(shape, batch, prompt, new).items():
         seconds = 0.0
-        for m, k, n, count, backward in phase["matmuls"]:
-            layouts = ("fwd", "dx", "dw") if backward else ("fwd",)
+        for m, k, n, count, layouts in phase["matmuls"]:
             seconds += count * sum(timed(m, k, n, layout) for layout in layouts)
         mm_flops = phase_flops({**phase, "attention": 0})
         rate = mm_flops / seconds

@@ -123,8 +123,9 @@ def report(
                 "",
                 f"FLOP bound at B = {batch} ({bound['threads']} threads): `torch.matmul` at the model's shapes runs "
                 f"{ph['rollout']['gflops']:.0f} GFLOP/s for the rollout (prefill and M = B decode steps), "
-                f"{ph['training']['gflops']:.0f} GFLOP/s for training (M = B·(P+T-1), forward and both backward "
-                f"matmuls). FLOPs per generated token: rollout {fpt['rollout'] / 1e6:.1f}M, training "
+                f"{ph['training']['gflops']:.0f} GFLOP/s for training (M = B·(P+T-1), both backward matmuls; the "
+                "update's forward matmuls repeat the rollout's and are not counted). FLOPs per generated token: "
+                f"rollout {fpt['rollout'] / 1e6:.1f}M, training "
                 f"{fpt['training'] / 1e6:.1f}M, reference {fpt['reference'] / 1e6:.1f}M; counted: {counted} = "
                 f"{sum(fpt[k] for k in bound['counted']) / 1e6:.1f}M. Ceiling: **{bound['ceiling']:,.0f} tok/s** for "
                 f"the full iteration, {bound['rollout_ceiling']:,.0f} tok/s for the rollout"

@@ -94,3 +94,19 @@ def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch)
     assert ppo[2] == ppo[4] == ppo[6] == ppo[8] == 1.0
     assert re.search(r"Ceiling: \*\*[\d,]+ tok/s\*\* for the full iteration", out)
     assert "torch threads" in out and "transformers" in out
+
+
+def test_flop_count_of_each_phase():
+    """Rollout and reference are one forward each; training is the backward only (two matmuls per forward one)."""
+    module = _load("flop_bound", "flop_bound")
+    shape = module.Shape(n_layer=4, n_embd=256, vocab_size=4096, n_inner=1024)
+    B, P, T = 16, 8, 32
+    ph = module.phases(shape, B, P, T)
+    flops = {name: module.phase_flops(phase) for name, phase in ph.items()}
+    assert flops["training"] == 2 * flops["reference"]
+    blocks = 4 * (4 * 256 * 256 + 2 * 256 * 1024)  # weights per position in the blocks
+    matmul = {name: module.phase_flops({**phase, "attention": 0}) for name, phase in ph.items()}
+    assert matmul["reference"] == 2 * (B * (P + T - 1) * blocks + B * T * 256 * 4096)
+    assert matmul["rollout"] == 2 * (
+        B * (P + T - 1) * blocks + B * T * 256 * 4096
+    )  # every token but the last, fed once

@@ -107,13 +107,16 @@ def collect_rollout(
     completions = [""] * B
     terminated_rows = np.zeros(B, dtype=bool)
 
+    shaping = vars(sampling)
     logits, value = policy.start(ids, mask, P + T)
     steps = 0
     for t in range(T):
-        logp_all = F.log_softmax(shape_logits(logits[:, :n_actions].float(), **vars(sampling)), dim=-1)  # (B, V)
-        action = sample(logp_all.exp(), generator)  # (B,)
+        probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
+        action = sample(probs, generator)  # (B,)
         actions[:, t] = action
-        logprobs[:, t] = logp_all.gather(1, action[:, None]).squeeze(1)
+        # log of the drawn token's probability: one (B, V) pass fewer than log_softmax + exp; a drawn token's
+        # probability is never below float resolution of the CDF it was drawn from, so the log is exact to ~1e-7
+        torch.log(probs.gather(1, action[:, None]).squeeze(1), out=logprobs[:, t])
         values[:, t] = value
         valid[:, t] = alive
 
