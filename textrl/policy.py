@@ -163,7 +163,12 @@ class ActorCritic(nn.Module):
             self.ref_core = make_core(self.ref_model, fast)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.replay = True
-        """Record rollouts so the next update on them skips its forward matmuls (see :mod:`textrl.core`)."""
+        """Record rollouts so the next update on them skips its forward matmuls (see :mod:`textrl.core`).
+
+        A record is trusted while the parameters' autograd version counters are unchanged. torch's fused
+        optimizers (``fused=True``) update in place without bumping them: the agents register a step hook
+        that does; a hand-written loop with a fused optimizer must call
+        ``torch.autograd.graph.increment_version(params)`` after each step, or set this to False."""
 
     def train(self, mode: bool = True):
         """Keep every HF module in eval mode (no dropout); only our own flag changes."""
