@@ -105,6 +105,28 @@ class _Replayed(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+class KVCache:
+    """A static KV cache (L, B, H, max_len, D) with the per-step views a decode step needs, made once.
+
+    Python-level indexing costs a few microseconds per view, and a decode step at this model size is
+    ~100 small ops: the per-position column views (written by step t) and prefix views (read by step t)
+    are built once per shape and the cache is reused by the next rollout of the same shape.
+    """
+
+    def __init__(self, L: int, B: int, H: int, max_len: int, D: int, like: torch.Tensor):
+        self.key = (L, B, H, max_len, D, like.dtype, like.device)
+        self.k = torch.zeros(L, B, H, max_len, D, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros_like(self.k)
+        self.keymask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=like.device)
+        layers = range(L)
+        self.k_col = [[self.k[i, :, :, t] for t in range(max_len)] for i in layers]  # (B, H, D)
+        self.v_col = [[self.v[i, :, :, t] for t in range(max_len)] for i in layers]
+        self.k_upto = [[self.k[i, :, :, : t + 1] for t in range(max_len)] for i in layers]  # (B, H, t+1, D)
+        self.v_upto = [[self.v[i, :, :, : t + 1] for t in range(max_len)] for i in layers]
+        self.mask_col = [self.keymask[:, 0, 0, t] for t in range(max_len)]  # (B,)
+        self.mask_upto = [self.keymask[..., : t + 1] for t in range(max_len)]  # (B, 1, 1, t+1)
+
+
 class Record:
     """What a recorded rollout keeps: the fed tokens and every linear layer's output, per position.
 
@@ -127,6 +149,12 @@ class Record:
         self.fc = [new(B, self.capacity, inner) for _ in range(L)]
         self.mlp = [new(B, self.capacity, E) for _ in range(L)]
         self.logits = new(B, max_len - P, V)
+        positions = range(self.capacity)
+        self.at = [  # per layer, per position: the (B, width) slices a decode step writes with out=
+            [(self.qkv[i][:, t], self.proj[i][:, t], self.fc[i][:, t], self.mlp[i][:, t]) for t in positions]
+            for i in range(L)
+        ]
+        self.logits_at = [self.logits[:, t - P + 1] for t in range(P - 1, self.capacity)]  # by position - P + 1
         self.reset(P, None)
 
     def reset(self, P: int, version) -> None:
@@ -211,6 +239,7 @@ class GPT2Core(nn.Module):
         self.wte, self.wpe, self.blocks, self.ln_f = tr.wte, tr.wpe, tr.h, tr.ln_f
         self.lm_head = model.lm_head
         self._k: torch.Tensor | None = None
+        self._cache: KVCache | None = None
         self._record: Record | None = None
         self.replayed = 0
         """How many ``forward`` calls took their linear layers from a rollout record (for tests/benchmarks)."""
@@ -258,18 +287,21 @@ class GPT2Core(nn.Module):
             x = self._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
         return self._head(x[:, start:])  # (B, S - start, V), (B, S - start, E)
 
+    @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
+        """Rollouts only (no autograd): the static cache and the record are written in place."""
         B, P = ids.shape
         E, H = self.wte.embedding_dim, self.n_head
         if max_len > self.wpe.num_embeddings:
             raise ValueError(f"{max_len} positions exceed the model's context of {self.wpe.num_embeddings}")
-        shape = (len(self.blocks), B, H, max_len, E // H)
-        self._k = torch.empty(shape, dtype=self.wte.weight.dtype, device=ids.device)
-        self._v = torch.empty_like(self._k)
-        self._layer_k = [self._k[i] for i in range(len(self.blocks))]  # (B, H, max_len, D) views
-        self._layer_v = [self._v[i] for i in range(len(self.blocks))]
-        self._keymask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=ids.device)
-        self._keymask[:, 0, 0, :P] = mask.bool()
+        key = (len(self.blocks), B, H, max_len, E // H, self.wte.weight.dtype, ids.device)
+        if self._cache is None or self._cache.key != key:
+            self._cache = None
+            self._cache = KVCache(*key[:5], self.wte.weight)
+        cache = self._cache
+        self._k, self._v = cache.k, cache.v
+        cache.keymask.zero_()
+        cache.keymask[:, 0, 0, :P] = mask.bool()
         self._len = P
         self._pos = positions_from_mask(mask)[:, -1].clone()  # (B,)
         rec = None
@@ -305,51 +337,57 @@ class GPT2Core(nn.Module):
             rec.len = P
         return logits[:, 0], hidden[:, 0]
 
+    @torch.no_grad()
     def decode(self, tokens: torch.Tensor):
-        """One token per row (B,) through the cache; all activations are (B, width) rows."""
+        """One token per row (B,) through the cache; all activations are (B, width) rows. No autograd."""
         t = self._len
+        if self._k is None:
+            raise RuntimeError("decode needs a prefill first (the rollout was released)")
         if t >= self._k.shape[3]:
             raise RuntimeError(f"KV cache full ({t} positions); prefill with a larger max_len")
-        rec = self._record if self._record is not None and t < self._record.capacity else None
+        cache, rec = self._cache, self._record
+        if rec is not None and t >= rec.capacity:
+            rec = None  # the last position never feeds an update: not recorded
         B, E, H = len(tokens), self.wte.embedding_dim, self.n_head
         self._pos += 1
-        self._keymask[:, 0, 0, t] = True
+        cache.mask_col[t].fill_(True)
+        keymask = cache.mask_upto[t]
         x = self.wte.weight[tokens] + self.wpe.weight[self._pos]  # (B, E)
-        keymask = self._keymask[..., : t + 1]
         ln, addmm = F.layer_norm, torch.addmm
         for i, block in enumerate(self.blocks):
-            attn, mlp, k_cache, v_cache = block.attn, block.mlp, self._layer_k[i], self._layer_v[i]
+            attn, mlp = block.attn, block.mlp
             h = ln(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
             if rec is None:
                 qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight).view(B, 3, H, E // H)
             else:
-                qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight, out=rec.qkv[i][:, t]).view(B, 3, H, E // H)
-            k_cache.select(2, t).copy_(qkv[:, 1])
-            v_cache.select(2, t).copy_(qkv[:, 2])
-            q = qkv[:, 0].unsqueeze(2)  # (B, H, 1, D)
-            att = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, t + 1), v_cache.narrow(2, 0, t + 1), keymask)
-            att = att.view(B, E)
+                out_qkv, out_proj, out_fc, out_mlp = rec.at[i][t]
+                qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight, out=out_qkv).view(B, 3, H, E // H)
+            cache.k_col[i][t].copy_(qkv[:, 1])
+            cache.v_col[i][t].copy_(qkv[:, 2])
+            att = F.scaled_dot_product_attention(qkv[:, 0, :, None], cache.k_upto[i][t], cache.v_upto[i][t], keymask)
+            att = att.view(B, E)  # (B, H, 1, D) -> (B, E)
             if rec is None:
                 x = x + addmm(attn.c_proj.bias, att, attn.c_proj.weight)
                 h = ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
                 h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight), self.approximate)
                 x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight)
             else:
-                x = x + addmm(attn.c_proj.bias, att, attn.c_proj.weight, out=rec.proj[i][:, t])
+                x = x + addmm(attn.c_proj.bias, att, attn.c_proj.weight, out=out_proj)
                 h = ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
-                h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight, out=rec.fc[i][:, t]), self.approximate)
-                x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight, out=rec.mlp[i][:, t])
+                h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight, out=out_fc), self.approximate)
+                x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight, out=out_mlp)
         self._len = t + 1
         hidden = ln(x, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
         if rec is None:
             return torch.mm(hidden, self.lm_head.weight.t()), hidden
         rec.ids[:, t] = tokens
         rec.len = t + 1
-        return torch.mm(hidden, self.lm_head.weight.t(), out=rec.logits[:, t - rec.P + 1]), hidden
+        return torch.mm(hidden, self.lm_head.weight.t(), out=rec.logits_at[t - rec.P + 1]), hidden
 
     def release(self) -> None:
-        """Free the KV cache (a rollout record stays until the weights change or the next rollout)."""
-        self._k = self._v = self._layer_k = self._layer_v = None
+        """End the rollout: the cache and the record stay allocated for the next rollout of the same shape
+        (the record until the weights change); ``decode`` needs a new ``prefill``."""
+        self._k = self._v = None
 
     # --- replay ----------------------------------------------------------------------------------------
 
