@@ -378,11 +378,13 @@ class GPT2Core(nn.Module):
                 x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight, out=out_mlp)
         self._len = t + 1
         hidden = ln(x, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
+        # (V, E) @ (E, B), then transposed: ~20% less CPU than (B, E) @ (E, V) with MKL at B <= 64 here
+        logits_t = torch.mm(self.lm_head.weight, hidden.t())  # (V, B)
         if rec is None:
-            return torch.mm(hidden, self.lm_head.weight.t()), hidden
+            return logits_t.t().contiguous(), hidden
         rec.ids[:, t] = tokens
         rec.len = t + 1
-        return torch.mm(hidden, self.lm_head.weight.t(), out=rec.logits_at[t - rec.P + 1]), hidden
+        return rec.logits_at[t - rec.P + 1].copy_(logits_t.t()), hidden
 
     def release(self) -> None:
         """End the rollout: the cache and the record stay allocated for the next rollout of the same shape
