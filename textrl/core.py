@@ -254,12 +254,18 @@ class GPT2Core(nn.Module):
         return qkv[0], qkv[1], qkv[2]
 
     def _finish_block(self, block, x, att):  # att (B, H, S, D)
+        return self._block_outputs(block, x, att)[0]
+
+    def _block_outputs(self, block, x, att):
+        """The rest of the block after attention: new x (B, S, E) and the linear outputs (B*S, width)."""
         B, H, S, D = att.shape
         att = att.transpose(1, 2).reshape(B * S, H * D)
-        x = x + torch.addmm(block.attn.c_proj.bias, att, block.attn.c_proj.weight).view(B, S, H * D)
+        proj = torch.addmm(block.attn.c_proj.bias, att, block.attn.c_proj.weight)
+        x = x + proj.view(B, S, H * D)
         h = F.layer_norm(x, (H * D,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * S, H * D)
-        h = gelu(torch.addmm(block.mlp.c_fc.bias, h, block.mlp.c_fc.weight), self.approximate)
-        return x + torch.addmm(block.mlp.c_proj.bias, h, block.mlp.c_proj.weight).view(B, S, H * D)
+        fc = torch.addmm(block.mlp.c_fc.bias, h, block.mlp.c_fc.weight)
+        out = torch.addmm(block.mlp.c_proj.bias, gelu(fc, self.approximate), block.mlp.c_proj.weight)
+        return x + out.view(B, S, H * D), proj, fc, out
 
     def _head(self, x):  # (B, S, E) -> logits (B, S, V), hidden (B, S, E)
         hidden = F.layer_norm(x, (x.shape[-1],), self.ln_f.weight, self.ln_f.bias, self.eps)
@@ -318,19 +324,13 @@ class GPT2Core(nn.Module):
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, x)
             self._k[i, :, :, :P], self._v[i, :, :, :P] = k, v
-            if rec is None:
-                x = self._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
-                continue
-            # the same block as _finish_block, keeping each linear layer's output
-            rec.qkv[i][:, :P] = torch.stack((q, k, v), 2).transpose(1, 3).reshape(B, P, 3 * E)
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B * P, E)
-            proj = torch.addmm(block.attn.c_proj.bias, att, block.attn.c_proj.weight).view(B, P, E)
-            x = x + proj
-            h = F.layer_norm(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * P, E)
-            fc = torch.addmm(block.mlp.c_fc.bias, h, block.mlp.c_fc.weight)
-            out = torch.addmm(block.mlp.c_proj.bias, gelu(fc, self.approximate), block.mlp.c_proj.weight)
-            x = x + out.view(B, P, E)
-            rec.proj[i][:, :P], rec.fc[i][:, :P], rec.mlp[i][:, :P] = proj, fc.view(B, P, -1), out.view(B, P, E)
+            x, proj, fc, out = self._block_outputs(
+                block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            )
+            if rec is not None:
+                rec.qkv[i][:, :P] = torch.stack((q, k, v), 2).transpose(1, 3).reshape(B, P, 3 * E)
+                rec.proj[i][:, :P], rec.fc[i][:, :P] = proj.view(B, P, -1), fc.view(B, P, -1)
+                rec.mlp[i][:, :P] = out.view(B, P, -1)
         logits, hidden = self._head(x[:, -1:])
         if rec is not None:
             rec.logits[:, 0] = logits[:, 0]
@@ -354,28 +354,19 @@ class GPT2Core(nn.Module):
         keymask = cache.mask_upto[t]
         x = self.wte.weight[tokens] + self.wpe.weight[self._pos]  # (B, E)
         ln, addmm = F.layer_norm, torch.addmm
+        no_record = (None, None, None, None)
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
+            out_qkv, out_proj, out_fc, out_mlp = no_record if rec is None else rec.at[i][t]  # out=None: new tensor
             h = ln(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
-            if rec is None:
-                qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight).view(B, 3, H, E // H)
-            else:
-                out_qkv, out_proj, out_fc, out_mlp = rec.at[i][t]
-                qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight, out=out_qkv).view(B, 3, H, E // H)
+            qkv = addmm(attn.c_attn.bias, h, attn.c_attn.weight, out=out_qkv).view(B, 3, H, E // H)
             cache.k_col[i][t].copy_(qkv[:, 1])
             cache.v_col[i][t].copy_(qkv[:, 2])
             att = F.scaled_dot_product_attention(qkv[:, 0, :, None], cache.k_upto[i][t], cache.v_upto[i][t], keymask)
-            att = att.view(B, E)  # (B, H, 1, D) -> (B, E)
-            if rec is None:
-                x = x + addmm(attn.c_proj.bias, att, attn.c_proj.weight)
-                h = ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
-                h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight), self.approximate)
-                x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight)
-            else:
-                x = x + addmm(attn.c_proj.bias, att, attn.c_proj.weight, out=out_proj)
-                h = ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
-                h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight, out=out_fc), self.approximate)
-                x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight, out=out_mlp)
+            x = x + addmm(attn.c_proj.bias, att.view(B, E), attn.c_proj.weight, out=out_proj)
+            h = ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps)
+            h = gelu(addmm(mlp.c_fc.bias, h, mlp.c_fc.weight, out=out_fc), self.approximate)
+            x = x + addmm(mlp.c_proj.bias, h, mlp.c_proj.weight, out=out_mlp)
         self._len = t + 1
         hidden = ln(x, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
         # (V, E) @ (E, B), then transposed: ~20% less CPU than (B, E) @ (E, V) with MKL at B <= 64 here
@@ -401,8 +392,7 @@ class GPT2Core(nn.Module):
         rec = self._record
         if rec is None or torch.is_autocast_enabled(ids.device.type):
             return None, rows
-        if rec.version != self._weights_version():
-            self._record = None  # stale for good: free it
+        if rec.version != self._weights_version():  # stale; its buffers stay for the next rollout
             return None, rows
         if (
             rows is not None
