@@ -216,7 +216,8 @@ class ActorCritic(nn.Module):
         Args:
             ids, mask: prompt + completion, (B, S) with prompts left-padded to ``prompt_len``.
             rows: which rows of the last rollout these are (None: all of them, in order); with unchanged
-                weights the forward then replays the rollout's recorded activations (:mod:`textrl.core`).
+                weights the forward then replays the rollout's recorded activations (:mod:`textrl.core`),
+                and the logits returned are views of that record: valid until the next rollout.
 
         Returns:
             ``logits`` (B, T, V) predicting tokens ``prompt_len..S-1`` and ``values`` (B, T) or None.
