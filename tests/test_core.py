@@ -170,3 +170,21 @@ def test_record_reuses_its_buffers_and_survives_a_full_cache(gpt2_dir):
         core.decode(ids[:, P + 1])
     _loss_grads(core, ids[:, : P + 2], mask[:, : P + 2], P)
     assert core.replayed == 1
+
+
+def test_a_rollout_without_record_leaves_the_last_record_valid(gpt2_dir):
+    """An evaluation or generate() between a training rollout and its update changes nothing for the replay."""
+    core = GPT2Core(load_lm(gpt2_dir)[0])
+    vocab = core.lm_head.weight.shape[0]
+    ids, mask, P = _recorded_rollout(core, vocab)
+    with torch.no_grad():  # other prompts and tokens, not recorded
+        core.prefill(ids[:, :P].flip(0), mask[:, :P].flip(0), P + 4)
+        for t in range(3):
+            core.decode((ids[:, P + t] + 1) % vocab)
+    core.release()
+    replayed_logits, replayed = _loss_grads(core, ids, mask, P)
+    assert core.replayed == 1
+    core._record = None
+    logits, recomputed = _loss_grads(core, ids, mask, P)
+    torch.testing.assert_close(replayed_logits, logits, atol=2e-5, rtol=1e-4)
+    _assert_grads_close(replayed, recomputed)

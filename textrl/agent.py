@@ -316,7 +316,7 @@ class BaseAgent:
         """One rollout; returns it with the KL-penalised rewards (B, T) and the per-token KL (or None)."""
         with self.autocast():
             rollout = collect_rollout(
-                self.policy, self.env, self._draw_prompts(), self.sampling, self.generator, self.device
+                self.policy, self.env, self._draw_prompts(), self.sampling, self.generator, self.device, record=True
             )
         rewards = rollout.rewards.clone()
         kl = None

@@ -241,6 +241,7 @@ class GPT2Core(nn.Module):
         self._k: torch.Tensor | None = None
         self._cache: KVCache | None = None
         self._record: Record | None = None
+        self._writing: Record | None = None
         self.replayed = 0
         """How many ``forward`` calls took their linear layers from a rollout record (for tests/benchmarks)."""
 
@@ -310,7 +311,7 @@ class GPT2Core(nn.Module):
         cache.keymask[:, 0, 0, :P] = mask.bool()
         self._len = P
         self._pos = positions_from_mask(mask)[:, -1].clone()  # (B,)
-        rec = None
+        rec = None  # without record=True the last record stays valid (an evaluation may run in between)
         if record and max_len > P and not torch.is_autocast_enabled(ids.device.type):
             rec = self._record
             if rec is None or rec.key != (B, P, max_len, self.wte.weight.dtype, ids.device):
@@ -318,7 +319,8 @@ class GPT2Core(nn.Module):
                 rec = Record(self, B, P, max_len, self.wte.weight)
             rec.reset(P, self._weights_version())
             rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
-        self._record = rec
+            self._record = rec
+        self._writing = rec  # what decode writes into
         x = self.wte(ids) + self.wpe(positions_from_mask(mask))
         attn_mask = self._full_mask(mask)
         for i, block in enumerate(self.blocks):
@@ -345,7 +347,7 @@ class GPT2Core(nn.Module):
             raise RuntimeError("decode needs a prefill first (the rollout was released)")
         if t >= self._k.shape[3]:
             raise RuntimeError(f"KV cache full ({t} positions); prefill with a larger max_len")
-        cache, rec = self._cache, self._record
+        cache, rec = self._cache, self._writing
         if rec is not None and t >= rec.capacity:
             rec = None  # the last position never feeds an update: not recorded
         B, E, H = len(tokens), self.wte.embedding_dim, self.n_head
@@ -380,7 +382,7 @@ class GPT2Core(nn.Module):
     def release(self) -> None:
         """End the rollout: the cache and the record stay allocated for the next rollout of the same shape
         (the record until the weights change); ``decode`` needs a new ``prefill``."""
-        self._k = self._v = None
+        self._k = self._v = self._writing = None
 
     # --- replay ----------------------------------------------------------------------------------------
 

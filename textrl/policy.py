@@ -178,11 +178,15 @@ class ActorCritic(nn.Module):
     # --- rollout ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int):
-        """Prefill prompts (B, P); returns logits (B, V) and values (B,) for the first action."""
-        logits, hidden = self.core.prefill(ids, mask, max_len, record=self.replay)
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
+        """Prefill prompts (B, P); returns logits (B, V) and values (B,) for the first action.
+
+        ``record``: keep this rollout's activations for the update that follows (if :attr:`replay`).
+        """
+        record = record and self.replay
+        logits, hidden = self.core.prefill(ids, mask, max_len, record=record)
         if self.value_model is not None:
-            _, vhidden = self.value_core.prefill(ids, mask, max_len, record=self.replay)
+            _, vhidden = self.value_core.prefill(ids, mask, max_len, record=record)
             return logits, self.value_head(vhidden).squeeze(-1)
         return logits, self.value_head(hidden).squeeze(-1)
 

@@ -86,8 +86,12 @@ def collect_rollout(
     sampling: Sampling,
     generator: torch.Generator,
     device: torch.device,
+    record: bool = False,
 ) -> Rollout:
-    """Run one synchronous rollout of ``env.num_envs`` episodes, starting row ``i`` on prompt ``prompt_index[i]``."""
+    """Run one synchronous rollout of ``env.num_envs`` episodes, starting row ``i`` on prompt ``prompt_index[i]``.
+
+    ``record``: a training rollout; the policy keeps its activations for the update (rollout replay).
+    """
     engine = env.engine
     obs, _ = env.reset(options={"prompt_index": prompt_index})
     ids, mask = left_pad(obs["input_ids"], obs["attention_mask"], engine.pad_id)
@@ -108,7 +112,7 @@ def collect_rollout(
     terminated_rows = np.zeros(B, dtype=bool)
 
     shaping = vars(sampling)
-    logits, value = policy.start(ids, mask, P + T)
+    logits, value = policy.start(ids, mask, P + T, record=record)
     steps = 0
     for t in range(T):
         probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
