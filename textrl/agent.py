@@ -205,7 +205,7 @@ class BaseAgent:
             self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5, fused=fused
         )
         # the fused kernel updates parameters without bumping their autograd version counters, which is how
-        # the policy's cores tell that a rollout record (replay) or a cached weight copy is stale: bump them
+        # the policy's cores tell that a rollout record (replay) is stale: bump them
         self.optimizer.register_step_post_hook(_bump_versions)
         self.seed = seed
         self.generator = torch.Generator(device=self.device)

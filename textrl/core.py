@@ -155,10 +155,11 @@ class Record:
             for i in range(L)
         ]
         self.logits_at = [self.logits[:, t - P + 1] for t in range(P - 1, self.capacity)]  # by position - P + 1
-        self.reset(P, None)
+        self.P = P
+        self.reset(None)
 
-    def reset(self, P: int, version) -> None:
-        self.P, self.len, self.version = P, 0, version
+    def reset(self, version) -> None:
+        self.len, self.version = 0, version
         self.prompt_mask: torch.Tensor | None = None
 
 
@@ -238,8 +239,8 @@ class GPT2Core(nn.Module):
         self.approximate = self.SUPPORTED_ACTIVATIONS[c.activation_function]
         self.wte, self.wpe, self.blocks, self.ln_f = tr.wte, tr.wpe, tr.h, tr.ln_f
         self.lm_head = model.lm_head
-        self._k: torch.Tensor | None = None
-        self._cache: KVCache | None = None
+        self._cache: KVCache | None = None  # kept for the next rollout of the same shape
+        self._live: KVCache | None = None  # the cache of the rollout in progress (None after release)
         self._record: Record | None = None
         self._writing: Record | None = None
         self.replayed = 0
@@ -305,8 +306,7 @@ class GPT2Core(nn.Module):
         if self._cache is None or self._cache.key != key:
             self._cache = None
             self._cache = KVCache(*key[:5], self.wte.weight)
-        cache = self._cache
-        self._k, self._v = cache.k, cache.v
+        cache = self._live = self._cache
         cache.keymask.zero_()
         cache.keymask[:, 0, 0, :P] = mask.bool()
         self._len = P
@@ -317,7 +317,7 @@ class GPT2Core(nn.Module):
             if rec is None or rec.key != (B, P, max_len, self.wte.weight.dtype, ids.device):
                 self._record = rec = None  # free the old buffers before allocating new ones
                 rec = Record(self, B, P, max_len, self.wte.weight)
-            rec.reset(P, self._weights_version())
+            rec.reset(self._weights_version())
             rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
             self._record = rec
         self._writing = rec  # what decode writes into
@@ -325,7 +325,7 @@ class GPT2Core(nn.Module):
         attn_mask = self._full_mask(mask)
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, x)
-            self._k[i, :, :, :P], self._v[i, :, :, :P] = k, v
+            cache.k[i, :, :, :P], cache.v[i, :, :, :P] = k, v
             x, proj, fc, out = self._block_outputs(
                 block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             )
@@ -342,12 +342,12 @@ class GPT2Core(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor):
         """One token per row (B,) through the cache; all activations are (B, width) rows. No autograd."""
+        cache, rec = self._live, self._writing
+        if cache is None:
+            raise RuntimeError("decode needs a prefill first (none yet, or the rollout was released)")
         t = self._len
-        if self._k is None:
-            raise RuntimeError("decode needs a prefill first (the rollout was released)")
-        if t >= self._k.shape[3]:
+        if t >= cache.k.shape[3]:
             raise RuntimeError(f"KV cache full ({t} positions); prefill with a larger max_len")
-        cache, rec = self._cache, self._writing
         if rec is not None and t >= rec.capacity:
             rec = None  # the last position never feeds an update: not recorded
         B, E, H = len(tokens), self.wte.embedding_dim, self.n_head
@@ -382,7 +382,7 @@ class GPT2Core(nn.Module):
     def release(self) -> None:
         """End the rollout: the cache and the record stay allocated for the next rollout of the same shape
         (the record until the weights change); ``decode`` needs a new ``prefill``."""
-        self._k = self._v = self._writing = None
+        self._live = self._writing = None
 
     # --- replay ----------------------------------------------------------------------------------------
 
