@@ -17,9 +17,9 @@ The textrl, plain-loop and SB3 systems are ``rl_speed.py``'s runners; see its do
 
 Workload: the embedded ``tiny`` (4-layer GPT-2, 4.27M parameters; ``--tiny-random`` for a 2-layer toy),
 exported once as an HF folder with every dropout probability 0 and loaded from there by every system;
-64 prompts of exactly 8 tokens; exactly 32 new tokens per prompt (eos suppressed everywhere: textrl's and
-SB3's logits, ``min_new_tokens`` for ``generate``/GRPO/RLOO, an LM-head hook for TRL PPO), temperature 1,
-no top-k/top-p; the reward is the fraction of the completion's words that are "the"; Adam(W) at lr 5e-5.
+64 prompts of exactly 8 tokens; exactly 32 new tokens per prompt (eos suppressed everywhere: textrl's
+``suppress_tokens``, SB3's logits, ``min_new_tokens`` for ``generate``/GRPO/RLOO, an LM-head hook for TRL PPO),
+temperature 1, no top-k/top-p; the reward is the fraction of the completion's words that are "the"; Adam(W) at lr 5e-5.
 KL (``--kl``, default on, textrl's default): textrl ``kl_coef=0.05`` (a reference pass per batch), TRL
 ``beta=0.05`` (GRPO/RLOO) and ``kl_coef=0.05`` (PPO); the plain loop and SB3 have no reference model.
 With ``--kl off`` every coefficient is 0 and the reference model is dropped, except TRL PPO's, which always runs.

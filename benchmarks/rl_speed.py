@@ -21,8 +21,9 @@ Workload: the embedded model ``tiny`` when it is there, else a randomly initiali
 (4 layers, width 256, 4 heads, 256 positions) with a 4,096-token BPE tokenizer trained on the fly; 64 prompts
 of exactly 8 tokens, B drawn per iteration; exactly 32 new tokens per prompt at temperature 1; a cheap
 sequence reward (the fraction of the completion's words that are "the"); ``kl_coef=0`` unless noted.
-EOS cannot end an episode early in any system: its logit is set to -inf wherever a system computes logits
-(see :func:`suppress_in_textrl`, the ``min_new_tokens`` of ``generate``, and the hook on SB3's action net),
+EOS cannot end an episode early in any system: textrl's agents run with ``suppress_tokens=[eos]`` (never
+sampled, and removed from the distribution trained on), the others with ``min_new_tokens`` of ``generate``
+or a hook on SB3's action net,
 so every iteration generates exactly B x 32 tokens, which the benchmark checks.
 
 Measurement: each (system, batch) run is a subprocess of its own (so its peak RSS, ``ru_maxrss``, is its
@@ -179,30 +180,6 @@ def build_workload(folder: Path, tiny_random: bool, prompt_tokens: int, new_toke
 # --- the systems: each builds a runner with iteration() and rollout(), both returning tokens generated ----
 
 
-def suppress_in_textrl(policy, token_id: int) -> None:
-    """Make ``token_id`` (eos) impossible in a textrl policy: its logit is -inf in every core forward.
-
-    The cores' three forwards (``prefill``, ``decode``: the rollout; ``forward``: the update and the
-    reference pass) are wrapped, so the distribution sampled from is the one trained on. The env is built
-    with ``stop=None``, so every episode is then exactly ``max_new_tokens`` long.
-    """
-    import torch
-
-    index = torch.tensor([token_id])
-
-    def masked(fn):
-        def wrapped(*args, **kwargs):
-            logits, hidden = fn(*args, **kwargs)
-            return logits.index_fill(-1, index.to(logits.device), float("-inf")), hidden
-
-        return wrapped
-
-    cores = [policy.core] + [getattr(policy, name) for name in ("ref_core", "value_core") if hasattr(policy, name)]
-    for core in cores:
-        for name in ("prefill", "decode", "forward"):
-            setattr(core, name, masked(getattr(core, name)))
-
-
 class TextRLRunner:
     """A textrl agent: an iteration is one ``learn()`` iteration, a rollout is ``collect()``."""
 
@@ -213,7 +190,11 @@ class TextRLRunner:
 
         env = TextGenEnv(lm=work.lm, prompts=work.prompts, reward=the_fraction, max_new_tokens=work.new_tokens)
         kl = kl_coef if kl_coef is not None else PPOConfig().kl_coef if system == "ppo-kl" else 0.0
+        # eos is never sampled (and removed from the distribution trained on): every episode is exactly
+        # new_tokens long, as with generate(min_new_tokens=...) in the other systems
+        eos = env.engine.tokenizer.eos_token_id
         common = {"batch_size": batch, "learning_rate": LEARNING_RATE, "device": "cpu", "kl_coef": kl}
+        common["suppress_tokens"] = [eos]
         if system in ("ppo", "ppo-kl"):
             agent = PPO(env, config=PPOConfig(**common, n_epochs=1, minibatch_size=batch), seed=seed, verbose=0)
         elif system == "ppo-4epochs":
@@ -224,7 +205,6 @@ class TextRLRunner:
             agent = REINFORCE(env, config=config, seed=seed, verbose=0)
         else:
             raise ValueError(system)
-        suppress_in_textrl(agent.policy, agent.tokenizer.eos_token_id)
         self.agent = agent
 
     def iteration(self) -> int:

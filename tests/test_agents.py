@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,8 @@ def test_vocab_mismatch_is_a_clear_error(env, tmp_path):
         (REINFORCE, {"baseline": "rloo", "group_size": 1}, "needs group_size >= 2"),
         (REINFORCE, {"group_size": 3}, "multiple of group_size"),
         (REINFORCE, {"top_p": 0.0}, "top_p must be in"),
+        (REINFORCE, {"suppress_tokens": [-1]}, "suppress_tokens must be ids >= 0"),
+        (PPO, {"suppress_tokens": [10**6]}, "suppress_tokens: token id 1000000 is outside"),
     ],
 )
 def test_bad_config_values(cls, bad, message, env):
@@ -255,3 +258,30 @@ def test_update_replays_the_rollout_only_while_the_weights_are_unchanged(cls, en
     assert runs[True].policy.core.replayed == 3 and runs[False].policy.core.replayed == 0
     for a, b in zip(_params(runs[True]), _params(runs[False]), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("cls", [REINFORCE, PPO])
+def test_suppressed_eos_gives_full_length_completions_and_a_consistent_distribution(cls, gpt2_dir):
+    """With eos suppressed every episode runs to max_new_tokens, no sampled or generated token is eos, and the
+    update's first forward sees the very distribution the rollout sampled from (ratio 1, approx KL 0)."""
+    env = TextGenEnv(lm=str(gpt2_dir), prompts=PROMPTS, reward="keyword_reward", max_new_tokens=6, stop=None)
+    eos = env.engine.tokenizer.eos_token_id
+    agent = cls(env, config=_small(cls, suppress_tokens=[eos]), seed=0)
+    # make eos the most likely token by far: without suppression most episodes would end at once
+    with torch.no_grad():
+        agent.policy.model.lm_head.weight[eos] = agent.policy.model.transformer.wte.weight.mean(0) * 0 + 5.0
+        agent.policy.model.transformer.ln_f.bias.fill_(1.0)
+    torch.autograd.graph.increment_version(list(agent.policy.model.parameters()))
+    rollout, _, kl = agent.collect()
+    assert rollout.valid.all() and (rollout.actions != eos).all()
+    assert torch.isfinite(kl).all()
+    logits, _ = agent.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len, need_values=False)
+    logprobs, _ = agent.logprobs_and_entropy(logits, rollout.actions)
+    torch.testing.assert_close(logprobs, rollout.logprobs, atol=1e-5, rtol=1e-5)
+    unsuppressed = torch.log_softmax(logits.float(), -1).gather(-1, rollout.actions[..., None]).squeeze(-1)
+    assert (unsuppressed < logprobs - 1).all()  # eos held most of the mass: removing it matters
+    assert all(agent.generate(PROMPTS, max_new_tokens=6))  # unsuppressed, eos first would leave them empty
+    agent.sampling = dataclasses.replace(agent.sampling, suppress_tokens=())
+    assert not any(agent.generate(PROMPTS, max_new_tokens=6))
+    agent.learn(agent.num_timesteps + 1)
+    assert agent.iteration == 1

@@ -48,3 +48,31 @@ def test_action_logprobs_values_entropy_and_gradient(monkeypatch, chunk_bytes, f
     logp_only, none = action_logprobs(base, actions)
     assert none is None
     torch.testing.assert_close(logp_only, ref_logp.detach())
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 19])
+def test_suppressed_tokens_are_removed_from_the_distribution(monkeypatch, chunk_bytes):
+    """``suppress_tokens`` gives what -inf logits give (values, entropy, gradient), without touching the input."""
+    monkeypatch.setattr(policy, "_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 2, 4, 11
+    base = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    actions = torch.randint(2, V, (B, T), generator=g)
+    weights = torch.randn(B, T, generator=g, dtype=torch.float64)
+
+    x1 = base.clone().requires_grad_(True)
+    logp, entropy = action_logprobs(x1, actions, entropy=True, suppress_tokens=[0, 1])
+    (logp * weights).sum().backward()
+    x2 = base.clone().requires_grad_(True)
+    ref_logp, ref_entropy = _reference(policy.shape_logits(x2, suppress_tokens=[0, 1]), actions)
+    (ref_logp * weights).sum().backward()
+
+    torch.testing.assert_close(logp, ref_logp)
+    torch.testing.assert_close(entropy, ref_entropy.detach())
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert torch.equal(x1.grad[..., :2], torch.zeros(B, T, 2, dtype=torch.float64))
+    assert (logp > F.log_softmax(base, -1).gather(-1, actions[..., None]).squeeze(-1)).all()  # renormalised
+    assert torch.equal(x1.detach(), base)
+    # a suppressed token is never drawn, however likely
+    probs = F.softmax(policy.shape_logits(torch.tensor([[9.0, 0.0, 0.0]]).repeat(200, 1), suppress_tokens=[0]), -1)
+    assert (policy.sample(probs, g) != 0).all()

@@ -22,6 +22,7 @@ rollouts *and* updates, so rollout and update log-probs agree.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -32,12 +33,23 @@ from transformers import PreTrainedModel
 from textrl.core import make_core
 
 
-def shape_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Apply temperature, then top-k, then top-p (nucleus) filtering; filtered logits become -inf.
+def shape_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    suppress_tokens: Sequence[int] = (),
+) -> torch.Tensor:
+    """Remove ``suppress_tokens``, apply temperature, then top-k, then top-p (nucleus) filtering; removed and
+    filtered logits become -inf (top-k and top-p choose among the tokens that are not suppressed).
 
     >>> shape_logits(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2).tolist()
     [[2.0, 1.0, -inf]]
+    >>> shape_logits(torch.tensor([[2.0, 1.0, 0.0]]), top_k=2, suppress_tokens=[0]).tolist()
+    [[-inf, 1.0, 0.0]]
     """
+    if len(suppress_tokens):
+        logits = suppress(logits, suppress_tokens)
     if temperature != 1.0:
         logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -49,6 +61,16 @@ def shape_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def suppress(logits: torch.Tensor, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """A copy of ``logits`` (.., V) with the logits of ``tokens`` set to -inf: they can never be drawn.
+
+    >>> suppress(torch.zeros(1, 3), [2]).tolist()
+    [[0.0, 0.0, -inf]]
+    """
+    index = torch.as_tensor(tokens, dtype=torch.long, device=logits.device)
+    return logits.index_fill(-1, index, float("-inf"))
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,21 +98,24 @@ class _ActionLogProbs(torch.autograd.Function):
     cache; a whole (B, T, V) log-prob tensor is never materialised (at B=64 each such tensor is 32 MiB,
     allocated through fresh ``mmap`` pages every time). The backward recomputes each chunk's log-softmax
     and forms ``onehot * g - softmax * g``, which is what autograd's gather + log-softmax backward computes.
+    Suppressed tokens (``suppress``: a LongTensor of token ids, or None) are set to -inf in each chunk's copy,
+    so the distribution is the sampled one without a (N, V) copy of the logits.
     """
 
     @staticmethod
-    def forward(ctx, logits, actions, want_entropy: bool):
+    def forward(ctx, logits, actions, want_entropy: bool, suppress: torch.Tensor | None):
         flat, acts = logits.reshape(-1, logits.shape[-1]), actions.reshape(-1, 1)  # (N, V), (N, 1)
         out = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
         entropy = torch.empty_like(out) if want_entropy else None
         rows = max(1, _CHUNK_BYTES // (flat.shape[1] * flat.element_size()))
         floor = torch.finfo(flat.dtype).min  # -inf log-probs (filtered tokens) contribute 0 * floor = 0
         for i in range(0, flat.shape[0], rows):
-            logp = F.log_softmax(flat[i : i + rows], dim=-1)
+            logp = F.log_softmax(_chunk(flat, i, rows, suppress), dim=-1)
             torch.gather(logp, 1, acts[i : i + rows], out=out[i : i + rows, None])
             if entropy is not None:
                 entropy[i : i + rows] = -torch.linalg.vecdot(logp.exp(), logp.clamp_min(floor))
         ctx.save_for_backward(logits, actions)
+        ctx.suppress = suppress
         if entropy is None:
             return out.view(actions.shape), None
         ctx.mark_non_differentiable(entropy)
@@ -104,25 +129,34 @@ class _ActionLogProbs(torch.autograd.Function):
         rows = max(1, _CHUNK_BYTES // (flat.shape[1] * flat.element_size()))
         for i in range(0, flat.shape[0], rows):
             chunk = out[i : i + rows]
-            torch.mul(F.log_softmax(flat[i : i + rows], dim=-1).exp_(), g[i : i + rows].neg(), out=chunk)
+            logp = F.log_softmax(_chunk(flat, i, rows, ctx.suppress), dim=-1)
+            torch.mul(logp.exp_(), g[i : i + rows].neg(), out=chunk)
             chunk.scatter_add_(1, acts[i : i + rows], g[i : i + rows])
-        return out.view(logits.shape), None, None
+        return out.view(logits.shape), None, None, None
+
+
+def _chunk(flat: torch.Tensor, i: int, rows: int, suppress: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``i : i + rows`` of ``flat`` (N, V), with the ``suppress`` columns at -inf (then a copy)."""
+    chunk = flat[i : i + rows]
+    return chunk if suppress is None else chunk.index_fill(1, suppress, float("-inf"))
 
 
 def action_logprobs(
-    logits: torch.Tensor, actions: torch.Tensor, entropy: bool = False
+    logits: torch.Tensor, actions: torch.Tensor, entropy: bool = False, suppress_tokens: Sequence[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of ``actions`` (B, T) under ``logits`` (B, T, V), and the entropies (B, T) if asked.
 
     Differentiable with respect to the log-probs only (the entropy comes without gradient: for logging).
     Equal to ``F.log_softmax(logits, -1).gather(-1, actions[..., None])`` with its autograd backward, but
-    cheaper in memory traffic (see :class:`_ActionLogProbs`).
+    cheaper in memory traffic (see :class:`_ActionLogProbs`). ``suppress_tokens``: as if their logits were
+    -inf (``shape_logits(..., suppress_tokens=...)``), without a copy of ``logits``.
 
     >>> logp, ent = action_logprobs(torch.tensor([[[0.0, 0.0]]]), torch.tensor([[1]]), entropy=True)
     >>> round(logp.item(), 4), round(ent.item(), 4)
     (-0.6931, 0.6931)
     """
-    return _ActionLogProbs.apply(logits, actions, entropy)
+    index = torch.as_tensor(suppress_tokens, dtype=torch.long, device=logits.device) if len(suppress_tokens) else None
+    return _ActionLogProbs.apply(logits, actions, entropy, index)
 
 
 class ActorCritic(nn.Module):
@@ -236,8 +270,18 @@ class ActorCritic(nn.Module):
         return logits, values
 
     @torch.no_grad()
-    def reference_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, prompt_len: int, actions: torch.Tensor):
+    def reference_logprobs(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        prompt_len: int,
+        actions: torch.Tensor,
+        suppress_tokens: Sequence[int] = (),
+    ):
         """Reference-model log-probs (B, T) of ``actions`` (B, T), in one batched pass.
+
+        ``suppress_tokens``: those the policy may not sample are removed from the reference distribution
+        too, so the KL compares two distributions over the same tokens.
 
         One pass over the finished sequences is cheaper than a second cached forward at every rollout step
         (one large matmul instead of T small ones; see DESIGN-NOTES §3).
@@ -245,7 +289,7 @@ class ActorCritic(nn.Module):
         if self.ref_model is None:
             raise RuntimeError("this policy was built without a reference model (reference=False)")
         logits, _ = self.ref_core.forward(ids[:, :-1], mask[:, :-1], prompt_len - 1)  # (B, T, V)
-        return action_logprobs(logits.float(), actions)[0]
+        return action_logprobs(logits.float(), actions, suppress_tokens=suppress_tokens)[0]
 
     def trainable_parameters(self):
         """Policy trunk + value head (+ value trunk); never the reference."""

@@ -34,6 +34,8 @@ class Sampling:
     """Sample among the k most likely tokens (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling probability mass (1.0 = off)."""
+    suppress_tokens: tuple[int, ...] = ()
+    """Token ids that are never sampled (e.g. eos, for completions of exactly ``max_new_tokens``)."""
 
 
 class Rollout(NamedTuple):
