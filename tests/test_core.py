@@ -188,3 +188,46 @@ def test_a_rollout_without_record_leaves_the_last_record_valid(gpt2_dir):
     logits, recomputed = _loss_grads(core, ids, mask, P)
     torch.testing.assert_close(replayed_logits, logits, atol=2e-5, rtol=1e-4)
     _assert_grads_close(replayed, recomputed)
+
+
+# --- shared prompts: rows with the same prompt compute it once ------------------------------------------------
+
+
+def test_rows_with_the_same_prompt_compute_it_once(gpt2_dir, monkeypatch):
+    """Prefill, decode, the record, the whole-sequence forward and its gradients are the same whether rows
+    that share a prompt (groups of samples of one prompt, with left padding) compute it once or each."""
+    core = GPT2Core(load_lm(gpt2_dir)[0])
+    vocab = core.lm_head.weight.shape[0]
+    base_ids, base_mask = _batch(vocab)
+    P, steps = 6, 4
+    group = torch.tensor([0, 0, 1, 2, 1, 2, 2, 0])  # 3 prompts, each sampled two or three times
+    ids, mask = base_ids[group, :P], base_mask[group, :P]
+    torch.manual_seed(3)
+    new = torch.randint(0, vocab, (len(group), steps))
+    assert core._shared_prefix(ids, mask, P) is not None
+    assert core._shared_prefix(base_ids, base_mask, P) is None  # 3 distinct rows: nothing to share
+
+    def run():
+        with torch.no_grad():
+            out = [core.prefill(ids, mask, P + steps, record=True)]
+            out += [core.decode(new[:, t]) for t in range(steps - 1)]
+        core.release()
+        rec = core._record
+        recorded = [b.clone() for b in rec.qkv + rec.proj + rec.fc + rec.mlp + [rec.logits]]
+        full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+        core._record = None  # the whole-sequence forward, not a replay
+        logits, grads = _loss_grads(core, full_ids, full_mask, P)
+        cached = torch.stack([step_logits for step_logits, _ in out], 1)  # the rollout's predictions
+        torch.testing.assert_close(cached, logits, atol=2e-5, rtol=1e-4)
+        return out, recorded, logits, grads
+
+    shared = run()
+    monkeypatch.setattr(GPT2Core, "_shared_prefix", staticmethod(lambda ids, mask, n: None))
+    each = run()
+    for (la, ha), (lb, hb) in zip(shared[0], each[0], strict=True):
+        torch.testing.assert_close(la, lb, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ha, hb, atol=2e-5, rtol=1e-4)
+    for a, b in zip(shared[1], each[1], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(shared[2], each[2], atol=2e-5, rtol=1e-4)
+    _assert_grads_close(shared[3], each[3])

@@ -288,12 +288,51 @@ class GPT2Core(nn.Module):
         record, rows = self._replayable(ids, mask, start, rows)
         if record is not None:
             return self._replay(record, ids, mask, start, rows)
+        shared = self._shared_prefix(ids, mask, start)
+        if shared is not None:
+            return self._forward_shared(ids, mask, start, *shared)
         x = self.wte(ids) + self.wpe(positions_from_mask(mask))  # (B, S, E)
         attn_mask = self._full_mask(mask)
         for block in self.blocks:
             q, k, v = self._qkv(block, x)
             x = self._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
         return self._head(x[:, start:])  # (B, S - start, V), (B, S - start, E)
+
+    @staticmethod
+    def _shared_prefix(ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(first, inverse)`` when at most half the rows have distinct first ``n`` positions (tokens and
+        mask), as when each prompt is sampled several times (GRPO-style groups): ``ids[first]`` are the
+        distinct prefixes (U,) and ``inverse`` (B,) maps each row to its prefix. None: not worth sharing."""
+        B = ids.shape[0]
+        if n < 1 or B < 2:
+            return None
+        key = torch.cat([ids[:, :n], mask[:, :n].to(ids.dtype)], 1)  # (B, 2n)
+        distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if 2 * len(distinct) > B:
+            return None
+        first = torch.empty(len(distinct), dtype=torch.long, device=ids.device)
+        first.scatter_(0, inverse, torch.arange(B, device=ids.device))  # a row of each prefix (they are equal)
+        return first, inverse
+
+    def _forward_shared(self, ids, mask, n: int, first: torch.Tensor, inverse: torch.Tensor):
+        """``forward`` computing the first ``n`` positions once per distinct prefix (U rows) instead of once
+        per row: rows attend to their prefix's keys/values (gathered) and their own. Autograd sums the
+        gradients of rows sharing a prefix (``index_select``'s backward), so this holds for updates too."""
+        positions = positions_from_mask(mask)
+        x = self.wte(ids[first, :n]) + self.wpe(positions[first, :n])  # (U, n, E): the distinct prefixes
+        y = self.wte(ids[:, n:]) + self.wpe(positions[:, n:])  # (B, S - n, E): every row's own positions
+        full = self._full_mask(mask)  # (B, 1, S, S)
+        mask_x, mask_y = full[first, :, :n, :n], full[:, :, n:]  # (U, 1, n, n), (B, 1, S - n, S)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            qx, kx, vx = self._qkv(block, x)
+            if i < last:  # the prefix's outputs after the last layer are never used
+                x = self._finish_block(block, x, F.scaled_dot_product_attention(qx, kx, vx, attn_mask=mask_x))
+            qy, ky, vy = self._qkv(block, y)
+            k = torch.cat([kx.index_select(0, inverse), ky], 2)  # (B, H, S, D)
+            v = torch.cat([vx.index_select(0, inverse), vy], 2)
+            y = self._finish_block(block, y, F.scaled_dot_product_attention(qy, k, v, attn_mask=mask_y))
+        return self._head(y)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
@@ -321,23 +360,28 @@ class GPT2Core(nn.Module):
             rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
             self._record = rec
         self._writing = rec  # what decode writes into
-        x = self.wte(ids) + self.wpe(positions_from_mask(mask))
-        attn_mask = self._full_mask(mask)
+        # rows with the same prompt (GRPO-style groups) are computed once, then copied to each row
+        shared = self._shared_prefix(ids, mask, P)
+        rows = (lambda t: t) if shared is None else (lambda t: t.index_select(0, shared[1]))
+        src_ids, src_mask = (ids, mask) if shared is None else (ids[shared[0]], mask[shared[0]])
+        U = src_ids.shape[0]
+        x = self.wte(src_ids) + self.wpe(positions_from_mask(src_mask))
+        attn_mask = self._full_mask(src_mask)
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, x)
-            cache.k[i, :, :, :P], cache.v[i, :, :, :P] = k, v
+            cache.k[i, :, :, :P], cache.v[i, :, :, :P] = rows(k), rows(v)
             x, proj, fc, out = self._block_outputs(
                 block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             )
             if rec is not None:
-                rec.qkv[i][:, :P] = torch.stack((q, k, v), 2).transpose(1, 3).reshape(B, P, 3 * E)
-                rec.proj[i][:, :P], rec.fc[i][:, :P] = proj.view(B, P, -1), fc.view(B, P, -1)
-                rec.mlp[i][:, :P] = out.view(B, P, -1)
-        logits, hidden = self._head(x[:, -1:])
+                rec.qkv[i][:, :P] = rows(torch.stack((q, k, v), 2).transpose(1, 3).reshape(U, P, 3 * E))
+                rec.proj[i][:, :P], rec.fc[i][:, :P] = rows(proj.view(U, P, -1)), rows(fc.view(U, P, -1))
+                rec.mlp[i][:, :P] = rows(out.view(U, P, -1))
+        logits, hidden = (rows(t[:, 0]) for t in self._head(x[:, -1:]))
         if rec is not None:
-            rec.logits[:, 0] = logits[:, 0]
+            rec.logits[:, 0] = logits
             rec.len = P
-        return logits[:, 0], hidden[:, 0]
+        return logits, hidden
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor):
