@@ -194,8 +194,9 @@ def test_a_rollout_without_record_leaves_the_last_record_valid(gpt2_dir):
 
 
 def test_rows_with_the_same_prompt_compute_it_once(gpt2_dir, monkeypatch):
-    """Prefill, decode, the record, the whole-sequence forward and its gradients are the same whether rows
-    that share a prompt (groups of samples of one prompt, with left padding) compute it once or each."""
+    """Prefill, decode, the record, the whole-sequence forward, its replay (all rows, and a minibatch) and
+    their gradients are the same whether rows that share a prompt (groups of samples of one prompt, with left
+    padding) compute it once or each."""
     core = GPT2Core(load_lm(gpt2_dir)[0])
     vocab = core.lm_head.weight.shape[0]
     base_ids, base_mask = _batch(vocab)
@@ -215,10 +216,18 @@ def test_rows_with_the_same_prompt_compute_it_once(gpt2_dir, monkeypatch):
         rec = core._record
         recorded = [b.clone() for b in rec.qkv + rec.proj + rec.fc + rec.mlp + [rec.logits]]
         full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+        replays = core.replayed
+        replayed = _loss_grads(core, full_ids, full_mask, P)[1]
+        rows = torch.tensor([0, 1, 2, 4])  # a minibatch of two prompts, two samples each
+        sub_replayed = _loss_grads(core, full_ids[rows], full_mask[rows], P, rows)[1]
+        assert core.replayed == replays + 2
         core._record = None  # the whole-sequence forward, not a replay
         logits, grads = _loss_grads(core, full_ids, full_mask, P)
+        sub_grads = _loss_grads(core, full_ids[rows], full_mask[rows], P)[1]
         cached = torch.stack([step_logits for step_logits, _ in out], 1)  # the rollout's predictions
         torch.testing.assert_close(cached, logits, atol=2e-5, rtol=1e-4)
+        _assert_grads_close(replayed, grads)
+        _assert_grads_close(sub_replayed, sub_grads)
         return out, recorded, logits, grads
 
     shared = run()

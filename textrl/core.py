@@ -105,6 +105,34 @@ class _Replayed(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+class _ReplayedPair(torch.autograd.Function):
+    """:class:`_Replayed` for one linear layer applied to two sets of rows (a shared prompt prefix and the
+    rows' own positions): both outputs come from the record; the backward forms the weight gradient as one
+    ``mm`` plus one accumulating ``addmm`` (no second weight-sized gradient to add up)."""
+
+    @staticmethod
+    def forward(ctx, xa, xb, weight, bias, recorded_a, recorded_b):
+        ctx.save_for_backward(xa, xb, weight)
+        ctx.has_bias = bias is not None
+        return recorded_a.view_as(recorded_a), recorded_b.view_as(recorded_b)
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        xa, xb, weight = ctx.saved_tensors
+        ga, gb = grad_a.reshape(-1, grad_a.shape[-1]), grad_b.reshape(-1, grad_b.shape[-1])  # (N, out)
+        xa2, xb2 = xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1])  # (N, in)
+        dxa = dxb = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dxa = (ga @ weight.t()).view(xa.shape)
+        if ctx.needs_input_grad[1]:
+            dxb = (gb @ weight.t()).view(xb.shape)
+        if ctx.needs_input_grad[2]:
+            dw = torch.addmm(xb2.t() @ gb, xa2.t(), ga)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            db = gb.sum(0) + ga.sum(0)
+        return dxa, dxb, dw, db, None, None
+
+
 class KVCache:
     """A static KV cache (L, B, H, max_len, D) with the per-step views a decode step needs, made once.
 
@@ -465,6 +493,9 @@ class GPT2Core(nn.Module):
 
     def _replay(self, rec: Record, ids, mask, start, rows):
         """``forward`` with every linear layer's output taken from ``rec`` (see :class:`_Replayed`)."""
+        shared = self._shared_prefix(ids, mask, start)
+        if shared is not None:
+            return self._replay_shared(rec, ids, mask, start, rows, *shared)
         B, S = ids.shape
         E, H = self.wte.embedding_dim, self.n_head
         pick = (lambda buf: buf[:, :S]) if rows is None else (lambda buf: buf[rows, :S])
@@ -489,6 +520,82 @@ class GPT2Core(nn.Module):
         if j < 0:
             return F.linear(hidden, self.lm_head.weight), hidden
         logits = rec.logits[:, j : j + S - start] if rows is None else rec.logits[rows, j : j + S - start]
+        return _Replayed.apply(hidden, self.lm_head.weight, None, logits, True), hidden
+
+    def _replay_shared(self, rec: Record, ids, mask, n: int, rows, first: torch.Tensor, inverse: torch.Tensor):
+        """:meth:`_replay` with the first ``n`` positions once per distinct prompt, as :meth:`_forward_shared`:
+        the backward then runs the prompts' positions once per prompt, not once per sample of it."""
+        B, S = ids.shape
+        E, H, D = self.wte.embedding_dim, self.n_head, self.wte.embedding_dim // self.n_head
+        U = len(first)
+        source = first if rows is None else rows[first]  # the record's row of each distinct prompt
+
+        def pre(buf):  # (U, n, width): gathered
+            return buf[source, :n]
+
+        def own(buf):  # (B, S - n, width): a view when all rows are asked for in order
+            return buf[:, n:S] if rows is None else buf[rows, n:S]
+
+        positions = positions_from_mask(mask)
+        x = self.wte(ids[first, :n]) + self.wpe(positions[first, :n])  # (U, n, E)
+        y = self.wte(ids[:, n:]) + self.wpe(positions[:, n:])  # (B, S - n, E)
+        full = self._full_mask(mask)
+        mask_x, mask_y = full[first, :, :n, :n], full[:, :, n:]
+        ln = F.layer_norm
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            attn, mlp = block.attn, block.mlp
+            hx = ln(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            hy = ln(y, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
+            qkv_x, qkv_y = _ReplayedPair.apply(
+                hx, hy, attn.c_attn.weight, attn.c_attn.bias, pre(rec.qkv[i]), own(rec.qkv[i])
+            )
+            qx, kx, vx = qkv_x.unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4)  # (U, H, n, D) each
+            qy, ky, vy = qkv_y.unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4)  # (B, H, S - n, D) each
+            k = torch.cat([kx.index_select(0, inverse), ky], 2)
+            v = torch.cat([vx.index_select(0, inverse), vy], 2)
+            att_y = F.scaled_dot_product_attention(qy, k, v, attn_mask=mask_y).transpose(1, 2).reshape(B, S - n, E)
+            if i == last:  # the prefix's outputs after the last layer are never used
+                y = y + _Replayed.apply(att_y, attn.c_proj.weight, attn.c_proj.bias, own(rec.proj[i]), False)
+                fc = _Replayed.apply(
+                    ln(y, (E,), block.ln_2.weight, block.ln_2.bias, self.eps),
+                    mlp.c_fc.weight,
+                    mlp.c_fc.bias,
+                    own(rec.fc[i]),
+                    False,
+                )
+                y = y + _Replayed.apply(
+                    gelu(fc, self.approximate), mlp.c_proj.weight, mlp.c_proj.bias, own(rec.mlp[i]), False
+                )
+                break
+            att_x = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=mask_x).transpose(1, 2).reshape(U, n, E)
+            px, py = _ReplayedPair.apply(
+                att_x, att_y, attn.c_proj.weight, attn.c_proj.bias, pre(rec.proj[i]), own(rec.proj[i])
+            )
+            x, y = x + px, y + py
+            fx, fy = _ReplayedPair.apply(
+                ln(x, (E,), block.ln_2.weight, block.ln_2.bias, self.eps),
+                ln(y, (E,), block.ln_2.weight, block.ln_2.bias, self.eps),
+                mlp.c_fc.weight,
+                mlp.c_fc.bias,
+                pre(rec.fc[i]),
+                own(rec.fc[i]),
+            )
+            mx, my = _ReplayedPair.apply(
+                gelu(fx, self.approximate),
+                gelu(fy, self.approximate),
+                mlp.c_proj.weight,
+                mlp.c_proj.bias,
+                pre(rec.mlp[i]),
+                own(rec.mlp[i]),
+            )
+            x, y = x + mx, y + my
+        self.replayed += 1
+        hidden = ln(y, (E,), self.ln_f.weight, self.ln_f.bias, self.eps)
+        j = n - rec.P + 1  # column of the logits record that predicts position n + 1
+        if j < 0:
+            return F.linear(hidden, self.lm_head.weight), hidden
+        logits = rec.logits[:, j : j + S - n] if rows is None else rec.logits[rows, j : j + S - n]
         return _Replayed.apply(hidden, self.lm_head.weight, None, logits, True), hidden
 
 
