@@ -11,6 +11,11 @@ What is counted (GPT-2: L layers, width E, vocabulary V, feed-forward 4E; B rows
   (textrl's rollout replay does; :mod:`textrl.core`). A system that recomputes them does ~1/3 more
   training FLOPs than counted;
 - **reference** (only with the KL penalty): one forward like the training one, without backward;
+- **shared prompts** (``group`` samples of each prompt, as GRPO/RLOO and textrl REINFORCE draw them): a
+  prompt's positions are the same computation in every sample of it, so they are counted once per distinct
+  prompt (B / group): the prefill, and the first P-1 positions of the training and reference passes (the
+  last prompt position predicts each sample's first token and is counted per row; textrl shares exactly
+  these: :meth:`textrl.core.GPT2Core._shared_prefix`);
 - **attention** scores and mixing (``4·L·E`` per query and key position, causal) are added to each phase's
   FLOPs and costed at that phase's matmul rate; layer norms, softmax, GELU, embeddings, the value head and
   the optimizer step are not counted (a few percent at this size).
@@ -58,10 +63,14 @@ BACKWARD = ("dx", "dw")
 """Matmul layouts of a phase: the forward ``X @ W``; the backward ``dY @ W^T`` and ``X^T @ dY``."""
 
 
-def phases(shape: Shape, batch: int, prompt: int, new: int) -> dict[str, dict]:
-    """Per phase: ``matmuls`` as ``[(M, K, N, count, layouts)]`` and ``attention`` FLOPs, for one iteration."""
+def phases(shape: Shape, batch: int, prompt: int, new: int, group: int = 1) -> dict[str, dict]:
+    """Per phase: ``matmuls`` as ``[(M, K, N, count, layouts)]`` and ``attention`` FLOPs, for one iteration
+    of ``batch`` rows that are ``group`` samples each of ``batch / group`` distinct prompts."""
     L, E, V = shape.n_layer, shape.n_embd, shape.vocab_size
     B, P, T = batch, prompt, new
+    if group < 1 or B % group:
+        raise ValueError(f"batch {B} is not a multiple of group {group}")
+    U = B // group  # distinct prompts
 
     def grouped(m: int, head_m: int, layouts: tuple[str, ...], count: int = 1) -> list[tuple]:
         rows = [(*mkn, L * count, layouts) for mkn in shape.block_matmuls(m)]
@@ -69,13 +78,15 @@ def phases(shape: Shape, batch: int, prompt: int, new: int) -> dict[str, dict]:
 
     decode_ctx = sum(P + t for t in range(1, T))  # keys each decode step attends to
     rollout = {
-        "matmuls": grouped(B * P, B, FORWARD) + grouped(B, B, FORWARD, count=T - 1),
-        "attention": 4 * B * L * E * (P * (P + 1) // 2 + decode_ctx),
+        "matmuls": grouped(U * P, U, FORWARD) + grouped(B, B, FORWARD, count=T - 1),
+        "attention": 4 * L * E * (U * P * (P + 1) // 2 + B * decode_ctx),
     }
-    S = P + T - 1
-    train_attn = 4 * B * L * E * (S * (S + 1) // 2)
-    training = {"matmuls": grouped(B * S, B * T, BACKWARD), "attention": 2 * train_attn}
-    reference = {"matmuls": grouped(B * S, B * T, FORWARD), "attention": train_attn}
+    S = P + T - 1  # positions of a training sequence: the first P - 1 shared within a group, T per row
+    positions = U * (P - 1) + B * T
+    pairs = U * (P - 1) * P // 2 + B * (S * (S + 1) // 2 - (P - 1) * P // 2)  # (query, key) pairs, causal
+    train_attn = 4 * L * E * pairs
+    training = {"matmuls": grouped(positions, B * T, BACKWARD), "attention": 2 * train_attn}
+    reference = {"matmuls": grouped(positions, B * T, FORWARD), "attention": train_attn}
     return {"rollout": rollout, "training": training, "reference": reference}
 
 
@@ -114,7 +125,9 @@ def _time_matmul(m: int, k: int, n: int, transpose: str, min_seconds: float, rep
     return best
 
 
-def measure(shape: Shape, batch: int, prompt: int, new: int, kl: bool, min_seconds: float = 0.01) -> dict:
+def measure(
+    shape: Shape, batch: int, prompt: int, new: int, kl: bool, group: int = 1, min_seconds: float = 0.01
+) -> dict:
     """Time every phase's matmuls on this machine (this process's torch threads); the ceiling in tokens/s."""
     import torch
 
@@ -125,8 +138,8 @@ def measure(shape: Shape, batch: int, prompt: int, new: int, kl: bool, min_secon
             cache[m, k, n, layout] = _time_matmul(m, k, n, layout, min_seconds, repeats=5)
         return cache[m, k, n, layout]
 
-    out: dict = {"threads": torch.get_num_threads(), "shape": asdict(shape), "phases": {}}
-    for name, phase in phases(shape, batch, prompt, new).items():
+    out: dict = {"threads": torch.get_num_threads(), "shape": asdict(shape), "phases": {}, "group": group}
+    for name, phase in phases(shape, batch, prompt, new, group).items():
         seconds = 0.0
         for m, k, n, count, layouts in phase["matmuls"]:
             seconds += count * sum(timed(m, k, n, layout) for layout in layouts)

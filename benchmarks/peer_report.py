@@ -123,8 +123,10 @@ def report(
                 "",
                 f"FLOP bound at B = {batch} ({bound['threads']} threads): `torch.matmul` at the model's shapes runs "
                 f"{ph['rollout']['gflops']:.0f} GFLOP/s for the rollout (prefill and M = B decode steps), "
-                f"{ph['training']['gflops']:.0f} GFLOP/s for training (M = B·(P+T-1), both backward matmuls; the "
-                "update's forward matmuls repeat the rollout's and are not counted). FLOPs per generated token: "
+                f"{ph['training']['gflops']:.0f} GFLOP/s for training (M = B·T + B/g·(P-1) positions, both backward "
+                "matmuls; the update's forward matmuls repeat the rollout's and are not counted). Prompts come in "
+                f"groups of g = {bound.get('group', 1)} samples: a prompt's positions are counted once per distinct "
+                "prompt in the prefill, training and reference passes. FLOPs per generated token: "
                 f"rollout {fpt['rollout'] / 1e6:.1f}M, training "
                 f"{fpt['training'] / 1e6:.1f}M, reference {fpt['reference'] / 1e6:.1f}M; counted: {counted} = "
                 f"{sum(fpt[k] for k in bound['counted']) / 1e6:.1f}M. Ceiling: **{bound['ceiling']:,.0f} tok/s** for "

@@ -220,7 +220,8 @@ def measure_flops(work, batch: int, threads: int, kl: bool) -> dict:
     if threads:
         torch.set_num_threads(threads)
     shape = flop_bound.Shape.from_config(json.loads((Path(work.lm) / "config.json").read_text()))
-    return flop_bound.measure(shape, batch, work.prompt_tokens, work.new_tokens, kl)
+    # groups of GROUP_SIZE samples per prompt, as REINFORCE/GRPO/RLOO draw them: prompt work counted once
+    return flop_bound.measure(shape, batch, work.prompt_tokens, work.new_tokens, kl, group=trl_systems.GROUP_SIZE)
 
 
 # --- the driver -----------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -110,3 +112,13 @@ def test_flop_count_of_each_phase():
     assert matmul["rollout"] == 2 * (
         B * (P + T - 1) * blocks + B * T * 256 * 4096
     )  # every token but the last, fed once
+    # groups of 4 samples per prompt: the prompt's positions once per distinct prompt (all P in the prefill,
+    # the first P - 1 in the training and reference passes; the head only where a new token is predicted)
+    g = {
+        name: module.phase_flops({**phase, "attention": 0}) for name, phase in module.phases(shape, B, P, T, 4).items()
+    }
+    assert g["rollout"] == 2 * ((B // 4) * P * blocks + (B // 4) * 256 * 4096 + B * (T - 1) * (blocks + 256 * 4096))
+    assert g["reference"] == 2 * (((B // 4) * (P - 1) + B * T) * blocks + B * T * 256 * 4096)
+    assert g["training"] == 2 * g["reference"]
+    with pytest.raises(ValueError, match="not a multiple of group"):
+        module.phases(shape, 18, P, T, 4)
