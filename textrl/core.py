@@ -28,6 +28,12 @@ autograd as usual; the backward is exactly the usual one (the same three matmuls
 backward). So the update skips the forward's matmuls, about a fifth of the FLOPs of an RL iteration
 (benchmarks/peers.py). Rows whose tokens, weights (version counters) or autocast state differ from the
 record's are computed normally.
+
+Shared prompts (:class:`GPT2Core`): when at most half the rows are distinct over a prompt (the ``group_size``
+samples of each prompt that RLOO/GRPO-style baselines draw), the prefill runs each distinct prompt once and
+copies its keys/values, record and first logits to its rows, and ``forward`` (reference pass, update;
+replayed or not) runs the first ``start`` positions once per distinct prompt, the rows attending to the
+gathered keys/values (:meth:`GPT2Core._shared_prefix`); autograd adds up the rows' gradients there.
 """
 
 from __future__ import annotations
