@@ -114,29 +114,36 @@ class _Replayed(torch.autograd.Function):
 class _ReplayedPair(torch.autograd.Function):
     """:class:`_Replayed` for one linear layer applied to two sets of rows (a shared prompt prefix and the
     rows' own positions): both outputs come from the record; the backward forms the weight gradient as one
-    ``mm`` plus one accumulating ``addmm`` (no second weight-sized gradient to add up)."""
+    ``mm`` plus one accumulating ``addmm`` (no second weight-sized gradient to add up). An output that no
+    loss uses (the prefix after the last layer) gets no gradient and costs nothing in the backward."""
 
     @staticmethod
     def forward(ctx, xa, xb, weight, bias, recorded_a, recorded_b):
         ctx.save_for_backward(xa, xb, weight)
         ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None instead of zeros
         return recorded_a.view_as(recorded_a), recorded_b.view_as(recorded_b)
 
     @staticmethod
     def backward(ctx, grad_a, grad_b):
         xa, xb, weight = ctx.saved_tensors
-        ga, gb = grad_a.reshape(-1, grad_a.shape[-1]), grad_b.reshape(-1, grad_b.shape[-1])  # (N, out)
-        xa2, xb2 = xa.reshape(-1, xa.shape[-1]), xb.reshape(-1, xb.shape[-1])  # (N, in)
-        dxa = dxb = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dxa = (ga @ weight.t()).view(xa.shape)
-        if ctx.needs_input_grad[1]:
-            dxb = (gb @ weight.t()).view(xb.shape)
-        if ctx.needs_input_grad[2]:
-            dw = torch.addmm(xb2.t() @ gb, xa2.t(), ga)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            db = gb.sum(0) + ga.sum(0)
-        return dxa, dxb, dw, db, None, None
+        parts = [
+            (x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))  # (N, in), (N, out)
+            for x, g in ((xa, grad_a), (xb, grad_b))
+            if g is not None
+        ]
+        dx = [
+            (g @ weight.t()).view(x.shape) if g is not None and ctx.needs_input_grad[i] else None
+            for i, (x, g) in enumerate(((xa, grad_a), (xb, grad_b)))
+        ]
+        dw = db = None
+        if ctx.needs_input_grad[2] and parts:
+            dw = parts[0][0].t() @ parts[0][1]
+            for x2, g2 in parts[1:]:
+                dw.addmm_(x2.t(), g2)
+        if ctx.has_bias and ctx.needs_input_grad[3] and parts:
+            db = sum(g2.sum(0) for _, g2 in parts)
+        return dx[0], dx[1], dw, db, None, None
 
 
 class KVCache:
@@ -396,22 +403,22 @@ class GPT2Core(nn.Module):
         self._writing = rec  # what decode writes into
         # rows with the same prompt (GRPO-style groups) are computed once, then copied to each row
         shared = self._shared_prefix(ids, mask, P)
-        rows = (lambda t: t) if shared is None else (lambda t: t.index_select(0, shared[1]))
+        spread = (lambda t: t) if shared is None else (lambda t: t.index_select(0, shared[1]))
         src_ids, src_mask = (ids, mask) if shared is None else (ids[shared[0]], mask[shared[0]])
         U = src_ids.shape[0]
         x = self.wte(src_ids) + self.wpe(positions_from_mask(src_mask))
         attn_mask = self._full_mask(src_mask)
         for i, block in enumerate(self.blocks):
             q, k, v = self._qkv(block, x)
-            cache.k[i, :, :, :P], cache.v[i, :, :, :P] = rows(k), rows(v)
+            cache.k[i, :, :, :P], cache.v[i, :, :, :P] = spread(k), spread(v)
             x, proj, fc, out = self._block_outputs(
                 block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
             )
             if rec is not None:
-                rec.qkv[i][:, :P] = rows(torch.stack((q, k, v), 2).transpose(1, 3).reshape(U, P, 3 * E))
-                rec.proj[i][:, :P], rec.fc[i][:, :P] = rows(proj.view(U, P, -1)), rows(fc.view(U, P, -1))
-                rec.mlp[i][:, :P] = rows(out.view(U, P, -1))
-        logits, hidden = (rows(t[:, 0]) for t in self._head(x[:, -1:]))
+                rec.qkv[i][:, :P] = spread(torch.stack((q, k, v), 2).transpose(1, 3).reshape(U, P, 3 * E))
+                rec.proj[i][:, :P], rec.fc[i][:, :P] = spread(proj.view(U, P, -1)), spread(fc.view(U, P, -1))
+                rec.mlp[i][:, :P] = spread(out.view(U, P, -1))
+        logits, hidden = (spread(t[:, 0]) for t in self._head(x[:, -1:]))
         if rec is not None:
             rec.logits[:, 0] = logits
             rec.len = P
@@ -548,7 +555,6 @@ class GPT2Core(nn.Module):
         full = self._full_mask(mask)
         mask_x, mask_y = full[first, :, :n, :n], full[:, :, n:]
         ln = F.layer_norm
-        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             hx = ln(x, (E,), block.ln_1.weight, block.ln_1.bias, self.eps)
@@ -561,19 +567,6 @@ class GPT2Core(nn.Module):
             k = torch.cat([kx.index_select(0, inverse), ky], 2)
             v = torch.cat([vx.index_select(0, inverse), vy], 2)
             att_y = F.scaled_dot_product_attention(qy, k, v, attn_mask=mask_y).transpose(1, 2).reshape(B, S - n, E)
-            if i == last:  # the prefix's outputs after the last layer are never used
-                y = y + _Replayed.apply(att_y, attn.c_proj.weight, attn.c_proj.bias, own(rec.proj[i]), False)
-                fc = _Replayed.apply(
-                    ln(y, (E,), block.ln_2.weight, block.ln_2.bias, self.eps),
-                    mlp.c_fc.weight,
-                    mlp.c_fc.bias,
-                    own(rec.fc[i]),
-                    False,
-                )
-                y = y + _Replayed.apply(
-                    gelu(fc, self.approximate), mlp.c_proj.weight, mlp.c_proj.bias, own(rec.mlp[i]), False
-                )
-                break
             att_x = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=mask_x).transpose(1, 2).reshape(U, n, E)
             px, py = _ReplayedPair.apply(
                 att_x, att_y, attn.c_proj.weight, attn.c_proj.bias, pre(rec.proj[i]), own(rec.proj[i])

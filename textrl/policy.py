@@ -138,7 +138,7 @@ class _ActionLogProbs(torch.autograd.Function):
 def _chunk(flat: torch.Tensor, i: int, rows: int, suppress: torch.Tensor | None) -> torch.Tensor:
     """Rows ``i : i + rows`` of ``flat`` (N, V), with the ``suppress`` columns at -inf (then a copy)."""
     chunk = flat[i : i + rows]
-    return chunk if suppress is None else chunk.index_fill(1, suppress, float("-inf"))
+    return chunk if suppress is None else globals()["suppress"](chunk, suppress)
 
 
 def action_logprobs(
