@@ -135,10 +135,10 @@ class _ActionLogProbs(torch.autograd.Function):
         return out.view(logits.shape), None, None, None
 
 
-def _chunk(flat: torch.Tensor, i: int, rows: int, suppress: torch.Tensor | None) -> torch.Tensor:
+def _chunk(flat: torch.Tensor, i: int, rows: int, suppressed: torch.Tensor | None) -> torch.Tensor:
     """Rows ``i : i + rows`` of ``flat`` (N, V), with the ``suppress`` columns at -inf (then a copy)."""
     chunk = flat[i : i + rows]
-    return chunk if suppress is None else globals()["suppress"](chunk, suppress)
+    return chunk if suppressed is None else suppress(chunk, suppressed)
 
 
 def action_logprobs(
