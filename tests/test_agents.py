@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_agent_learns_a_token_level_task(cls, gpt2_dir):
 
 @pytest.mark.parametrize("cls", [REINFORCE, PPO])
 def test_save_load_gives_identical_predictions(cls, env, tmp_path):
-    agent = cls(env, config=_small(cls), seed=0)
+    agent = cls(env, config=_small(cls, suppress_tokens=[1]), seed=0)
     agent.learn(1)
     agent.save(tmp_path / "agent")
     loaded = cls.load(tmp_path / "agent", env=env)
@@ -82,6 +83,7 @@ def test_save_load_gives_identical_predictions(cls, env, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(agent.policy.core.forward(li, lm)[0], loaded.policy.core.forward(li, lm)[0])
     assert loaded.num_timesteps == agent.num_timesteps and loaded.iteration == agent.iteration
+    assert loaded.sampling == agent.sampling and loaded.sampling.suppress_tokens == (1,)
     assert agent.generate(PROMPTS[:2], deterministic=True) == loaded.generate(PROMPTS[:2], deterministic=True)
 
 
@@ -216,6 +218,7 @@ def test_cli_train_writes_logs_and_resumes(gpt2_dir, tmp_path, capsys):
         " max_new_tokens=4)\n"
     )
     common = ["--env", f"{factory}:make", "--agent", "reinforce", "--batch-size", "4", "--group-size", "2"]
+    common += ["--suppress-tokens", "0", "1"]  # a list flag: parsed, saved with the run, restored on resume
     runs = tmp_path / "runs"
     assert main(["train", *common, "--total-timesteps", "20", "--tensorboard-log", str(runs), "--progress", "0"]) == 0
     out = capsys.readouterr().out
@@ -225,8 +228,10 @@ def test_cli_train_writes_logs_and_resumes(gpt2_dir, tmp_path, capsys):
     (ckpt,) = (run / "checkpoints").glob("step-*")
     steps = int(ckpt.name.split("-")[1])
     assert steps >= 20
-    assert main(["train", *common, "--total-timesteps", str(steps + 10), "--resume", str(run), "--progress", "0"]) == 0
+    resume = common[:-3]  # without --suppress-tokens: the checkpoint's config is restored
+    assert main(["train", *resume, "--total-timesteps", str(steps + 10), "--resume", str(run), "--progress", "0"]) == 0
     assert "resuming from" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["suppress_tokens"] == [0, 1]
     assert max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) > steps
     # bad input: a clear error and exit code 2
     assert main(["train", "--env", "textrl/Nope-v0", "--agent", "ppo"]) == 2
