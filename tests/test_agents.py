@@ -286,6 +286,9 @@ def test_suppressed_eos_gives_full_length_completions_and_a_consistent_distribut
     unsuppressed = torch.log_softmax(logits.float(), -1).gather(-1, rollout.actions[..., None]).squeeze(-1)
     assert (unsuppressed < logprobs - 1).all()  # eos held most of the mass: removing it matters
     assert all(agent.generate(PROMPTS, max_new_tokens=6))  # unsuppressed, eos first would leave them empty
+    assert all(agent.generate(PROMPTS, max_new_tokens=6, deterministic=True))  # greedy skips eos too
+    obs, _ = env.reset(seed=0)
+    assert agent.predict(obs, deterministic=True)[0] != eos
     agent.sampling = dataclasses.replace(agent.sampling, suppress_tokens=())
     assert not any(agent.generate(PROMPTS, max_new_tokens=6))
     agent.learn(agent.num_timesteps + 1)

@@ -449,8 +449,8 @@ class BaseAgent:
     def _choose(self, logits: torch.Tensor, deterministic: bool) -> torch.Tensor:
         """Next token per row from logits (B, V): greedy, or sampled from the rollout distribution."""
         logits = logits[:, : self.env.single_action_space.n].float()
-        if deterministic:
-            return logits.argmax(-1)
+        if deterministic:  # the most likely token that may be sampled at all
+            return shape_logits(logits, suppress_tokens=self.sampling.suppress_tokens).argmax(-1)
         return sample(F.softmax(shape_logits(logits, **vars(self.sampling)), -1), self.generator)
 
     @torch.no_grad()
