@@ -38,7 +38,7 @@ def shape_logits(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    suppress_tokens: Sequence[int] = (),
+    suppress_tokens: Sequence[int] | torch.Tensor = (),
 ) -> torch.Tensor:
     """Remove ``suppress_tokens``, apply temperature, then top-k, then top-p (nucleus) filtering; removed and
     filtered logits become -inf (top-k and top-p choose among the tokens that are not suppressed).

@@ -113,7 +113,9 @@ def collect_rollout(
     completions = [""] * B
     terminated_rows = np.zeros(B, dtype=bool)
 
-    shaping = vars(sampling)
+    # the suppressed ids as one index tensor for the whole rollout, not a new one at every step
+    suppressed = torch.as_tensor(sampling.suppress_tokens, dtype=torch.long, device=device)
+    shaping = {**vars(sampling), "suppress_tokens": suppressed}
     logits, value = policy.start(ids, mask, P + T, record=record)
     steps = 0
     for t in range(T):
