@@ -38,6 +38,7 @@ gathered keys/values (:meth:`GPT2Core._shared_prefix`); autograd adds up the row
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import ClassVar
 
@@ -216,19 +217,23 @@ class HFCore(nn.Module):
         super().__init__()
         self.model = model
         self._cache = None
+        # the cache keyword is `cache` in recent transformers (which warn on `past_key_values`), earlier
+        # `past_key_values`; the cache object is filled in place, so it is what _run returns either way
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _run(self, ids, mask, positions, cache=None, keep: int = 0):
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
             output_hidden_states=True,
             logits_to_keep=keep,  # 0 = all positions
+            **{self._cache_kw: cache},
         )
         hidden = out.hidden_states[-1]
-        return out.logits, hidden[:, -keep:] if keep else hidden, out.past_key_values
+        return out.logits, hidden[:, -keep:] if keep else hidden, cache
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
         """As :meth:`GPT2Core.prefill`; ``record`` is accepted and ignored (no replay for generic models)."""
