@@ -11,6 +11,7 @@ from gymnasium import spaces
 
 from envs.engine import ENV_KEYWORDS, _action_error, _observation_space, _prompt_choice, build_engine
 from envs.prompts import PromptSource
+from envs.render import text_frame
 from textrl.rewards import RewardSpec
 
 
@@ -57,10 +58,12 @@ class TextGenEnv(gym.Env):
     - ``stop``: string(s) that end the episode (termination).
     - ``context_length``: observation width ``C``; default: the longest prompt + ``max_new_tokens``.
     - ``truncate_prompts``: over-long prompts keep their last tokens (True) or raise (False, default).
-    - ``render_mode``: ``"ansi"`` (``render()`` returns the text) or ``"human"`` (prints it).
+    - ``render_mode``: ``"ansi"`` (``render()`` returns the prompt + completion so far as a string),
+      ``"human"`` (prints it) or ``"rgb_array"`` (draws it: a ``(288, 512, 3)`` ``uint8`` frame of fixed size,
+      word-wrapped, prompt and completion in different colours, newest lines kept; see :mod:`envs.render`).
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "human", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -111,6 +114,8 @@ class TextGenEnv(gym.Env):
         return self.engine.observation(0), float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
 
     def render(self):
+        if self.render_mode == "rgb_array":
+            return text_frame(self.engine.row_text[0], self.engine.completion_text(0))
         text = self.engine.row_text[0] + self.engine.completion_text(0)
         if self.render_mode == "human":
             print(text)

@@ -13,6 +13,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.engine import ENV_KEYWORDS, _observation_space, _prompt_choice, build_engine
 from envs.prompts import PromptSource
+from envs.render import text_frame
 from textrl.rewards import RewardSpec
 
 
@@ -35,12 +36,20 @@ class TextGenVectorEnv(VectorEnv):
     textrl extension: ``options={"prompt_index": array of num_envs ints}`` starts each sub-env on its own
     prompt (the agents use it to lay out groups of samples of one prompt).
 
-    Arguments: ``num_envs`` plus every keyword of :class:`TextGenEnv`; ``autoreset_mode``;
-    ``copy`` (return copies of the observation arrays, default True); ``max_episode_steps`` (an extra
-    truncation limit, passed by ``gymnasium.make_vec`` when the spec sets one).
+    Rendering: ``render_mode="ansi"`` (or None): ``render()`` returns a list of each sub-env's text;
+    ``"rgb_array"``: a tuple of each sub-env's frame (as :class:`TextGenEnv` draws it), the layout of
+    ``SyncVectorEnv.render`` that Gymnasium's vector ``RecordVideo`` and ``HumanRendering`` tile.
+
+    Arguments: ``num_envs`` plus every keyword of :class:`TextGenEnv` (``render_mode``: ``"ansi"`` or
+    ``"rgb_array"``); ``autoreset_mode``; ``copy`` (return copies of the observation arrays, default True);
+    ``max_episode_steps`` (an extra truncation limit, passed by ``gymnasium.make_vec`` when the spec sets one).
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata: ClassVar[dict[str, Any]] = {
+        "render_modes": ["ansi", "rgb_array"],
+        "render_fps": 4,
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+    }
 
     def __init__(
         self,
@@ -68,6 +77,8 @@ class TextGenVectorEnv(VectorEnv):
         self.tokenizer = self.engine.tokenizer
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = dict(self.metadata, autoreset_mode=self.autoreset_mode)
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.render_mode = render_mode
         self.copy = copy
         self.single_action_space = spaces.Discrete(self.engine.vocab_size)
@@ -216,7 +227,10 @@ class TextGenVectorEnv(VectorEnv):
         return self.engine.observation(copy=self.copy), reward, terminated, truncated, info
 
     def render(self):
-        return [self.engine.row_text[i] + self.engine.completion_text(i) for i in range(self.num_envs)]
+        texts = [(self.engine.row_text[i], self.engine.completion_text(i)) for i in range(self.num_envs)]
+        if self.render_mode == "rgb_array":  # one frame per sub-env, as SyncVectorEnv.render returns them
+            return tuple(text_frame(prompt, completion) for prompt, completion in texts)
+        return [prompt + completion for prompt, completion in texts]
 
 
 def _objects(n: int, rows: np.ndarray, values: list[Any]) -> np.ndarray:

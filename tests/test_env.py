@@ -1,4 +1,5 @@
-"""TextGenEnv: both env checkers, a hand-worked episode with known rewards, reset options, registration."""
+"""TextGenEnv: both env checkers, a hand-worked episode with known rewards, reset options, registration,
+and the rgb_array frames (envs/render.py)."""
 
 import warnings
 
@@ -9,7 +10,8 @@ from gymnasium.utils.env_checker import check_env as gym_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import envs  # noqa: F401  (registers textrl/TextGen-v0)
-from envs import TextGenEnv
+from envs import TextGenEnv, TextGenVectorEnv
+from envs.render import COMPLETION_COLOUR, FRAME_HEIGHT, FRAME_WIDTH, MARGIN, PROMPT_COLOUR, text_frame
 from textrl.pretrain import train_tokenizer
 from textrl.rewards import immediate
 
@@ -81,6 +83,14 @@ def test_gymnasium_check_env_on_wrapped_env_only_warns_about_wrappers(tok):
         gym_check_env(env)
     messages = _messages(caught)
     assert len(messages) == 1 and "different from the unwrapped version" in messages[0]
+
+
+def test_gymnasium_check_env_rgb_array(tok):
+    env = gymnasium.make("textrl/TextGen-v0", tokenizer=tok, prompts=["ab", "hello"], render_mode="rgb_array")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gym_check_env(env.unwrapped)
+    assert _messages(caught) == []
 
 
 @pytest.mark.parametrize("made", [False, True])
@@ -271,3 +281,123 @@ def test_time_limit_from_make_truncates(tok):
     env.reset(seed=0)
     flags = [env.step(ids(tok, "a")[0])[2:4] for _ in range(3)]
     assert flags == [(False, False), (False, False), (False, True)]
+
+
+# --- rgb_array frames -----------------------------------------------------------------------------------
+
+SHAPE = (FRAME_HEIGHT, FRAME_WIDTH, 3)
+
+
+def _has(frame: np.ndarray, colour) -> bool:
+    return bool((frame == np.array(colour, dtype=np.uint8)).all(-1).any())
+
+
+def _ink_rows(frame: np.ndarray) -> np.ndarray:
+    """Indices of the pixel rows with any text on them."""
+    return np.flatnonzero((frame != frame[0, 0]).any(-1).any(-1))
+
+
+def _n_lines(frame: np.ndarray) -> int:
+    """Number of lines of text: runs of pixel rows with ink."""
+    rows = _ink_rows(frame)
+    return int(rows.size > 0) + int((np.diff(rows) > 1).sum())
+
+
+def test_text_frame_has_a_fixed_shape_and_dtype():
+    long = "The old king sees the queen by the river. " * 60 + "\n" * 40 + "x" * 500
+    for prompt, completion in [("", ""), ("Hi", ""), ("The old king", " sees"), (long, long)]:
+        frame = text_frame(prompt, completion)
+        assert frame.shape == SHAPE and frame.dtype == np.uint8
+    assert text_frame("Hi", " there", width=64, height=48).shape == (48, 64, 3)
+    assert not _ink_rows(text_frame("", "")).size  # nothing to draw: background only
+    with pytest.raises(ValueError, match="pixels"):
+        text_frame("Hi", "", width=10, height=10)
+
+
+def test_text_frame_shows_the_text_prompt_and_completion_apart():
+    frames = {
+        "prompt": text_frame("The old king sees", ""),
+        "completion": text_frame("", "The old king sees"),
+        "split": text_frame("The old ki", "ng sees"),  # the completion continues a word of the prompt
+        "other": text_frame("The old queen sees", ""),
+    }
+    assert _has(frames["prompt"], PROMPT_COLOUR) and not _has(frames["prompt"], COMPLETION_COLOUR)
+    assert _has(frames["completion"], COMPLETION_COLOUR) and not _has(frames["completion"], PROMPT_COLOUR)
+    assert _has(frames["split"], PROMPT_COLOUR) and _has(frames["split"], COMPLETION_COLOUR)
+    names = list(frames)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not np.array_equal(frames[a], frames[b]), (a, b)
+    # same text, same ink: only the colour differs
+    np.testing.assert_array_equal(_ink_rows(frames["prompt"]), _ink_rows(frames["completion"]))
+
+
+def test_text_frame_wraps_and_honours_newlines():
+    assert _n_lines(text_frame("The old king", "")) == 1
+    assert _n_lines(text_frame("The old\nking", "")) == 2
+    assert _n_lines(text_frame("The old", "\n\nking")) == 2  # a blank line between them...
+    assert _ink_rows(text_frame("The old", "\n\nking")).max() > _ink_rows(text_frame("The old\nking", "")).max()
+    assert np.array_equal(text_frame("a\r\nb", ""), text_frame("a\nb", ""))
+    wrapped = text_frame("the quick brown fox " * 10, "")  # 200 characters: wider than one line
+    assert 3 <= _n_lines(wrapped) <= 4
+    ink_columns = np.flatnonzero((wrapped != wrapped[0, 0]).any(-1).any(0))
+    assert ink_columns.min() >= MARGIN - 1 and ink_columns.max() < FRAME_WIDTH - MARGIN + 2  # inside the margins
+    assert _n_lines(text_frame("", "y" * 400)) >= 4  # a word wider than a line is broken between characters
+
+
+def test_text_frame_keeps_the_newest_text_when_it_overflows():
+    story = "The old king sees the queen by the river and the knight guards the castle. " * 20
+    endings = {w: text_frame("Once upon a time\n", story + w) for w in ("LAST", "WORD")}
+    rows = np.flatnonzero((endings["LAST"] != endings["WORD"]).any(-1).any(-1))
+    assert rows.size and rows.min() > FRAME_HEIGHT // 2  # the last word differs, on the last line
+    # the oldest text has scrolled off: a different first line draws the same frame
+    assert np.array_equal(endings["LAST"], text_frame("A long time ago\n", story + "LAST"))
+    assert not np.array_equal(text_frame("Once upon a time\n", "Hi"), text_frame("A long time ago\n", "Hi"))
+    assert _ink_rows(endings["LAST"]).max() > FRAME_HEIGHT - MARGIN - 20  # the frame is full to the bottom
+
+
+def test_env_renders_rgb_array_frames_of_its_text(tok):
+    env = TextGenEnv(prompts=["ab", "hello"], tokenizer=tok, max_new_tokens=4, render_mode="rgb_array")
+    env.reset(options={"prompt": "hello"})
+    first = env.render()
+    assert first.shape == SHAPE and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, text_frame("hello", ""))
+    env.step(ids(tok, "a")[0])
+    env.step(ids(tok, "b")[0])
+    np.testing.assert_array_equal(env.render(), text_frame("hello", "ab"))
+    ansi = TextGenEnv(prompts=["ab"], tokenizer=tok, render_mode="ansi")
+    ansi.reset(seed=0)
+    assert ansi.render() == "ab"  # the text modes are unchanged
+
+
+def test_vector_env_renders_a_frame_per_sub_env_like_sync_vector_env(tok):
+    kwargs = {"prompts": ["ab", "hello", "the lazy dog"], "tokenizer": tok, "max_new_tokens": 3}
+    native = TextGenVectorEnv(3, **kwargs, render_mode="rgb_array")
+    sync = gymnasium.vector.SyncVectorEnv([lambda: TextGenEnv(**kwargs, render_mode="rgb_array")] * 3)
+    native.reset(seed=0)
+    sync.reset(seed=0)
+    for _ in range(4):  # past an autoreset
+        frames, expected = native.render(), sync.render()
+        assert isinstance(frames, tuple) and len(frames) == 3
+        for a, b in zip(frames, expected, strict=True):
+            assert a.shape == SHAPE and a.dtype == np.uint8
+            np.testing.assert_array_equal(a, b)
+        actions = np.array(ids(tok, "a", "b", "c"))
+        native.step(actions)
+        sync.step(actions)
+    assert isinstance(TextGenVectorEnv(2, **kwargs).render(), list)  # ansi / None: the texts, as before
+    with pytest.raises(ValueError, match="render_mode must be one of"):
+        TextGenVectorEnv(2, **kwargs, render_mode="human")
+
+
+@pytest.mark.parametrize("vectorization_mode", ["sync", "vector_entry_point"])
+def test_task_env_accepts_rgb_array(vectorization_mode):
+    env = gymnasium.make("textrl/Arithmetic-v0", render_mode="rgb_array")
+    env.reset(seed=0)
+    assert env.render().shape == SHAPE
+    vec = gymnasium.make_vec(
+        "textrl/Arithmetic-v0", num_envs=2, vectorization_mode=vectorization_mode, render_mode="rgb_array"
+    )
+    vec.reset(seed=0)
+    frames = vec.render()
+    assert len(frames) == 2 and all(f.shape == SHAPE for f in frames)

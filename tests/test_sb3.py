@@ -8,12 +8,13 @@ import torch
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.common.vec_env import DummyVecEnv, VecVideoRecorder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from agents.sb3 import SampleLoggingCallback, TransformerActorCriticPolicy
 from envs import TextGenEnv
+from envs.render import BACKGROUND, FRAME_HEIGHT, FRAME_WIDTH
 from textrl.core import GPT2Core
 from textrl.lm import load_lm
 from textrl.prefix_cache import PrefixCache, last_hidden, longest_extension
@@ -28,9 +29,10 @@ def low_ids(new_token_ids):
     return (new_token_ids < 100).astype(float)
 
 
-def _venv(lm, n_envs: int = 2, **kwargs):
+def _venv(lm, n_envs: int = 2, env: str | type = TextGenEnv, **kwargs):
+    """SB3's ``make_vec_env`` of the env class, or of a registered id (which SB3 makes with render_mode="rgb_array")."""
     env_kwargs = {"lm": str(lm), "prompts": PROMPTS, "reward": low_ids, "max_new_tokens": 4} | kwargs
-    return make_vec_env(TextGenEnv, n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
+    return make_vec_env(env, n_envs=n_envs, seed=0, env_kwargs=env_kwargs)
 
 
 def _ppo(lm, venv=None, **kwargs):
@@ -62,6 +64,20 @@ def test_ppo_trains_the_lm_and_value_head_and_logs(gpt2_dir, tmp_path):
     expected = {"train/policy_gradient_loss", "train/value_loss", "train/approx_kl", "rollout/ep_rew_mean"}
     assert expected <= tags, tags
     assert len(events.Scalars("train/policy_gradient_loss")) >= 2
+
+
+def test_ppo_trains_on_make_vec_env_of_the_registered_id(gpt2_dir):
+    venv = _venv(gpt2_dir, env="textrl/TextGen-v0")
+    assert venv.render_mode == "rgb_array"
+    venv.reset()
+    assert all(frame.shape == (FRAME_HEIGHT, FRAME_WIDTH, 3) for frame in venv.get_images())
+    model = _ppo(gpt2_dir, venv=venv)
+    lm = model.policy.features_extractor.model
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    model.learn(2 * 16)
+    assert model.num_timesteps == 2 * 16
+    changed = [n for n, p in lm.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"
 
 
 def test_a2c_learns_on_a_llama_without_cache(llama_dir):
@@ -101,17 +117,27 @@ def test_save_load_round_trip_predicts_the_same(gpt2_dir, tmp_path):
     assert loaded.policy.action_net.head.weight is lm.transformer.wte.weight
 
 
-def test_checkpoint_eval_and_sample_callbacks(gpt2_dir, tmp_path):
-    model = _ppo(gpt2_dir, tensorboard_log=str(tmp_path / "runs"))
+def test_checkpoint_eval_video_and_sample_callbacks(gpt2_dir, tmp_path):
+    """SB3's own callbacks and video recorder on ``make_vec_env`` of the registered id, plus ours."""
+    from moviepy import VideoFileClip
+
+    model = _ppo(gpt2_dir, venv=_venv(gpt2_dir, env="textrl/TextGen-v0"), tensorboard_log=str(tmp_path / "runs"))
     checkpoints = CheckpointCallback(save_freq=8, save_path=str(tmp_path / "ckpt"), name_prefix="sb3")
     evaluation = EvalCallback(
-        _venv(gpt2_dir, n_envs=1), n_eval_episodes=2, eval_freq=8, log_path=str(tmp_path / "eval"), verbose=0
+        _venv(gpt2_dir, n_envs=1, env="textrl/TextGen-v0"),
+        n_eval_episodes=2,
+        eval_freq=8,
+        log_path=str(tmp_path / "eval"),
+        best_model_save_path=str(tmp_path / "best"),
+        verbose=0,
     )
     samples = SampleLoggingCallback(every_n_rollouts=1, n=3)
     model.learn(2 * 16, callback=[checkpoints, evaluation, samples], tb_log_name="cb")
 
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["sb3_16_steps.zip", "sb3_32_steps.zip"]
     assert np.load(tmp_path / "eval" / "evaluations.npz")["results"].shape == (2, 2)
+    assert (tmp_path / "best" / "best_model.zip").stat().st_size > 0
+
     assert samples.rollouts == 2 and len(samples.last_samples) == 3
     assert [p for p, _, _ in samples.last_samples] == PROMPTS[:3]
     assert all(0 <= r <= 4 for _, _, r in samples.last_samples)  # low_ids pays at most 1 per token, 4 tokens
@@ -123,6 +149,20 @@ def test_checkpoint_eval_and_sample_callbacks(gpt2_dir, tmp_path):
     own = SampleLoggingCallback(prompts=["Hello"], n=2, deterministic=True)
     own.init_callback(model)
     assert [(p, len(c) > 0) for p, c, _ in own.log_samples()] == [("Hello", True)] * 2
+
+    # SB3's video recipe: the rgb_array frames of 8 steps after the reset, written to .mp4
+    recorder = VecVideoRecorder(model.env, str(tmp_path / "video"), lambda step: step == 0, video_length=8)
+    obs = recorder.reset()
+    for _ in range(8):
+        obs, *_ = recorder.step(model.predict(obs)[0])
+    recorder.close()
+    (video,) = (tmp_path / "video").glob("*.mp4")
+    assert video.stat().st_size > 2_000
+    with VideoFileClip(str(video)) as clip:  # 9 frames at the env's render_fps, the 2 envs' frames tiled
+        assert clip.fps == TextGenEnv.metadata["render_fps"] and clip.duration == pytest.approx(9 / 4, abs=0.3)
+        frame = clip.get_frame(0)
+    assert frame.shape == (2 * FRAME_HEIGHT, FRAME_WIDTH, 3)
+    np.testing.assert_allclose(frame[:4, :4].reshape(-1, 3).mean(0), BACKGROUND, atol=8)  # our frames, lossily
 
 
 def test_cached_rollout_equals_the_uncached_forward(gpt2_dir):
