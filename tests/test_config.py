@@ -11,7 +11,15 @@ from typing import Literal
 import pytest
 
 from textrl.cli import GenerateConfig
-from textrl.config import add_dataclass_args, config_markdown, field_docs, from_args, save_config
+from textrl.config import (
+    ConfigFileError,
+    add_dataclass_args,
+    config_markdown,
+    field_docs,
+    from_args,
+    load_config_file,
+    save_config,
+)
 from textrl.pretrain import PretrainConfig
 
 
@@ -159,3 +167,51 @@ def test_save_config_round_trips(tmp_path):
         "limit": None, "out": "x/y", "mode": "fast", "undocumented": 1,
     }  # fmt: skip
     assert Toy(**{**data, "out": Path(data["out"])}) == cfg  # a run is reproducible from its folder
+
+
+# --- config files -------------------------------------------------------------------------------------------
+
+
+def test_load_yaml_and_toml_config_files(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("kl-coef: 0.05\nlearning_rate: 1e-4\ntags: [a, b]\nenv_kwargs:\n  reward: keyword_reward\n")
+    toml_file = tmp_path / "run.toml"
+    toml_file.write_text(
+        'kl-coef = 0.05\nlearning_rate = 1e-4\ntags = ["a", "b"]\n[env_kwargs]\nreward = "keyword_reward"\n'
+    )
+    expected = {"kl_coef": 0.05, "tags": ["a", "b"], "env_kwargs": {"reward": "keyword_reward"}}
+    from_yaml, from_toml = load_config_file(yaml_file), load_config_file(toml_file)
+    assert from_yaml == {**expected, "learning_rate": "1e-4"}  # YAML 1.1 reads 1e-4 as text; the flag parses it
+    assert from_toml == {**expected, "learning_rate": 1e-4}
+    (tmp_path / "empty.yml").write_text("# nothing set\n")
+    assert load_config_file(tmp_path / "empty.yml") == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.yaml", "seed: 1\nsteps: [1, 2\nlr: 3\n", r"cannot parse config file .*bad\.yaml \(YAML\): line 3, col"),
+        ("bad.yml", "seed: 1\n  steps: 2\n", r"cannot parse config file .*bad\.yml \(YAML\): line 2, column 8"),
+        ("bad.toml", "seed = 1\nsteps = \n", r"cannot parse config file .*bad\.toml \(TOML\): .*line 2"),
+        ("list.yaml", "- seed\n- steps\n", r"list\.yaml must be a table of settings \(key: value\), not a list"),
+        ("twice.toml", "kl_coef = 1\nkl-coef = 2\n", r"twice\.toml sets 'kl_coef' twice"),
+        ("run.json", "{}", r"run\.json must end in \.yaml, \.yml, \.toml"),
+    ],
+)
+def test_bad_config_files_are_named_errors(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigFileError, match=message):
+        load_config_file(tmp_path / name)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigFileError, match=r"config file not found: .*nope\.yaml"):
+        load_config_file(tmp_path / "nope.yaml")
+    assert issubclass(ConfigFileError, ValueError)  # the CLI prints it as a one-line error
+
+
+def test_argparse_names_the_expected_type():
+    parser = argparse.ArgumentParser(prog="toy", exit_on_error=False)
+    add_dataclass_args(parser, Toy)
+    with pytest.raises(argparse.ArgumentError, match=r"invalid int value: '1\.5'"):
+        parser.parse_args(["--steps", "1.5"])

@@ -3,7 +3,8 @@
 Every config is a ``@dataclass`` with a one-line docstring under each field (CleanRL's ``Args``).
 :func:`field_docs` reads those docstrings from the source, :func:`add_dataclass_args` turns the fields
 into ``argparse`` flags (so no field is documented twice), and :func:`config_markdown` renders a config as
-the markdown table each run writes next to its logs.
+the markdown table each run writes next to its logs. :func:`load_config_file` reads the same settings from
+a YAML or TOML file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import inspect
 import itertools
 import json
+import sys
 import textwrap
 import types
 import typing
@@ -73,6 +75,7 @@ def _parser_for(tp: Any, optional: bool):
             return text
         return tp(text)
 
+    parse.__name__ = _metavar(tp).lower()  # argparse says "invalid int value: '1.5'"
     return parse
 
 
@@ -127,6 +130,76 @@ def config_markdown(config: Any) -> str:
     """Render a config as a two-column markdown table (for TensorBoard's text tab)."""
     rows = "\n".join(f"|{k}|{v}|" for k, v in to_jsonable(config).items())
     return "|param|value|\n|-|-|\n" + rows
+
+
+class ConfigFileError(ValueError):
+    """A config file is missing, unreadable, not YAML/TOML, or not a table of settings."""
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".toml")
+"""File name endings :func:`load_config_file` reads."""
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file of settings into ``{field_name: value}``.
+
+    Keys may be written as field names or as flags without the dashes (``kl_coef`` or ``kl-coef``); values
+    come back as the parser read them (checking them against a config is the caller's job).
+
+    Raises:
+        ConfigFileError: the file is missing or unreadable, has another ending, does not parse (the message
+            names the file and the parser's complaint, with its line), or is not a table of settings.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigFileError(f"config file {path} must end in {', '.join(CONFIG_SUFFIXES)} (YAML or TOML)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigFileError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigFileError(f"cannot read config file {path}: {e}") from None
+    data = _parse_toml(path, text) if suffix == ".toml" else _parse_yaml(path, text)
+    if data is None:  # an empty YAML file
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigFileError(
+            f"config file {path} must be a table of settings (key: value), not a {type(data).__name__}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in out:
+            raise ConfigFileError(f"config file {path} sets {name!r} twice")
+        out[name] = value
+    return out
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = " ".join(filter(None, (e.context, e.problem)))
+        raise ConfigFileError(f"cannot parse config file {path} (YAML): {where}{problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigFileError(f"cannot parse config file {path} (YAML): {e}") from None
+
+
+def _parse_toml(path: Path, text: str) -> Any:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigFileError(f"cannot parse config file {path} (TOML): {e}") from None
 
 
 def save_config(config: Any, folder: str | Path, name: str = "config.json") -> Path:
