@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 import textrl
 from textrl import EMBEDDED_MODELS, LMNotFoundError, NotACausalLMError, generate, load_lm
-from textrl.lm import context_length_of, lm_context_length, load_tokenizer
+from textrl.checkpoint import CheckpointError, write_atomic
+from textrl.lm import context_length_of, cut_at_stop, export_lm, lm_context_length, load_tokenizer, resolve_lm_path
 from textrl.pretrain import EOS, PAD
 
 ROUND_TRIP_TEXTS = [
@@ -216,6 +225,89 @@ def test_generate_rejects_bad_settings(gpt2_lm, kwargs):
         generate(model, tokenizer, ["Hello"], **kwargs)
 
 
+def test_generate_stops_right_after_the_first_stop_string(gpt2_lm):
+    """With the same seed, each text is the unstopped one cut after its first stop string (kept)."""
+    model, tokenizer = gpt2_lm
+    kwargs = {"max_new_tokens": 12, "num_return_sequences": 4, "temperature": 2.0, "seed": 3}
+    free = generate(model, tokenizer, ["The old king"], **kwargs)
+    letters = [c for c in free[0][1:] if c.isascii() and c.isalpha()]
+    assert letters, free
+    for stop in (letters[0], [letters[0], "zq"], ["The", letters[0]]):
+        stops = [stop] if isinstance(stop, str) else stop
+        stopped = generate(model, tokenizer, ["The old king"], stop=stop, **kwargs)
+        assert stopped == [cut_at_stop(text, stops) for text in free]
+    assert stopped[0].endswith(letters[0]) and len(stopped[0]) < len(free[0])
+    with pytest.raises(ValueError, match="stop strings must be non-empty"):
+        generate(model, tokenizer, ["Hi"], stop=[""])
+
+
+def test_loading_and_generating_print_nothing(llama_dir, capfd):
+    """No progress bar ("Loading weights"), no deprecation or padding warning from transformers."""
+    model, tokenizer = load_lm(llama_dir)
+    generate(model, tokenizer, ["", "The old king"], max_new_tokens=4, num_return_sequences=2, seed=0)
+    assert capfd.readouterr().err == ""
+
+
+# --- textrl runs and checkpoints ----------------------------------------------------------------------------
+
+
+def _checkpoint(folder: Path, model_dir: Path, step: int = 10) -> Path:
+    """A checkpoint as textrl writes one (policy/ + state.json, completed by its manifest), from a model folder."""
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(model_dir, tmp / "policy")
+        (tmp / "state.json").write_text(
+            json.dumps({"agent": "reinforce", "env_id": "toy", "num_timesteps": step, "lm": str(model_dir)})
+        )
+
+    return write_atomic(folder / f"step-{step:012d}", write)
+
+
+def test_a_checkpoint_or_run_folder_loads_its_policy(gpt2_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "config.json").parent.mkdir()
+    (run / "config.json").write_text("{}")  # the run's settings: not a model config
+    old = _checkpoint(run / "checkpoints", gpt2_dir, step=10)
+    new = _checkpoint(run / "checkpoints", gpt2_dir, step=20)
+    assert resolve_lm_path(new) == new / "policy"
+    assert resolve_lm_path(run) == resolve_lm_path(run / "checkpoints") == new / "policy"
+    assert lm_context_length(run) == lm_context_length(gpt2_dir)
+    model, tokenizer = load_lm(run)
+    _check_loaded(model, tokenizer)
+    (new / "policy" / "model.safetensors").write_bytes(b"truncated")  # the newest breaks: the previous one
+    assert resolve_lm_path(run) == old / "policy"
+    assert f"warning: skipping checkpoint {new}" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):  # named directly: it must verify
+        load_lm(new)
+    (old / "state.json").write_text("{}")
+    with pytest.raises(LMNotFoundError, match="has no complete checkpoint"):
+        load_lm(run)
+
+
+def test_export_writes_a_plain_hf_folder(gpt2_dir, tmp_path):
+    checkpoint = _checkpoint(tmp_path / "run" / "checkpoints", gpt2_dir, step=30)
+    out = tmp_path / "export"
+    source, written = export_lm(tmp_path / "run", out)
+    assert source == checkpoint / "policy"
+    names = {p.name for p in written}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= names
+    model = AutoModelForCausalLM.from_pretrained(out)  # transformers alone
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint / "policy")
+    ids = tokenizer(["The old king sees"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(checkpoint / "policy").get_vocab()
+    card = (out / "README.md").read_text()
+    assert str(checkpoint) in card and "| trained tokens | 30 |" in card
+    with pytest.raises(ValueError, match="is not empty; pass --force"):
+        export_lm(checkpoint, out)
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    export_lm(checkpoint, out, force=True)
+    assert not (out / "model-00002-of-00002.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() == reference.num_parameters()
+
+
 # --- errors -----------------------------------------------------------------------------------------------
 
 
@@ -257,7 +349,7 @@ def test_file_instead_of_folder(gpt2_dir):
 
 def test_folder_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(LMNotFoundError, match=r"no config\.json"):
+    with pytest.raises(LMNotFoundError, match=r"no config\.json\), nor a textrl checkpoint"):
         load_lm(tmp_path)
 
 

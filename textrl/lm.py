@@ -2,13 +2,20 @@
 
 ``load_lm("tiny")`` returns the GPT-2-architecture model that ships inside this package (made by
 ``textrl pretrain``; its model card is ``textrl/models/tiny/README.md``). Any local folder with an HF
-causal LM (GPT-2, Llama, Qwen2, ...) loads the same way. Nothing is ever downloaded: a hub id that is not
-already in the local Hugging Face cache is a clear :class:`LMNotFoundError`.
+causal LM (GPT-2, Llama, Qwen2, ...) loads the same way, and so do a textrl checkpoint (its ``policy/``)
+and a run folder (its newest complete checkpoint). Nothing is ever downloaded: a hub id that is not
+already in the local Hugging Face cache is a clear :class:`LMNotFoundError`. :func:`export_lm` writes a
+checkpoint's policy as a plain HF folder that loads without textrl.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,9 +41,16 @@ class NotACausalLMError(ValueError):
 
 
 def resolve_lm_path(name_or_path: str | os.PathLike) -> Path | str:
-    """Map ``"tiny"`` (or another embedded name) to its folder; return local folders as paths.
+    """Map ``"tiny"`` (or another embedded name) to its folder; return local model folders as paths.
 
-    Anything else is returned unchanged as a hub id, to be looked up in the local HF cache only.
+    A textrl checkpoint (a folder with ``state.json`` or ``manifest.json`` and ``policy/``) maps to its
+    ``policy/`` folder once it verifies; a run folder (``<run>/checkpoints/step-*``) to the ``policy/`` of
+    its newest complete checkpoint (a newer broken one is skipped with a warning on stderr). Anything else
+    is returned unchanged as a hub id, to be looked up in the local HF cache only.
+
+    Raises:
+        LMNotFoundError: a local path that holds no model, or a run folder with no complete checkpoint.
+        textrl.checkpoint.CheckpointError: a checkpoint named directly that is incomplete or corrupt.
     """
     name = str(name_or_path)
     if name in EMBEDDED_MODELS:
@@ -51,12 +65,78 @@ def resolve_lm_path(name_or_path: str | os.PathLike) -> Path | str:
     if path.exists():
         if not path.is_dir():
             raise LMNotFoundError(f"{path} is a file; pass the folder that holds config.json and the weights")
-        if not (path / "config.json").is_file():
-            raise LMNotFoundError(f"{path} is not a Hugging Face model folder: it has no config.json")
-        return path
+        checkpoint = _checkpoint_in(path)  # first: a run folder has a config.json too (the run's settings)
+        if checkpoint is not None:
+            return checkpoint / "policy"
+        if (path / "config.json").is_file():
+            return path
+        raise LMNotFoundError(
+            f"{path} is not a Hugging Face model folder (it has no config.json), nor a textrl checkpoint "
+            "(state.json and policy/) or run folder (checkpoints/step-*)"
+        )
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/name" hub id
         raise LMNotFoundError(f"model folder not found: {path}")
     return name
+
+
+def _checkpoint_in(path: Path) -> Path | None:
+    """The checkpoint that ``path`` is, or the newest complete one of the run folder ``path``; None if neither."""
+    from textrl.checkpoint import CheckpointError, latest_checkpoint, verify
+
+    if (path / "state.json").is_file() or (path / "manifest.json").is_file():
+        if not (path / "policy").is_dir():
+            raise LMNotFoundError(f"{path} is a textrl checkpoint without a policy/ folder")
+        return verify(path)
+
+    def warn(skipped: Path, error: CheckpointError) -> None:
+        print(f"warning: skipping checkpoint {skipped}: {error}", file=sys.stderr)
+
+    for folder in (path / "checkpoints", path):
+        if any(folder.glob("step-*")):
+            found = latest_checkpoint(folder, on_skip=warn)
+            if found is None:
+                raise LMNotFoundError(f"{folder} has no complete checkpoint (every step-* failed to verify)")
+            if not (found / "policy").is_dir():
+                raise LMNotFoundError(f"{found} is a textrl checkpoint without a policy/ folder")
+            return found
+    return None
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bars ("Loading weights", "Writing model shards") for the calls inside.
+
+    textrl's own progress bar is separate and unaffected; warnings and errors still show.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _without_log_message(logger: str, prefix: str) -> Iterator[None]:
+    """Drop the log records of ``logger`` whose message starts with ``prefix``, for the calls inside."""
+    dropper = _DropMessages(prefix)
+    logging.getLogger(logger).addFilter(dropper)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(dropper)
 
 
 def _hub_error(name: str, cause: Exception) -> LMNotFoundError:
@@ -77,8 +157,8 @@ def load_lm(
     """Load a causal language model and its fast tokenizer.
 
     Args:
-        name_or_path: ``"tiny"`` (the embedded default), a local folder holding an HF causal LM, or a
-            hub id that is already in the local Hugging Face cache.
+        name_or_path: ``"tiny"`` (the embedded default), a local folder holding an HF causal LM, a textrl
+            checkpoint or run folder (its policy), or a hub id that is already in the local HF cache.
         device: where to put the model.
         dtype: parameter dtype (float32 by default; the embedded model is stored in float32).
 
@@ -90,6 +170,7 @@ def load_lm(
     Raises:
         LMNotFoundError: nothing loadable under that name without network.
         NotACausalLMError: the folder holds, e.g., an encoder-only model.
+        textrl.checkpoint.CheckpointError: a checkpoint named directly is incomplete or corrupt.
     """
     where = resolve_lm_path(name_or_path)
     local = isinstance(where, Path)
@@ -100,7 +181,8 @@ def load_lm(
             raise LMNotFoundError(f"cannot read the model config in {where}: {e}") from e
         raise _hub_error(str(where), e) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, config=config, local_files_only=True, dtype=dtype)
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(where, config=config, local_files_only=True, dtype=dtype)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
             raise NotACausalLMError(
@@ -132,7 +214,9 @@ def _attends_causally(model: PreTrainedModel) -> bool:
     ids = (torch.arange(4) % vocab).unsqueeze(0).to(next(model.parameters()).device)  # (1, 4)
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % vocab
-    before, after = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]  # (3, V)
+    mask = torch.ones_like(ids)  # no padding (without a mask transformers warns that there may be some)
+    before = model(input_ids=ids, attention_mask=mask).logits[0, :-1]  # (3, V)
+    after = model(input_ids=changed, attention_mask=mask).logits[0, :-1]
     return torch.allclose(before.float(), after.float(), rtol=0.0, atol=1e-5)
 
 
@@ -195,6 +279,7 @@ def generate(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     seed: int | None = None,
+    stop: str | list[str] | None = None,
 ) -> list[str]:
     """Sample continuations of ``prompts`` (KV-cached ``model.generate``) and return the new text only.
 
@@ -207,10 +292,15 @@ def generate(
         top_p: nucleus sampling mass (1.0 = off).
         num_return_sequences: continuations per prompt, returned prompt-major.
         seed: seeds torch's RNG for reproducible samples.
+        stop: strings that end a continuation; each text is cut right after the first one it contains
+            (kept), as the env ends an episode once the completion contains one.
 
     Returns:
         ``len(prompts) * num_return_sequences`` completions.
     """
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
@@ -232,18 +322,106 @@ def generate(
             f"model's context of {limit} tokens"
         )
     sample = temperature > 0
-    out = model.generate(
-        **batch,
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_k=top_k if sample and top_k else None,
-        top_p=top_p if sample else None,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=num_return_sequences if sample else 1,  # HF refuses several greedy sequences
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )  # (B * num_return_sequences, P + T)
+    # model.generate drops an all-ones attention mask itself, then the model warns that a mask is missing
+    # whenever the pad id (= eos here) is among the ids, e.g. for an empty prompt: a false alarm
+    false_alarm = "We strongly recommend passing in an `attention_mask`"
+    with _without_log_message("transformers.modeling_utils", false_alarm):
+        out = model.generate(
+            **batch,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=top_k if sample and top_k else None,
+            top_p=top_p if sample else None,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences if sample else 1,  # HF refuses several greedy sequences
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stop_strings=stops or None,
+            tokenizer=tokenizer if stops else None,  # stop_strings needs it
+        )  # (B * num_return_sequences, P + T)
     if not sample:
         out = out.repeat_interleave(num_return_sequences, dim=0)  # greedy: identical copies, prompt-major
     new = out[:, batch.input_ids.shape[1] :]
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [cut_at_stop(text, stops) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """``text`` up to and including the first stop string in it (the earliest to end), or all of it.
+
+    >>> cut_at_stop("one. two. three", [".", "two"])
+    'one.'
+    >>> cut_at_stop("no stop here", ["!"])
+    'no stop here'
+    """
+    ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def export_lm(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> tuple[Path, list[Path]]:
+    """Write the policy of a run or checkpoint (or any local model) as a plain Hugging Face model folder.
+
+    ``out`` gets the weights (safetensors), ``config.json``, ``generation_config.json``, the tokenizer
+    files and a model card ``README.md`` naming where it came from, so
+    ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)``
+    load it without textrl.
+
+    Args:
+        source: a run folder (its newest complete checkpoint), a checkpoint, or a local model folder.
+        out: the folder to write; it must be absent or empty unless ``force``.
+        force: write into a non-empty ``out``, replacing its files (weights of an earlier export in it are
+            removed first, so no stale shard is left next to the new ones).
+
+    Returns:
+        ``(model folder read, files written)``.
+    """
+    where = resolve_lm_path(source)
+    if not isinstance(where, Path):
+        raise LMNotFoundError(f"{source} is not a local run, checkpoint or model folder")
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; pass a folder to export to")
+    if out.resolve() == where.resolve():
+        raise ValueError(f"{out} is the folder being exported; pass another one")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ValueError(f"{out} is not empty; pass --force (force=True) to overwrite its files")
+        for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json"):
+            for stale in out.glob(pattern):
+                stale.unlink()
+    model, tokenizer = load_lm(where)
+    out.mkdir(parents=True, exist_ok=True)
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    with quiet_transformers():
+        model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(_model_card(where, model, out), encoding="utf-8")
+    written = sorted(p for p in out.iterdir() if p.is_file() and before.get(p) != p.stat().st_mtime_ns)
+    return where, written
+
+
+def _model_card(where: Path, model: PreTrainedModel, out: Path) -> str:
+    """A short README for an exported model: its source and, for a checkpoint, the run's settings."""
+    checkpoint = where.parent if where.name == "policy" and (where.parent / "state.json").is_file() else None
+    state: dict = {}
+    if checkpoint is not None:
+        with contextlib.suppress(OSError, ValueError):  # the card is a courtesy: a bad state.json leaves it short
+            loaded = json.loads((checkpoint / "state.json").read_text())
+            state = loaded if isinstance(loaded, dict) else {}
+    rows = [("exported from", str(checkpoint or where)), ("architecture", type(model).__name__)]
+    rows += [("parameters", f"{sum(p.numel() for p in model.parameters()):,}")]
+    for key, label in [("agent", "agent"), ("env_id", "env"), ("num_timesteps", "trained tokens"),
+                       ("lm", "starting LM"), ("run_dir", "run")]:  # fmt: skip
+        if state.get(key) is not None:
+            rows.append((label, str(state[key])))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        "# textrl policy\n\n"
+        "A causal language model trained with reinforcement learning by textrl, exported as a plain "
+        "Hugging Face model folder.\n\n"
+        f"| | |\n|-|-|\n{table}\n\n"
+        "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "```\n"
+    )
