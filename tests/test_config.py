@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from textrl.cli import GenerateConfig
+from textrl.cli import ExportConfig, GenerateConfig
 from textrl.config import (
     ConfigFileError,
     add_dataclass_args,
@@ -72,7 +72,7 @@ def test_field_docs_reads_docstrings_including_inherited():
 
 
 def test_every_shipped_config_field_is_documented():
-    for cls in (PretrainConfig, GenerateConfig):
+    for cls in (PretrainConfig, GenerateConfig, ExportConfig):
         docs = field_docs(cls)
         missing = [f for f in cls.__dataclass_fields__ if not docs.get(f)]
         assert not missing, (cls.__name__, missing)

@@ -1,14 +1,22 @@
-"""The ``textrl`` command line: ``textrl train``, ``textrl generate``, ``textrl pretrain`` and ``textrl plot``.
+"""The ``textrl`` command line: ``textrl train``, ``generate``, ``export``, ``pretrain`` and ``plot``.
 
 Flags are generated from the config dataclasses (:mod:`textrl.config`), so each option is documented
-once, next to its field.
+once, next to its field. ``--config FILE`` (YAML or TOML) gives the same settings from a file: its keys
+become flags placed before the command line's own, so a flag given there wins and every value goes through
+the same parsing and checks. An error is one line on stderr and exit code 2 (``--debug`` or
+``TEXTRL_DEBUG=1`` show the traceback); an error raised in the user's own code names its file and line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import json
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from textrl.config import add_dataclass_args, from_args
 
@@ -18,7 +26,7 @@ class GenerateConfig:
     """Settings of `textrl generate`."""
 
     lm: str = "tiny"
-    """Embedded model name or local Hugging Face model folder."""
+    """Embedded model name, local Hugging Face model folder, or textrl run or checkpoint folder (its policy)."""
     prompt: str = ""
     """Text to continue (empty: start from the eos token)."""
     max_new_tokens: int = 48
@@ -33,6 +41,20 @@ class GenerateConfig:
     """Continuations to print."""
     seed: int = 0
     """Random seed."""
+    stop: list[str] = field(default_factory=list)
+    """Stop each continuation right after the first of these strings (kept in the output)."""
+
+
+@dataclass
+class ExportConfig:
+    """Settings of `textrl export`."""
+
+    source: str = ""
+    """Run folder (its newest complete checkpoint) or checkpoint folder to export the policy of."""
+    out: str = ""
+    """Folder to write the Hugging Face model to (absent or empty, unless --force)."""
+    force: bool = False
+    """Write into a non-empty folder, replacing its files."""
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -50,6 +72,7 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=cfg.top_p,
         num_return_sequences=cfg.num_samples,
         seed=cfg.seed,
+        stop=cfg.stop,
     )
     for i, text in enumerate(texts, 1):
         print(f"--- sample {i} ---")
@@ -84,6 +107,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from textrl.lm import export_lm
+
+    cfg = from_args(ExportConfig, args)
+    source, written = export_lm(cfg.source, cfg.out, force=cfg.force)
+    print(f"exported {source.parent if source.name == 'policy' else source} to {cfg.out}:")
+    for path in written:
+        print(f"  {path.name} ({_size(path.stat().st_size)})")
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({cfg.out!r}) and AutoTokenizer")
+    return 0
+
+
+def _size(n: int) -> str:
+    """A file size for people: ``"633 bytes"``, ``"151.1 kB"``, ``"1.2 GB"``."""
+    if n < 1000:
+        return f"{n} bytes"
+    power = min(len(str(n)) - 1, 9) // 3  # 1 kB, 2 MB, 3 GB
+    return f"{n / 1000**power:.1f} {('kB', 'MB', 'GB')[power - 1]}"
+
+
 def _plot(args: argparse.Namespace) -> int:
     from textrl.plot import PlotConfig, plot, summary_lines
 
@@ -94,73 +137,215 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agent_name(argv: list[str]) -> str:
-    """The --agent value on the command line (its flags depend on it), default ppo."""
+def _agent_name(argv: list[str]) -> str | None:
+    """The --agent value in ``argv`` (the last one, as argparse reads it; the agent's flags depend on it)."""
+    name = None
     for i, arg in enumerate(argv):
         if arg == "--agent" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--agent="):
-            return arg.split("=", 1)[1]
-    return "ppo"
+            name = argv[i + 1]
+        elif arg.startswith("--agent="):
+            name = arg.split("=", 1)[1]
+    return name
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    import dataclasses
+def _command_configs(command: str, agent: str | None) -> list[tuple[type, tuple[str, ...]]]:
+    """``(config dataclass, fields that are not ``--field VALUE`` flags)`` for each config behind a command.
 
+    The fields set apart are positional arguments, or the switch ``--force``; config files cannot set them.
+    """
     from agents import AGENTS
-    from textrl import __version__
-    from textrl.config import field_docs
     from textrl.plot import PlotConfig
     from textrl.pretrain import PretrainConfig
     from textrl.train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="textrl", description="Reinforcement learning for text generation.")
+    configs: dict[str, list[tuple[type, tuple[str, ...]]]] = {
+        "train": [(TrainConfig, ()), (AGENTS.get(agent or "ppo", AGENTS["ppo"]).config_class, ())],
+        "generate": [(GenerateConfig, ())],
+        "export": [(ExportConfig, ("source", "out", "force"))],
+        "pretrain": [(PretrainConfig, ())],
+        "plot": [(PlotConfig, ("runs",))],
+    }
+    return configs.get(command, [])
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors stay short: a long usage (train has dozens of flags) is one line."""
+
+    def error(self, message: str):
+        usage = self.format_usage()
+        if usage.count("\n") > 2:
+            usage = f"usage: {self.prog} [options] ({self.prog} --help lists them)\n"
+        self.exit(2, f"{usage}{self.prog}: error: {message}\n")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``textrl`` parser; ``argv`` decides the agent whose flags ``train`` gets (its last ``--agent``)."""
+    from textrl import __version__
+    from textrl.config import field_docs
+
+    parser = _Parser(prog="textrl", description="Reinforcement learning for text generation.")
     parser.add_argument("--version", action="version", version=f"textrl {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train an agent (ppo or reinforce) on an env; flags depend on --agent")
-    add_dataclass_args(p, TrainConfig)
-    agent_cls = AGENTS.get(_agent_name(argv or []), AGENTS["ppo"])
-    add_dataclass_args(p, agent_cls.config_class)
-    p.set_defaults(func=_train, agent_fields={f.name for f in dataclasses.fields(agent_cls.config_class)})
-
-    p = sub.add_parser("generate", help="print sampled continuations of a prompt")
-    add_dataclass_args(p, GenerateConfig)
-    p.set_defaults(func=_generate)
-
-    p = sub.add_parser("pretrain", help="pre-train a small GPT-2 (tokenizer + model) from scratch")
-    add_dataclass_args(p, PretrainConfig)
-    p.set_defaults(func=_pretrain)
-
-    p = sub.add_parser("plot", help="draw learning curves from TensorBoard logs to a PNG")
-    p.add_argument("runs", nargs="+", metavar="RUN", help=field_docs(PlotConfig)["runs"])
-    add_dataclass_args(p, PlotConfig, skip=("runs",))
-    p.set_defaults(func=_plot)
+    helps = {
+        "train": "train an agent (ppo or reinforce) on an env; flags depend on --agent",
+        "generate": "print sampled continuations of a prompt",
+        "export": "write a run's or checkpoint's policy as a plain Hugging Face model folder",
+        "pretrain": "pre-train a small GPT-2 (tokenizer + model) from scratch",
+        "plot": "draw learning curves from TensorBoard logs to a PNG",
+    }
+    funcs = {"train": _train, "generate": _generate, "export": _export, "pretrain": _pretrain, "plot": _plot}
+    agent = _agent_name(argv or [])
+    for command, help_text in helps.items():
+        p = sub.add_parser(command, help=help_text)
+        configs = _command_configs(command, agent)
+        for cls, special in configs:
+            docs = field_docs(cls)
+            for name in special:
+                if name == "force":  # a switch: `textrl export RUN OUT --force`
+                    p.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help=docs[name])
+                    continue
+                kwargs = {"nargs": "+"} if name == "runs" else {}
+                metavar = {"runs": "RUN", "source": "RUN|CHECKPOINT", "out": "OUT"}[name]
+                p.add_argument(name, metavar=metavar, help=docs[name], **kwargs)
+            add_dataclass_args(p, cls, skip=special)
+        p.add_argument("--config", action="append", metavar="FILE", default=argparse.SUPPRESS, help=CONFIG_HELP)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        p.set_defaults(func=funcs[command])
+        if command == "train":
+            p.set_defaults(agent_fields={f.name for f in dataclasses.fields(configs[1][0])})
     return parser
 
 
+CONFIG_HELP = (
+    "YAML (.yaml/.yml) or TOML (.toml) file of settings: the keys are the flags' names (kl_coef or kl-coef); "
+    "flags given on the command line override it"
+)
+DEBUG_HELP = "show the full traceback of an error (also TEXTRL_DEBUG=1)"
+
+
+def _is_negative_number(token: str) -> bool:
+    """``-1e-4``, ``-0.5``, ``-inf``, ``-nan``: tokens argparse would take for options."""
+    if not token.startswith("-"):
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Write ``--flag -1e-4`` as ``--flag=-1e-4``: argparse reads a token like ``-1e-4`` as an unknown option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":  # everything after it is positional already
+            return out + argv[i:]
+        if token.startswith("--") and "=" not in token and i + 1 < len(argv) and _is_negative_number(argv[i + 1]):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _flag_tokens(key: str, value: Any) -> list[str]:
+    """A config file's ``key: value`` as command-line tokens (a list: one token per item)."""
+
+    def text(v: Any) -> str:
+        if v is None:
+            return "none"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):  # e.g. env_kwargs, a JSON object on the command line
+            return json.dumps(v)
+        return str(v)
+
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, list | tuple):
+        return [flag, *map(text, value)]
+    return [f"{flag}={text(value)}"]  # one token, so a value starting with "-" is not read as an option
+
+
+def _with_config_files(argv: list[str], command: str) -> list[str]:
+    """``argv`` with the settings of its ``--config`` files spliced in before the command's own flags.
+
+    Raises:
+        ConfigFileError: a file that does not load, or a key that is not a flag of the command.
+    """
+    from textrl.config import ConfigFileError, load_config_file
+
+    at = argv.index(command) + 1
+    head, rest = argv[:at], argv[at:]
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--config", action="append", default=[])
+    try:
+        files = pre.parse_known_args(rest)[0].config
+    except argparse.ArgumentError:  # e.g. --config without a file: the real parser says so
+        return argv
+    if not files:
+        return argv
+    loaded = [(path, load_config_file(path)) for path in files]
+    agent = _agent_name(rest)  # the agent decides train's keys: the command line's, else the last file's
+    if agent is None:
+        for _, data in loaded:
+            agent = str(data["agent"]) if "agent" in data else agent
+    configs = _command_configs(command, agent)
+    valid = sorted(f.name for cls, special in configs for f in dataclasses.fields(cls) if f.name not in special)
+    tokens: list[str] = []
+    for path, data in loaded:
+        for key, value in data.items():
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                for_agent = f" --agent {agent or 'ppo'}" if command == "train" else ""
+                raise ConfigFileError(
+                    f"config file {path}: unknown key {key!r} for `textrl {command}{for_agent}`{hint}; "
+                    f"valid keys: {', '.join(valid)}"
+                )
+            tokens += _flag_tokens(key, value)
+    first_flag = next((i for i, t in enumerate(rest) if t.startswith("-") and len(t) > 1), len(rest))
+    # before the first flag of the command line (so its flags win), after its leading positionals
+    return [*head, *rest[:first_flag], *tokens, *rest[first_flag:]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``textrl`` command."""
+    """Entry point of the ``textrl`` command.
+
+    Returns:
+        The exit code: 0, or 2 after an error, which is one line on stderr (``textrl <command>: error: ...``)
+        unless ``--debug`` (anywhere on the command line) or ``TEXTRL_DEBUG=1`` ask for the traceback too.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("TEXTRL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    argv = _join_negative_values([a for a in argv if a != "--debug"])
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        if command is not None:
+            argv = _with_config_files(argv, command)
+        args = build_parser(argv).parse_args(argv)
+        return args.func(args)
+    except Exception as e:
+        from textrl.errors import one_line
+
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"textrl{' ' + command if command else ''}: error: {one_line(e, _expected_errors())}", file=sys.stderr)
+        return 2
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
     from textrl.checkpoint import CheckpointError
     from textrl.corpus import CorpusError
-    from textrl.lm import LMNotFoundError, NotACausalLMError
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (
-        LMNotFoundError,
-        NotACausalLMError,
-        CorpusError,
-        CheckpointError,
-        FloatingPointError,  # textrl.agent.NonFiniteError: NaN/inf in training, named in the message
-        ValueError,
-        TypeError,
-    ) as e:
-        print(f"textrl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    # errors whose message is written for users: OSError covers LMNotFoundError, ValueError NotACausalLMError,
+    # ConfigFileError and RewardError; FloatingPointError is textrl.agent.NonFiniteError (NaN/inf in training)
+    return (ValueError, TypeError, OSError, CorpusError, CheckpointError, FloatingPointError)
 
 
 if __name__ == "__main__":

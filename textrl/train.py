@@ -48,7 +48,11 @@ class TrainConfig:
 
 
 def load_env(spec: str, env_kwargs: dict):
-    """An env from a registered id (with keywords) or from ``file.py:factory``."""
+    """An env from a registered id (with keywords) or from ``file.py:factory``.
+
+    An error in the user's file, at import or in the factory, is a ValueError saying which, raised from
+    the original (whose traceback points at the user's line; ``textrl.errors`` names it).
+    """
     import envs  # noqa: F401  (registers the ids)
 
     if ".py:" in spec:
@@ -58,10 +62,16 @@ def load_env(spec: str, env_kwargs: dict):
             raise ValueError(f"env file not found: {file}")
         module_spec = importlib.util.spec_from_file_location(f"textrl_user_env_{file.stem}", file)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)  # the user's own file, run as they asked
-        if not hasattr(module, factory):
+        try:
+            module_spec.loader.exec_module(module)  # the user's own file, run as they asked
+        except Exception as e:
+            raise ValueError(f"importing the env file {file} raised {type(e).__name__}: {e}") from e
+        if not callable(getattr(module, factory, None)):
             raise ValueError(f"{file} has no function {factory!r}")
-        return getattr(module, factory)(**env_kwargs)
+        try:
+            return getattr(module, factory)(**env_kwargs)
+        except Exception as e:
+            raise ValueError(f"the env factory {file}:{factory}() raised {type(e).__name__}: {e}") from e
     if spec not in gym.registry:
         textrl_ids = sorted(k for k in gym.registry if k.startswith("textrl/"))
         raise ValueError(f"unknown env {spec!r}; registered textrl envs: {textrl_ids} (or use file.py:factory)")
