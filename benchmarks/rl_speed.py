@@ -209,7 +209,7 @@ class TextRLRunner:
 
     def iteration(self) -> int:
         before = self.agent.num_timesteps
-        self.agent.learn(before + 1)  # exactly one iteration
+        self.agent.learn(1, reset_num_timesteps=False)  # exactly one iteration
         return self.agent.num_timesteps - before
 
     def rollout(self) -> int:

@@ -94,13 +94,13 @@ def test_resume_continues_with_identical_state(cls, env, tmp_path):
     a.learn(1)
     a.save(tmp_path / "mid")
     stats_a: list[dict] = []
-    a.learn(a.num_timesteps + 1, callback=lambda ag, s: stats_a.append(s))
-    a.learn(a.num_timesteps + 1, callback=lambda ag, s: stats_a.append(s))
+    a.learn(1, reset_num_timesteps=False, callback=lambda ag, s: stats_a.append(s))
+    a.learn(1, reset_num_timesteps=False, callback=lambda ag, s: stats_a.append(s))
 
     b = cls.load(tmp_path / "mid", env=env)
     stats_b: list[dict] = []
-    b.learn(b.num_timesteps + 1, callback=lambda ag, s: stats_b.append(s))
-    b.learn(b.num_timesteps + 1, callback=lambda ag, s: stats_b.append(s))
+    b.learn(1, reset_num_timesteps=False, callback=lambda ag, s: stats_b.append(s))
+    b.learn(1, reset_num_timesteps=False, callback=lambda ag, s: stats_b.append(s))
 
     for pa, pb in zip(_params(a), _params(b), strict=True):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
@@ -257,7 +257,7 @@ def test_update_replays_the_rollout_only_while_the_weights_are_unchanged(cls, en
         agent = cls(env, config=_small(cls), seed=0)
         agent.policy.replay = replay
         for _ in range(3):
-            agent.learn(agent.num_timesteps + 1)  # one iteration each
+            agent.learn(1, reset_num_timesteps=False)  # one iteration each
         runs[replay] = agent
     assert runs[True].iteration == 3
     assert runs[True].policy.core.replayed == 3 and runs[False].policy.core.replayed == 0
@@ -291,5 +291,5 @@ def test_suppressed_eos_gives_full_length_completions_and_a_consistent_distribut
     assert agent.predict(obs, deterministic=True)[0] != eos
     agent.sampling = dataclasses.replace(agent.sampling, suppress_tokens=())
     assert not any(agent.generate(PROMPTS, max_new_tokens=6))
-    agent.learn(agent.num_timesteps + 1)
+    agent.learn(1, reset_num_timesteps=False)
     assert agent.iteration == 1

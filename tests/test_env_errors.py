@@ -212,7 +212,7 @@ def test_reward_not_callable(tok):
 
 def test_bad_render_mode(tok):
     with pytest.raises(ValueError, match="render_mode must be one of"):
-        TextGenEnv(prompts=["ab"], tokenizer=tok, render_mode="rgb_array")
+        TextGenEnv(prompts=["ab"], tokenizer=tok, render_mode="rgb_array_list")
 
 
 # --- bad reward output ------------------------------------------------------------------------------------

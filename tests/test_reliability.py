@@ -77,13 +77,16 @@ CHILD = r'''
 """`textrl train` (the textrl.cli entry point) with two test hooks set by environment variables:
 TEXTRL_TEST_STATS: append every iteration's stats as a JSON line to this file;
 TEXTRL_TEST_KILL_IN_CHECKPOINT=k: SIGKILL this process inside the k-th checkpoint write, right after the policy
-weights and the first of textrl's own tensor files were written (the checkpoint has no manifest yet)."""
+weights and the first of textrl's own tensor files were written (the checkpoint has no manifest yet);
+TEXTRL_TEST_SIGINT_AT=k: send this process SIGINT while it logs iteration k (TEXTRL_TEST_SIGINT_TWICE=1: twice)."""
 import json, os, signal, sys
 
 from textrl import agent, checkpoint, cli
 
 stats_file = os.environ["TEXTRL_TEST_STATS"]
 kill_at = int(os.environ.get("TEXTRL_TEST_KILL_IN_CHECKPOINT", "0"))
+sigint_at = int(os.environ.get("TEXTRL_TEST_SIGINT_AT", "0"))
+sigint_twice = os.environ.get("TEXTRL_TEST_SIGINT_TWICE") == "1"
 log, write_atomic, save_module = agent.BaseAgent._log, checkpoint.write_atomic, checkpoint.save_module
 writes = 0
 
@@ -91,6 +94,10 @@ writes = 0
 def logged(self, rollout, stats):
     with open(stats_file, "a") as fh:
         fh.write(json.dumps({"iteration": self.iteration, "num_timesteps": self.num_timesteps, **stats}) + "\n")
+    if self.iteration == sigint_at:
+        os.kill(os.getpid(), signal.SIGINT)
+        if sigint_twice:
+            os.kill(os.getpid(), signal.SIGINT)
     log(self, rollout, stats)
 
 
@@ -164,25 +171,54 @@ def _complete(run: Path) -> list[Path]:
     return sorted(p for p in (run / "checkpoints").glob("step-*") if (p / ckpt.MANIFEST).exists())
 
 
-def test_kill_9_during_training_and_checkpoint_writes_then_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-
-    # U: the uninterrupted run, in this process (same code path: textrl.cli.main), recording its stats
-    uninterrupted: dict[int, dict] = {}
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[dict[int, dict], Path]:
+    """The run of KILL_ARGS without interruption, in this process (the same code path: textrl.cli.main):
+    iteration -> stats, and its run folder."""
+    stats: dict[int, dict] = {}
     log = BaseAgent._log
 
-    def record(self, rollout, stats):
-        uninterrupted[self.iteration] = {"num_timesteps": self.num_timesteps, **stats}
-        log(self, rollout, stats)
+    def record(self, rollout, values):
+        stats[self.iteration] = {"num_timesteps": self.num_timesteps, **values}
+        log(self, rollout, values)
 
-    monkeypatch.setattr(BaseAgent, "_log", record)
-    assert main([*KILL_ARGS, "--tensorboard-log", str(tmp_path / "runs_u")]) == 0
-    monkeypatch.undo()
+    runs = tmp_path_factory.mktemp("runs_u")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BaseAgent, "_log", record)
+        assert main([*KILL_ARGS, "--tensorboard-log", str(runs)]) == 0
+    (run,) = runs.iterdir()
+    return stats, run
+
+
+def _assert_same_end(run_u: Path, run: Path) -> None:
+    """The final checkpoints are identical: weights, value head, reference, optimizer, RNG states, counters, KL."""
+    final_u, final = _complete(run_u)[-1], _complete(run)[-1]
+    assert final.name == final_u.name
+    for name in ("policy/model.safetensors", "value_head.safetensors", "reference.safetensors"):
+        a, b = load_file(final_u / name), load_file(final / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (final_u / "optimizer.safetensors").read_bytes() == (final / "optimizer.safetensors").read_bytes()
+    # the sampling generator; torch's global RNG is saved too, but no part of a run draws from it
+    assert torch.equal(
+        load_file(final_u / "rng.safetensors")["generator"], load_file(final / "rng.safetensors")["generator"]
+    )
+    state_u, state = _state(final_u), _state(final)
+    for key in ("iteration", "num_timesteps", "kl_controller", "np_rng", "optimizer", "skipped_batches", "extra"):
+        assert state_u[key] == state[key], key
+
+
+def _curve(folder: Path) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    return [(e.step, e.value) for e in events.Scalars("rollout/kl_ref")]
+
+
+def test_kill_9_during_training_and_checkpoint_writes_then_resume_equals_uninterrupted(uninterrupted, tmp_path, capsys):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    uninterrupted, run_u = uninterrupted
     n_iterations = max(uninterrupted)
     assert n_iterations >= 7
     step = {i: s["num_timesteps"] for i, s in uninterrupted.items()}
-    (run_u,) = (tmp_path / "runs_u").iterdir()
 
     # 1. killed inside the 3rd checkpoint write: iterations 1 and 2 are complete, the 3rd is a hidden partial folder
     runs = tmp_path / "runs"
@@ -244,29 +280,78 @@ def test_kill_9_during_training_and_checkpoint_writes_then_resume_equals_uninter
             for key in COMPARED:
                 assert row[key] == uninterrupted[i][key], (i, key)
 
-    # the final checkpoints are identical: weights, value head, reference, optimizer, RNG states, counters, KL
-    final_u, final = _complete(run_u)[-1], _complete(run)[-1]
-    assert final.name == final_u.name
-    for name in ("policy/model.safetensors", "value_head.safetensors", "reference.safetensors"):
-        a, b = load_file(final_u / name), load_file(final / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert (final_u / "optimizer.safetensors").read_bytes() == (final / "optimizer.safetensors").read_bytes()
-    # the sampling generator; torch's global RNG is saved too, but no part of a run draws from it
-    assert torch.equal(
-        load_file(final_u / "rng.safetensors")["generator"], load_file(final / "rng.safetensors")["generator"]
-    )
-    state_u, state = _state(final_u), _state(final)
-    for key in ("iteration", "num_timesteps", "kl_controller", "np_rng", "optimizer", "skipped_batches", "extra"):
-        assert state_u[key] == state[key], key
-
+    _assert_same_end(run_u, run)
     # TensorBoard shows one curve equal to the uninterrupted one (what the killed runs logged after their last
     # checkpoint is purged on resume; what they logged before it was flushed with the checkpoint)
-    def curve(folder: Path) -> list[tuple[int, float]]:
-        events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
-        return [(e.step, e.value) for e in events.Scalars("rollout/kl_ref")]
+    assert _curve(run) == _curve(run_u)
+    assert len(_curve(run)) == n_iterations
 
-    assert curve(run) == curve(run_u)
-    assert len(curve(run)) == n_iterations
+
+def test_sigint_finishes_the_iteration_checkpoints_and_a_bare_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    """Ctrl-C (a real SIGINT, sent by the process to itself in the middle of iteration 3) lets the iteration
+    finish, writes a checkpoint although the run checkpoints only at its end, prints the resume command and exits
+    with 130; `textrl train --resume RUN` with no other flag rebuilds the env, reward, agent and budget from the
+    checkpoint and ends exactly where the uninterrupted run ended."""
+    uninterrupted, run_u = uninterrupted
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    runs = tmp_path / "runs"
+    args = list(KILL_ARGS)
+    args[args.index("--checkpoint-interval") + 1] = "0"  # checkpoints only at the end, or on a signal
+    child = subprocess.run(
+        [sys.executable, str(script), *args, "--tensorboard-log", str(runs)],
+        env=_child_env(tmp_path, "a.jsonl", TEXTRL_TEST_SIGINT_AT="3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 130, child.stderr[-2000:]
+    (run,) = runs.iterdir()
+    (checkpoint,) = _complete(run)
+    step3 = uninterrupted[3]["num_timesteps"]
+    assert checkpoint.name == f"step-{step3:012d}" and _state(checkpoint)["iteration"] == 3
+    assert "SIGINT received: finishing this iteration, then writing a checkpoint" in child.stderr
+    assert f"textrl train: stopped by SIGINT at {step3} tokens; checkpoint {checkpoint}" in child.stderr
+    assert f"resume with: textrl train --resume {run}" in child.stderr
+    assert "Traceback" not in child.stderr
+    assert max(_read_stats(tmp_path / "a.jsonl")) == 3
+
+    child = subprocess.run(
+        [sys.executable, str(script), "train", "--resume", str(run)],
+        env=_child_env(tmp_path, "b.jsonl"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert f"resuming from {checkpoint} at {step3} tokens (env textrl/TextGen-v0, agent ppo)" in child.stdout
+    stats = [_read_stats(tmp_path / f) for f in ("a.jsonl", "b.jsonl")]
+    assert sorted(stats[0]) == [1, 2, 3] and sorted(stats[1]) == list(range(4, max(uninterrupted) + 1))
+    for rows in stats:
+        for i, row in rows.items():
+            for key in COMPARED:
+                assert row[key] == uninterrupted[i][key], (i, key)
+    _assert_same_end(run_u, run)
+    assert _curve(run) == _curve(run_u)
+
+
+def test_a_second_sigint_abandons_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    runs = tmp_path / "runs"
+    child = subprocess.run(
+        [sys.executable, str(script), *KILL_ARGS, "--tensorboard-log", str(runs)],
+        env=_child_env(tmp_path, "a.jsonl", TEXTRL_TEST_SIGINT_AT="3", TEXTRL_TEST_SIGINT_TWICE="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 130, child.stderr[-2000:]
+    (run,) = runs.iterdir()
+    last = _complete(run)[-1]
+    assert _state(last)["iteration"] == 2  # iteration 3 was abandoned before its checkpoint
+    assert f"the iteration in progress was abandoned; last checkpoint {last}" in child.stderr
+    assert f"resume with: textrl train --resume {run}" in child.stderr and "Traceback" not in child.stderr
 
 
 # --- checkpoints: corrupt, malformed, foreign ----------------------------------------------------------------
@@ -277,7 +362,7 @@ def two_checkpoints(env, tmp_path):
     agent = PPO(env, config=_config(PPO, checkpoint_interval=1), seed=0, verbose=0)
     folder = tmp_path / "run" / "checkpoints"
     agent.learn(1, checkpoint_dir=folder)
-    agent.learn(agent.num_timesteps + 1, checkpoint_dir=folder)  # two iterations, a checkpoint each
+    agent.learn(1, reset_num_timesteps=False, checkpoint_dir=folder)  # two iterations, a checkpoint each
     return sorted(folder.glob("step-*"))
 
 
@@ -458,7 +543,7 @@ def test_nonfinite_raises_and_leaves_the_last_checkpoint(cls, inject, match, env
     on = {"on": True}
     inject(agent, monkeypatch, on)
     with pytest.raises(NonFiniteError, match=match):
-        agent.learn(10_000, checkpoint_dir=folder)
+        agent.learn(10_000, reset_num_timesteps=False, checkpoint_dir=folder)
     assert _equal(params, _params(agent)) and _equal(optim, _optimizer_tensors(agent)), "an update was applied"
     assert all(p.grad is None for p in agent.policy.trainable_parameters())
     assert list(folder.iterdir()) == [good] and ckpt.verify(good) and (good / ckpt.MANIFEST).read_bytes() == manifest
@@ -473,12 +558,12 @@ def test_nonfinite_skip_discards_the_batch_and_counts_it(cls, inject, env, tmp_p
     on = {"on": True}
     inject(agent, monkeypatch, on)
     history = []
-    agent.learn(agent.num_timesteps + 1, callback=lambda a, s: history.append(s))
+    agent.learn(1, reset_num_timesteps=False, callback=lambda a, s: history.append(s))
     assert _equal(params, _params(agent)) and _equal(optim, _optimizer_tensors(agent)), "a skipped batch was applied"
     assert agent.iteration == 2 and agent.skipped_batches == 1
     assert history[-1]["charts/skipped_batches"] == 1 and "losses/policy_loss" not in history[-1]
     on["on"] = False
-    agent.learn(agent.num_timesteps + 1, callback=lambda a, s: history.append(s))
+    agent.learn(1, reset_num_timesteps=False, callback=lambda a, s: history.append(s))
     assert not _equal(params, _params(agent)) and history[-1]["charts/skipped_batches"] == 1
     last = sorted((agent.run_dir / "checkpoints").glob("step-*"))[-1]
     assert cls.load(last, env=env).skipped_batches == 1  # the count survives a resume
@@ -491,7 +576,7 @@ def test_reinforce_skip_leaves_the_moving_average_baseline(env, monkeypatch):
     agent.learn(1)
     before = agent.moving_average
     _inject_loss(agent, monkeypatch, {"on": True})
-    agent.learn(agent.num_timesteps + 1)
+    agent.learn(1, reset_num_timesteps=False)
     assert agent.skipped_batches == 1 and agent.moving_average == before
 
 
@@ -622,7 +707,9 @@ def test_memory_stays_flat_over_hundreds_of_iterations(cls, gpt2_dir, tmp_path):
 
     agent.learn(10**9, callback=lambda a, s: a.iteration < 50)  # warm-up: allocator pools, caches, first writes
     rss0, objects0, tensors0 = snapshot()
-    agent.learn(10**9, callback=lambda a, s: a.iteration < 300)  # 250 more iterations, logged and checkpointed
+    agent.learn(
+        10**9, reset_num_timesteps=False, callback=lambda a, s: a.iteration < 300
+    )  # 250 more iterations, logged and checkpointed
     rss1, objects1, tensors1 = snapshot()
     assert agent.iteration == 300
     assert tensors1 <= tensors0, f"live tensors grew from {tensors0} to {tensors1}"

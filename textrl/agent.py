@@ -20,6 +20,7 @@ import math
 import secrets
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,9 @@ import torch.nn.functional as F
 from textrl import checkpoint as ckpt
 from textrl.advantages import KLController, kl_penalty
 from textrl.config import to_jsonable
-from textrl.logger import RunLogger, run_name
+from textrl.device import resolve_device
+from textrl.interrupt import StopRequest, TrainingInterrupted
+from textrl.logger import RunLogger, new_run_dir, run_name
 from textrl.policy import ActorCritic, action_logprobs, sample, shape_logits
 from textrl.rollout import Rollout, Sampling, collect_rollout, left_pad
 
@@ -79,6 +82,12 @@ class AgentConfig:
     """Mixed-precision autocast for forwards (off on CPU by default)."""
     log_interval: int = 1
     """Iterations between TensorBoard scalar writes."""
+    eval_interval: int = 0
+    """Iterations between evaluations on held-out prompts, greedy and sampled, logged under eval/ (0 = off)."""
+    eval_prompts: str | None = None
+    """Held-out prompts for evaluation: a .txt (one per line) or .jsonl file, as the env takes; None = the env's."""
+    eval_episodes: int = 32
+    """Prompts per evaluation (the first ones of the evaluation set; each is completed greedily and sampled)."""
     sample_interval: int = 10
     """Iterations between sample-completion text logs."""
     checkpoint_interval: int = 0
@@ -112,6 +121,8 @@ class AgentConfig:
             (self.value_model in ("shared", "separate"), "value_model must be 'shared' or 'separate'"),
             (self.autocast in ("none", "bf16", "fp16"), "autocast must be 'none', 'bf16' or 'fp16'"),
             (self.log_interval >= 1, "log_interval must be >= 1"),
+            (self.eval_interval >= 0, "eval_interval must be >= 0"),
+            (self.eval_episodes >= 1, "eval_episodes must be >= 1"),
             (self.sample_interval >= 0, "sample_interval must be >= 0"),
             (self.checkpoint_interval >= 0, "checkpoint_interval must be >= 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
@@ -120,6 +131,7 @@ class AgentConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{type(self).__name__}: {message}")
+        resolve_device(self.device)  # an unknown device, or one this machine lacks, fails before anything loads
 
 
 class NonFiniteError(FloatingPointError):
@@ -134,12 +146,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """SHA-256 of a tokenizer's vocabulary (token -> id), to tell whether a checkpoint fits an env."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
     return hashlib.sha256(vocab.encode()).hexdigest()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_vector_env(env, batch_size: int):
@@ -230,7 +236,19 @@ class BaseAgent:
         self.tensorboard_log = tensorboard_log
         self.run_dir: Path | None = None
         self.logger: RunLogger | None = None
+        self.train_config: dict[str, Any] | None = None
+        """How ``textrl train`` started this run (env spec and keywords, budget, seed), saved with every
+        checkpoint so that ``--resume`` rebuilds the same run from the checkpoint alone; None from Python."""
         self._saved: tuple[Path, int] | None = None  # (folder, num_timesteps) of the last checkpoint written
+        self._log_interval = self.config.log_interval  # learn(log_interval=) overrides it for one call
+        self._eval_env = None  # built on the first evaluation
+        if not self.env.engine.rewards.names:
+            warnings.warn(
+                "the env has no reward: every episode scores 0, so training has nothing to learn from; give the "
+                "env a reward (e.g. reward='keyword_reward', or --env-kwargs '{\"reward\": \"keyword_reward\"}')",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # --- subclass hook ---------------------------------------------------------------------------------
 
@@ -314,13 +332,21 @@ class BaseAgent:
         groups = self.config.batch_size // self.config.group_size
         return np.repeat(self.np_rng.integers(n_prompts, size=groups), self.config.group_size)
 
-    def _open_logger(self, tb_log_name: str | None) -> None:
+    def _start_run(self, tb_log_name: str | None, reset: bool) -> None:
+        """Set the counters, the run folder and the logger for a ``learn`` call (see its ``reset_num_timesteps``)."""
+        if reset:
+            self.num_timesteps = self.iteration = 0
+            self._saved = None
+            if self.logger is not None:
+                self.logger.close()
+            self.logger, self.run_dir = None, None
         if self.logger is not None:
             return
         if self.run_dir is None:  # a resumed agent keeps writing into its own run folder
             if self.tensorboard_log is None:
                 return
-            self.run_dir = Path(self.tensorboard_log) / (tb_log_name or run_name(self.env_id, self.name, self.seed))
+            name = tb_log_name or run_name(self.env_id, self.name, self.seed)
+            self.run_dir = new_run_dir(Path(self.tensorboard_log), name, numbered=tb_log_name is not None, new=reset)
         # resuming: hide what a crashed run logged after its last checkpoint (TensorBoard's purge_step)
         purge = self.num_timesteps + 1 if self.num_timesteps else None
         self.logger = RunLogger(self.run_dir, self.config, purge_step=purge)
@@ -361,59 +387,132 @@ class BaseAgent:
         self,
         total_timesteps: int,
         callback: Callable[[BaseAgent, dict[str, float]], bool | None] | None = None,
-        progress_bar: bool = False,
+        log_interval: int | None = None,
         tb_log_name: str | None = None,
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
         checkpoint_dir: str | Path | None = None,
     ) -> BaseAgent:
-        """Train until ``total_timesteps`` generated tokens (valid env steps) have been collected.
+        """Train on ``total_timesteps`` more generated tokens (valid env steps), as stable-baselines3's ``learn``.
+
+        SIGINT (Ctrl-C) or SIGTERM finishes the iteration in progress, writes a checkpoint (when there is a
+        folder for one) and raises :class:`textrl.interrupt.TrainingInterrupted`; a second signal stops at once.
 
         Args:
-            total_timesteps: budget in generated tokens, counted across calls (as SB3 does without reset).
+            total_timesteps: tokens to train on in this call (the last iteration may overshoot it).
             callback: called after every iteration as ``callback(agent, stats)``; returning False stops.
+            log_interval: iterations between TensorBoard scalar writes in this call (default: the config's).
+            tb_log_name: run-folder name under ``tensorboard_log``, numbered as SB3 does (``{tb_log_name}_1``,
+                ``_2``, ...); default ``{env}__{agent}__{seed}__{time}``.
+            reset_num_timesteps: True (SB3's default): this call is a new run, whose token and iteration counters
+                start at 0 and whose logs and checkpoints go to a new run folder. False: the counters and the run
+                folder carry on from the previous call (one curve across calls; a loaded checkpoint continues
+                exactly where it stopped).
             progress_bar: show a tqdm bar.
-            tb_log_name: run-folder name under ``tensorboard_log`` (default ``{env}__{agent}__{seed}__{time}``).
             checkpoint_dir: where ``step-*`` checkpoints go (default: ``<run folder>/checkpoints`` when
                 logging, else none).
         """
-        from tqdm.auto import tqdm
-
-        self._open_logger(tb_log_name)
+        if total_timesteps < 1:
+            raise ValueError(f"total_timesteps must be >= 1, got {total_timesteps}")
+        if reset_num_timesteps and checkpoint_dir is not None and any(Path(checkpoint_dir).glob("step-*")):
+            raise ValueError(
+                f"checkpoint_dir {checkpoint_dir} already holds checkpoints; a new run (reset_num_timesteps=True) "
+                "would mix its own with them: pass reset_num_timesteps=False to continue that run, or another folder"
+            )
+        self._start_run(tb_log_name, reset_num_timesteps)
+        self._log_interval = log_interval if log_interval is not None else self.config.log_interval
+        if self._log_interval < 1:
+            raise ValueError(f"log_interval must be >= 1, got {self._log_interval}")
         if checkpoint_dir is None and self.run_dir is not None:
             checkpoint_dir = self.run_dir / "checkpoints"
-        bar = tqdm(total=total_timesteps, initial=min(self.num_timesteps, total_timesteps), disable=not progress_bar)
-        try:
-            while self.num_timesteps < total_timesteps:
-                t0 = time.perf_counter()
-                rollout, rewards, kl = self.collect()
-                t_rollout = time.perf_counter() - t0
-                stats = self._guarded_train(rollout, rewards, kl)
-                elapsed = time.perf_counter() - t0
-                tokens = int(rollout.valid.sum())
-                self.num_timesteps += tokens
-                self.iteration += 1
-                episode_kl = float((kl.sum(1)).mean()) if kl is not None else 0.0
-                self.kl_ctl.update(episode_kl, self.config.batch_size)  # a non-finite KL leaves it unchanged
-                stats.update(self._rollout_stats(rollout, episode_kl, tokens, elapsed, t_rollout))
-                self._log(rollout, stats)
-                bar.update(min(tokens, total_timesteps - bar.n))
-                bar.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", kl=f"{episode_kl:.3f}")
-                if (
-                    checkpoint_dir is not None
-                    and self.config.checkpoint_interval
-                    and (self.iteration % self.config.checkpoint_interval == 0)
-                ):
-                    if self.logger is not None:
-                        self.logger.flush()  # the logs up to a checkpoint survive a crash after it
-                    self.save_checkpoint(checkpoint_dir)
-                if callback is not None and callback(self, stats) is False:
-                    break
-        finally:
-            bar.close()
-        if checkpoint_dir is not None and self._saved != (Path(checkpoint_dir), self.num_timesteps):
-            self.save_checkpoint(checkpoint_dir)
-        if self.logger is not None:
-            self.logger.flush()
+        with StopRequest("finishing this iteration, then writing a checkpoint") as stop:
+            try:
+                self._loop(total_timesteps, callback, progress_bar, checkpoint_dir, stop)
+                saved = None
+                if checkpoint_dir is not None and self._saved != (Path(checkpoint_dir), self.num_timesteps):
+                    saved = self.save_checkpoint(checkpoint_dir)
+                elif self._saved is not None:
+                    saved = self._saved[0] / _step_name(self._saved[1])
+                if self.logger is not None:
+                    self.logger.flush()
+            except KeyboardInterrupt as e:  # a second signal: the iteration in progress is abandoned, unsaved
+                if not stop.requested or isinstance(e, TrainingInterrupted):
+                    raise
+                last = ckpt.latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+                raise TrainingInterrupted(stop.signum, last, self.num_timesteps, abandoned=True) from None
+        if stop.requested:
+            raise TrainingInterrupted(stop.signum, saved, self.num_timesteps)
         return self
+
+    def _loop(self, total_timesteps: int, callback, progress_bar: bool, checkpoint_dir, stop: StopRequest) -> None:
+        """Iterations until ``total_timesteps`` more tokens, a callback's False, or a stop request."""
+        from tqdm.auto import tqdm
+
+        start = self.num_timesteps
+        with tqdm(total=total_timesteps, disable=not progress_bar) as bar:
+            while self.num_timesteps - start < total_timesteps and not stop.requested:
+                stats = self._iteration(checkpoint_dir)
+                bar.update(min(self.num_timesteps - start, total_timesteps) - bar.n)
+                bar.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", kl=f"{stats['rollout/kl_ref']:.3f}")
+                if callback is not None and callback(self, stats) is False:
+                    return
+
+    def _iteration(self, checkpoint_dir: str | Path | None) -> dict[str, float]:
+        """One iteration: rollout, update, counters, KL controller, logs, evaluation, periodic checkpoint."""
+        t0 = time.perf_counter()
+        rollout, rewards, kl = self.collect()
+        t_rollout = time.perf_counter() - t0
+        stats = self._guarded_train(rollout, rewards, kl)
+        elapsed = time.perf_counter() - t0
+        tokens = int(rollout.valid.sum())
+        self.num_timesteps += tokens
+        self.iteration += 1
+        episode_kl = float((kl.sum(1)).mean()) if kl is not None else 0.0
+        self.kl_ctl.update(episode_kl, self.config.batch_size)  # a non-finite KL leaves it unchanged
+        stats.update(self._rollout_stats(rollout, episode_kl, tokens, elapsed, t_rollout))
+        self._log(rollout, stats)
+        if self.config.eval_interval and self.iteration % self.config.eval_interval == 0:
+            stats.update(self.evaluate_and_log())
+        interval = self.config.checkpoint_interval
+        if checkpoint_dir is not None and interval and self.iteration % interval == 0:
+            if self.logger is not None:
+                self.logger.flush()  # the logs up to a checkpoint survive a crash after it
+            self.save_checkpoint(checkpoint_dir)
+        return stats
+
+    def evaluate_and_log(self) -> dict[str, float]:
+        """Evaluate on the held-out prompts (``eval_prompts``), greedy and sampled; log under ``eval/``.
+
+        Sampling uses its own fixed seed, so the numbers compare across evaluations and training draws the
+        same random numbers as without evaluation. Returns the ``eval/...`` scalars.
+        """
+        from textrl.evaluation import evaluate_agent
+
+        env = self._evaluation_env()
+        episodes = min(self.config.eval_episodes, len(env.engine.prompts))
+        stats: dict[str, float] = {}
+        results = {}
+        for mode in ("greedy", "sampled"):
+            result = evaluate_agent(self, episodes=episodes, greedy=mode == "greedy", env=env)
+            results[mode] = result
+            stats[f"eval/{mode}/reward_mean"] = result.mean
+            stats[f"eval/{mode}/reward_stderr"] = result.stderr
+            stats[f"eval/{mode}/episode_length"] = result.length
+            for name, value in result.components.items():
+                stats[f"eval/{mode}/reward/{name}"] = value
+        if self.logger is not None:
+            self.logger.scalars(stats, self.num_timesteps)
+            self.logger.eval_samples(results["greedy"].samples, results["sampled"].samples, self.num_timesteps)
+        return stats
+
+    def _evaluation_env(self):
+        """The vector env evaluations run on: the training env, or a copy of it on ``eval_prompts``."""
+        if self.config.eval_prompts is None:
+            return self.env
+        if self._eval_env is None:
+            kwargs = {**self.env.init_kwargs, "prompts": self.config.eval_prompts, "tokenizer": self.env.tokenizer}
+            self._eval_env = type(self.env)(num_envs=self.config.batch_size, **kwargs)
+        return self._eval_env
 
     def _rollout_stats(self, rollout: Rollout, episode_kl: float, tokens: int, elapsed: float, t_rollout: float):
         returns = rollout.episode_returns.cpu().numpy()
@@ -437,7 +536,7 @@ class BaseAgent:
             print(f"iter {self.iteration} tokens {self.num_timesteps} " + json.dumps(stats))
         if self.logger is None:
             return
-        if self.iteration % max(1, self.config.log_interval) == 0:
+        if self.iteration % self._log_interval == 0:
             self.logger.scalars(stats, self.num_timesteps)
             self.logger.histogram("rollout/rewards", rollout.episode_returns.cpu().numpy(), self.num_timesteps)
         if self.config.sample_interval and (self.iteration == 1 or self.iteration % self.config.sample_interval == 0):
@@ -446,12 +545,19 @@ class BaseAgent:
 
     # --- inference -------------------------------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, deterministic: bool) -> torch.Tensor:
-        """Next token per row from logits (B, V): greedy, or sampled from the rollout distribution."""
+    def _choose(
+        self,
+        logits: torch.Tensor,
+        deterministic: bool,
+        sampling: Sampling | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Next token per row from logits (B, V): greedy, or sampled (default: the rollout distribution)."""
+        sampling = sampling or self.sampling
         logits = logits[:, : self.env.single_action_space.n].float()
         if deterministic:  # the most likely token that may be sampled at all
-            return shape_logits(logits, suppress_tokens=self.sampling.suppress_tokens).argmax(-1)
-        return sample(F.softmax(shape_logits(logits, **vars(self.sampling)), -1), self.generator)
+            return shape_logits(logits, suppress_tokens=sampling.suppress_tokens).argmax(-1)
+        return sample(F.softmax(shape_logits(logits, **vars(sampling)), -1), generator or self.generator)
 
     @torch.no_grad()
     def predict(self, observation: dict[str, np.ndarray], deterministic: bool = False):
@@ -467,10 +573,47 @@ class BaseAgent:
         return (actions[0] if single else actions), None
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None, deterministic: bool = False) -> list[str]:
-        """Continue each prompt with the current policy (KV-cached), stopping at eos; returns the new text."""
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int | None = None,
+        deterministic: bool = False,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Continue each prompt with the current policy (KV-cached); returns the new text of each.
+
+        A continuation ends at eos, once its text contains a stop string, or after ``max_new_tokens`` tokens,
+        exactly as an episode of the env does, and its text is what the env would report as the completion
+        (special tokens skipped, the token that completed a stop string kept).
+
+        Args:
+            prompts: texts to continue (an empty one starts from the bos/eos token).
+            max_new_tokens: most tokens per continuation (default: the env's ``max_new_tokens``).
+            deterministic: take the most likely token at each step instead of sampling.
+            temperature, top_k, top_p: sampling settings for this call (default: the agent's rollout settings);
+                ``suppress_tokens`` always apply.
+            stop: stop string(s) for this call (default: the env's ``stop``; ``[]`` for none).
+            seed: sample from a generator seeded with it (reproducible, and the agent's own generator, which
+                training draws from, is left untouched); default: the agent's generator.
+        """
         tok = self.tokenizer
         max_new_tokens = max_new_tokens or self.env.engine.max_new_tokens
+        stops = self.env.engine.stop if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
+        sampling = dataclasses.replace(
+            self.sampling,
+            **{k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None},
+        )
+        if sampling.temperature <= 0 or sampling.top_k < 0 or not 0.0 < sampling.top_p <= 1.0:
+            raise ValueError(
+                f"bad sampling settings: temperature={sampling.temperature} (> 0; use deterministic=True for "
+                f"greedy), top_k={sampling.top_k} (>= 0), top_p={sampling.top_p} (in (0, 1])"
+            )
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         encoded = [tok(p)["input_ids"] or [start] for p in prompts]
         P = max(map(len, encoded))
@@ -481,9 +624,14 @@ class BaseAgent:
         logits, _ = self.policy.start(ids.to(self.device), mask.to(self.device), P + max_new_tokens)
         out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for _ in range(max_new_tokens):
-            token = torch.where(done, tok.pad_token_id, self._choose(logits, deterministic))
+            token = torch.where(done, tok.pad_token_id, self._choose(logits, deterministic, sampling, generator))
             out.append(token)
             done |= token == tok.eos_token_id
+            if stops:  # the env's rule: an episode ends once its completion's text contains a stop string
+                so_far = torch.stack(out, 1).tolist()
+                for i in torch.nonzero(~done).flatten().tolist():
+                    text = tok.decode(so_far[i], skip_special_tokens=True)
+                    done[i] = any(s in text for s in stops)
             if done.all():
                 break
             logits, _ = self.policy.step(token)
@@ -532,6 +680,7 @@ class BaseAgent:
                 "env_kwargs": env_kwargs,
                 "optimizer": skeleton,
                 "run_dir": str(self.run_dir) if self.run_dir else None,
+                "train": self.train_config,
                 "extra": self.extra_state(),
             },
         )
@@ -553,7 +702,7 @@ class BaseAgent:
         """
         folder = Path(folder)
         ckpt.remove_unfinished(folder)
-        path = self.save(folder / f"step-{self.num_timesteps:012d}")
+        path = self.save(folder / _step_name(self.num_timesteps))
         self._saved = (folder, self.num_timesteps)
         others = sorted(p for p in folder.glob("step-*") if p.name != path.name)
         for newer in (p for p in others if p.name > path.name):
@@ -620,6 +769,7 @@ class BaseAgent:
             self.skipped_batches = int(state.get("skipped_batches", 0))
             self.lm = state["lm"]
             self.env_id = state.get("env_id") or self.env_id  # the run's own env id (names, reloads)
+            self.train_config = state.get("train")
             self.load_extra_state(state.get("extra") or {})
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as e:
             if isinstance(e, ckpt.CheckpointError):
@@ -630,6 +780,11 @@ class BaseAgent:
                 self.run_dir = folder.parent.parent  # the run folder it sits in, even if it was moved
             elif state.get("run_dir"):
                 self.run_dir = Path(state["run_dir"])
+
+
+def _step_name(num_timesteps: int) -> str:
+    """The folder name of the checkpoint at ``num_timesteps`` tokens (zero-padded: names sort by step)."""
+    return f"step-{num_timesteps:012d}"
 
 
 _STATE_KEYS = ("config", "num_timesteps", "iteration", "seed", "lm", "kl_controller", "np_rng", "optimizer")

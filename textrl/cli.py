@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,11 +94,24 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from textrl.interrupt import TrainingInterrupted
     from textrl.train import TrainConfig, train
 
-    cfg = from_args(TrainConfig, args)
-    overrides = {k: v for k, v in vars(args).items() if k in args.agent_fields}
-    s = train(cfg, overrides)
+    given = vars(args)  # flags absent from the command line are absent here (their default is SUPPRESS)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        s = train(
+            {k: v for k, v in given.items() if k in train_fields},
+            {k: v for k, v in given.items() if k in args.agent_fields},
+        )
+    except TrainingInterrupted as e:
+        print(f"textrl train: {e}", file=sys.stderr)
+        if e.checkpoint is not None:
+            run = e.checkpoint.parent.parent if e.checkpoint.parent.name == "checkpoints" else e.checkpoint
+            print(f"resume with: textrl train --resume {shlex.quote(str(run))}", file=sys.stderr)
+        return 128 + e.signum
     first, last = s["first_reward"], s["last_reward"]
     if first is not None:
         print(
@@ -148,6 +162,29 @@ def _agent_name(argv: list[str]) -> str | None:
     return name
 
 
+def _resumed_agent(argv: list[str]) -> str | None:
+    """The agent of the run ``--resume`` names (its flags are the ones that apply), or None when unreadable.
+
+    A resume that cannot be read here is reported by ``textrl train`` itself, with the reason.
+    """
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--resume"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--resume=")), None)
+    if not path:
+        return None
+    from pathlib import Path
+
+    from textrl.checkpoint import CheckpointError, latest_checkpoint, load_json
+
+    folder = Path(path)
+    if not (folder / "state.json").is_file():
+        folder = latest_checkpoint(folder / "checkpoints") or latest_checkpoint(folder) or folder
+    try:
+        state = load_json(folder / "state.json")
+    except CheckpointError:
+        return None
+    return state.get("agent") if isinstance(state, dict) and isinstance(state.get("agent"), str) else None
+
+
 def _command_configs(command: str, agent: str | None) -> list[tuple[type, tuple[str, ...]]]:
     """``(config dataclass, fields that are not ``--field VALUE`` flags)`` for each config behind a command.
 
@@ -195,7 +232,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "plot": "draw learning curves from TensorBoard logs to a PNG",
     }
     funcs = {"train": _train, "generate": _generate, "export": _export, "pretrain": _pretrain, "plot": _plot}
-    agent = _agent_name(argv or [])
+    agent = _agent_name(argv or []) or _resumed_agent(argv or [])
     for command, help_text in helps.items():
         p = sub.add_parser(command, help=help_text)
         configs = _command_configs(command, agent)
@@ -323,11 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("TEXTRL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
     argv = _join_negative_values([a for a in argv if a != "--debug"])
     command = next((a for a in argv if not a.startswith("-")), None)
+    prefix = f"textrl{' ' + command if command else ''}"
     try:
-        if command is not None:
-            argv = _with_config_files(argv, command)
-        args = build_parser(argv).parse_args(argv)
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not debug:  # a warning is one line too, like an error
+                warnings.showwarning = lambda message, *_, **__: print(f"{prefix}: warning: {message}", file=sys.stderr)
+            if command is not None:
+                argv = _with_config_files(argv, command)
+            args = build_parser(argv).parse_args(argv)
+            return args.func(args)
+    except KeyboardInterrupt:  # outside training's own handling (e.g. while a model loads): nothing to save
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         from textrl.errors import one_line
 
@@ -335,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"textrl{' ' + command if command else ''}: error: {one_line(e, _expected_errors())}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(e, _expected_errors())}", file=sys.stderr)
         return 2
 
 

@@ -22,23 +22,31 @@ class Evaluation:
     """Mean of each reward component (unweighted), by name."""
     samples: list[tuple[str, str, float]]
     """(prompt, completion, episode reward) of every episode, in prompt order."""
+    length: float = 0.0
+    """Mean completion length in tokens."""
 
 
-def evaluate_agent(agent, episodes: int = 128, seed: int = 1234) -> Evaluation:
-    """Run ``episodes`` episodes on the env's first prompts (cycling if there are fewer), sampling from the
-    policy's rollout distribution with a generator seeded by ``seed``; the agent's own RNGs are untouched, so
-    evaluating does not change what training does next."""
-    env, B = agent.env, agent.config.batch_size
+def evaluate_agent(agent, episodes: int = 128, seed: int = 1234, greedy: bool = False, env=None) -> Evaluation:
+    """Run ``episodes`` episodes on the env's first prompts (cycling if there are fewer).
+
+    Actions are sampled from the policy's rollout distribution with a generator seeded by ``seed``, or with
+    ``greedy`` the most likely token is taken; the agent's own RNGs are untouched, so evaluating does not
+    change what training does next. ``env``: a vector env with the agent's ``batch_size`` sub-envs and its
+    tokenizer, e.g. on held-out prompts (default: the agent's own env).
+    """
+    env, B = env if env is not None else agent.env, agent.config.batch_size
     n_prompts = len(env.engine.prompts)
     generator = torch.Generator(device=agent.device).manual_seed(seed)
     returns: list[float] = []
     samples: list[tuple[str, str, float]] = []
     components: dict[str, list[float]] = {}
+    lengths: list[int] = []
     for start in range(0, episodes, B):
         index = (np.arange(start, start + B) % n_prompts).astype(np.int64)
         with torch.no_grad():
-            rollout = collect_rollout(agent.policy, env, index, agent.sampling, generator, agent.device)
+            rollout = collect_rollout(agent.policy, env, index, agent.sampling, generator, agent.device, greedy=greedy)
         r = rollout.episode_returns.cpu().tolist()
+        lengths.extend(rollout.lengths.cpu().tolist())
         returns.extend(r)
         samples.extend(zip(rollout.prompts, rollout.completions, r, strict=True))
         for name, values in rollout.components.items():
@@ -50,4 +58,5 @@ def evaluate_agent(agent, episodes: int = 128, seed: int = 1234) -> Evaluation:
         stderr=stderr,
         components={name: float(np.mean(v[:episodes])) for name, v in components.items()},
         samples=samples[:episodes],
+        length=float(np.mean(lengths[:episodes])),
     )

@@ -18,6 +18,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from textrl.config import config_markdown, save_config
 
+Sample = tuple[str, str, float]
+"""(prompt, completion, episode reward)."""
+
 
 def run_name(env_id: str, agent: str, seed: int | None) -> str:
     """``{env}__{agent}__{seed}__{unix time}`` with the env id made path-safe.
@@ -27,6 +30,33 @@ def run_name(env_id: str, agent: str, seed: int | None) -> str:
     """
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", env_id)
     return f"{safe}__{agent}__{seed}__{int(time.time())}"
+
+
+def new_run_dir(parent: Path, name: str, numbered: bool = False, new: bool = True) -> Path:
+    """The folder of a run called ``name`` under ``parent``.
+
+    ``numbered`` (an explicit ``tb_log_name``, as in stable-baselines3): ``{name}_{i}``, with ``i`` one past the
+    highest existing for a ``new`` run, the highest (or 1) for a continued one. Otherwise ``name`` itself, with
+    ``_2``, ``_3``, ... appended when that folder exists (such names carry a time: there is none to continue).
+
+    >>> import tempfile
+    >>> top = Path(tempfile.mkdtemp())
+    >>> new_run_dir(top, "ppo", numbered=True).name, new_run_dir(top, "ppo", numbered=True, new=False).name
+    ('ppo_1', 'ppo_1')
+    >>> (top / "ppo_1").mkdir(); (top / "ppo_7").mkdir()
+    >>> new_run_dir(top, "ppo", numbered=True).name, new_run_dir(top, "ppo", numbered=True, new=False).name
+    ('ppo_8', 'ppo_7')
+    """
+    if numbered:
+        pattern = re.compile(rf"^{re.escape(name)}_(\d+)$")
+        taken = [int(m.group(1)) for p in parent.glob(f"{name}_*") if (m := pattern.match(p.name)) and p.is_dir()]
+        latest = max(taken, default=0)
+        return parent / f"{name}_{latest + 1 if new or latest == 0 else latest}"
+    path, i = parent / name, 1
+    while path.exists():
+        i += 1
+        path = parent / f"{name}_{i}"
+    return path
 
 
 class RunLogger:
@@ -54,6 +84,10 @@ class RunLogger:
         """Log up to ``n`` completions with their rewards as a markdown table."""
         self.writer.add_text("samples", samples_markdown(prompts, completions, rewards, n), step)
 
+    def eval_samples(self, greedy: list[Sample], sampled: list[Sample], step: int) -> None:
+        """Log evaluation completions, greedy beside sampled, with their rewards (``eval/samples``)."""
+        self.writer.add_text("eval/samples", eval_samples_markdown(greedy, sampled), step)
+
     def flush(self) -> None:
         self.writer.flush()
 
@@ -77,3 +111,19 @@ def samples_markdown(prompts: list[str], completions: list[str], rewards, n: int
 
 def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", "⏎")
+
+
+def eval_samples_markdown(
+    greedy: list[tuple[str, str, float]], sampled: list[tuple[str, str, float]], n: int = 8
+) -> str:
+    """Up to ``n`` evaluation prompts with their greedy and sampled completions and rewards, as a markdown table.
+
+    >>> print(eval_samples_markdown([("Hi", " there", 1.0)], [("Hi", " you", 0.0)]))
+    |prompt|greedy|reward|sampled|reward|
+    |-|-|-|-|-|
+    |Hi| there|1.000| you|0.000|
+    """
+    rows = ["|prompt|greedy|reward|sampled|reward|", "|-|-|-|-|-|"]
+    for (prompt, g, rg), (_, s, rs) in list(zip(greedy, sampled, strict=True))[:n]:
+        rows.append(f"|{_md(prompt)}|{_md(g)}|{rg:.3f}|{_md(s)}|{rs:.3f}|")
+    return "\n".join(rows)

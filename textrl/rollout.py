@@ -89,10 +89,12 @@ def collect_rollout(
     generator: torch.Generator,
     device: torch.device,
     record: bool = False,
+    greedy: bool = False,
 ) -> Rollout:
     """Run one synchronous rollout of ``env.num_envs`` episodes, starting row ``i`` on prompt ``prompt_index[i]``.
 
     ``record``: a training rollout; the policy keeps its activations for the update (rollout replay).
+    ``greedy``: take the most likely token that may be sampled at all (evaluation) instead of sampling.
     """
     engine = env.engine
     obs, _ = env.reset(options={"prompt_index": prompt_index})
@@ -120,7 +122,7 @@ def collect_rollout(
     steps = 0
     for t in range(T):
         probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
-        action = sample(probs, generator)  # (B,)
+        action = probs.argmax(-1) if greedy else sample(probs, generator)  # (B,)
         actions[:, t] = action
         # log of the drawn token's probability: one (B, V) pass fewer than log_softmax + exp; a drawn token's
         # probability is never below float resolution of the CDF it was drawn from, so the log is exact to ~1e-7

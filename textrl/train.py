@@ -7,13 +7,17 @@ Python file: custom rewards in a few lines, no registration needed).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
+
+from textrl.config import to_jsonable
 
 
 @dataclass
@@ -100,24 +104,93 @@ def resolve_resume(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint under {path}")
 
 
-def train(cfg: TrainConfig, agent_overrides: dict) -> dict:
-    """Run ``textrl train``; returns a summary (first/last reward, run folder, checkpoint)."""
-    from agents import AGENTS
+RESUME_MAY_CHANGE = frozenset(
+    {
+        # textrl train's own
+        "total_timesteps", "resume", "save", "progress", "tensorboard_log",
+        # the agent's: where and how often it logs, evaluates and checkpoints, and what it does on NaN
+        "log_interval", "sample_interval", "checkpoint_interval", "keep_checkpoints",
+        "eval_interval", "eval_prompts", "eval_episodes", "device", "nonfinite",
+    }
+)  # fmt: skip
+"""Settings a resumed run may change: they decide when it stops and what it writes, not what it learns."""
 
-    if cfg.agent not in AGENTS:
-        raise ValueError(f"unknown agent {cfg.agent!r}; choose from {sorted(AGENTS)}")
-    cls = AGENTS[cfg.agent]
-    cfg.validate()
-    if not cfg.resume:  # fail on a bad flag before loading anything (a resume validates the merged config)
-        cls.config_class(**agent_overrides).validate()
+
+def _parse_env_kwargs(text: str) -> dict:
     try:
-        env_kwargs = json.loads(cfg.env_kwargs)
+        env_kwargs = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"--env-kwargs is not valid JSON: {e}") from None
     if not isinstance(env_kwargs, dict):
         raise ValueError("--env-kwargs must be a JSON object")
+    return env_kwargs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_unchanged(given: dict[str, Any], saved: dict[str, Any], checkpoint: Path) -> None:
+    """Raise ValueError when a flag given on resume contradicts the run's saved settings."""
+    for key, value in given.items():
+        if key in RESUME_MAY_CHANGE or key not in saved:
+            continue
+        same = saved[key]
+        if key == "env_kwargs":
+            value, same = _parse_env_kwargs(value), _parse_env_kwargs(same)
+        if value != same and not (isinstance(value, list) and list(value) == list(same or [])):
+            shown = json.dumps(value) if not isinstance(value, str) else value
+            may = ", ".join(_flag(k) for k in sorted(RESUME_MAY_CHANGE - {"resume"}))
+            raise ValueError(
+                f"{_flag(key)} {shown} contradicts the run being resumed, which has {key}={saved[key]!r} "
+                f"({checkpoint}); a resumed run keeps the settings it started with and may change only {may}; "
+                f"drop {_flag(key)} to continue the run, or start a new run to train with other settings"
+            )
+
+
+def resume_settings(checkpoint: Path) -> dict[str, Any]:
+    """The ``state.json`` of a verified checkpoint (agent name, config, the train settings it started with)."""
+    from textrl.checkpoint import CheckpointError, load_json
+
+    state = load_json(checkpoint / "state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{checkpoint / 'state.json'} is not a textrl checkpoint state")
+    return state
+
+
+def train(train_flags: dict[str, Any], agent_flags: dict[str, Any]) -> dict:
+    """Run ``textrl train`` from the flags given on the command line (absent ones are not in the dicts).
+
+    A new run takes the defaults for absent flags. A resumed run (``resume``) is rebuilt from its checkpoint:
+    the env (spec and keywords), agent, LM, seed, budget and every agent setting are the ones the run
+    started with; a flag given again must agree with them, except the few in :data:`RESUME_MAY_CHANGE`.
+    ``total_timesteps`` is the whole run's budget, so a resumed run stops where the uninterrupted one would.
+
+    Returns a summary: first/last iteration reward, iterations, tokens, run folder, checkpoint.
+    """
+    from agents import AGENTS
+
+    cfg = TrainConfig(**train_flags)
+    cfg.validate()
     checkpoint = resolve_resume(cfg.resume) if cfg.resume else None
-    env = load_env(cfg.env, env_kwargs)
+    if checkpoint is not None:
+        state = resume_settings(checkpoint)
+        saved_train = state.get("train") or {}
+        if not saved_train:  # saved from Python: the env comes from its registered id unless --env names one
+            saved_train = {"agent": state.get("agent"), "seed": state.get("seed")}
+            if "env" not in train_flags and state.get("env_id") in gym.registry:
+                saved_train |= {"env": state["env_id"], "env_kwargs": json.dumps(state.get("env_kwargs") or {})}
+        _check_unchanged(train_flags, saved_train, checkpoint)
+        _check_unchanged(agent_flags, state["config"], checkpoint)
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**({k: v for k, v in saved_train.items() if k in fields} | train_flags))
+        cfg.validate()
+    if cfg.agent not in AGENTS:
+        raise ValueError(f"unknown agent {cfg.agent!r}; choose from {sorted(AGENTS)}")
+    cls = AGENTS[cfg.agent]
+    if checkpoint is None:  # fail on a bad flag before loading anything (a resume validates the merged config)
+        cls.config_class(**agent_flags).validate()
+    env = load_env(cfg.env, _parse_env_kwargs(cfg.env_kwargs))
     history: dict[str, float | int | None] = {"first": None, "last": None, "iterations": 0}  # O(1) over a long run
 
     def record(agent, stats):
@@ -126,15 +199,21 @@ def train(cfg: TrainConfig, agent_overrides: dict) -> dict:
         history["iterations"] += 1
 
     if checkpoint is not None:
-        agent = cls.load(checkpoint, env=env, tensorboard_log=cfg.tensorboard_log, **agent_overrides)
-        print(f"resuming from {checkpoint} at {agent.num_timesteps} tokens")
+        overrides = {k: v for k, v in agent_flags.items() if k in RESUME_MAY_CHANGE}
+        agent = cls.load(checkpoint, env=env, tensorboard_log=cfg.tensorboard_log, **overrides)
+        print(f"resuming from {checkpoint} at {agent.num_timesteps} tokens (env {cfg.env}, agent {cfg.agent})")
     else:
-        config = cls.config_class(**agent_overrides)
+        config = cls.config_class(**agent_flags)
         agent = cls(env, lm=cfg.lm, config=config, tensorboard_log=cfg.tensorboard_log, seed=cfg.seed)
         # the env id names the run folder; for file factories use the file name
         if ".py:" in cfg.env:
             agent.env_id = Path(cfg.env.rpartition(":")[0]).stem
-    agent.learn(cfg.total_timesteps, callback=record, progress_bar=cfg.progress)
+    agent.train_config = {k: v for k, v in to_jsonable(cfg).items() if k not in ("resume", "save", "progress")}
+    remaining = cfg.total_timesteps - agent.num_timesteps
+    if remaining > 0:
+        agent.learn(remaining, callback=record, progress_bar=cfg.progress, reset_num_timesteps=False)
+    else:
+        print(f"the run has {agent.num_timesteps} tokens, its budget is {cfg.total_timesteps}: nothing to train")
     if cfg.save:
         agent.save(cfg.save)
     summary = {
