@@ -78,7 +78,8 @@ CHILD = r'''
 TEXTRL_TEST_STATS: append every iteration's stats as a JSON line to this file;
 TEXTRL_TEST_KILL_IN_CHECKPOINT=k: SIGKILL this process inside the k-th checkpoint write, right after the policy
 weights and the first of textrl's own tensor files were written (the checkpoint has no manifest yet);
-TEXTRL_TEST_SIGINT_AT=k: send this process SIGINT while it logs iteration k (TEXTRL_TEST_SIGINT_TWICE=1: twice)."""
+TEXTRL_TEST_SIGINT_AT=k: send this process SIGINT while it logs iteration k (TEXTRL_TEST_SIGINT_TWICE=1: twice;
+TEXTRL_TEST_SIGNAL=SIGTERM: SIGTERM instead)."""
 import json, os, signal, sys
 
 from textrl import agent, checkpoint, cli
@@ -87,6 +88,7 @@ stats_file = os.environ["TEXTRL_TEST_STATS"]
 kill_at = int(os.environ.get("TEXTRL_TEST_KILL_IN_CHECKPOINT", "0"))
 sigint_at = int(os.environ.get("TEXTRL_TEST_SIGINT_AT", "0"))
 sigint_twice = os.environ.get("TEXTRL_TEST_SIGINT_TWICE") == "1"
+stop_signal = getattr(signal, os.environ.get("TEXTRL_TEST_SIGNAL", "SIGINT"))
 log, write_atomic, save_module = agent.BaseAgent._log, checkpoint.write_atomic, checkpoint.save_module
 writes = 0
 
@@ -95,9 +97,9 @@ def logged(self, rollout, stats):
     with open(stats_file, "a") as fh:
         fh.write(json.dumps({"iteration": self.iteration, "num_timesteps": self.num_timesteps, **stats}) + "\n")
     if self.iteration == sigint_at:
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), stop_signal)
         if sigint_twice:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), stop_signal)
     log(self, rollout, stats)
 
 
@@ -333,6 +335,27 @@ def test_sigint_finishes_the_iteration_checkpoints_and_a_bare_resume_equals_unin
                 assert row[key] == uninterrupted[i][key], (i, key)
     _assert_same_end(run_u, run)
     assert _curve(run) == _curve(run_u)
+
+
+def test_sigterm_finishes_the_iteration_and_checkpoints_too(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    runs = tmp_path / "runs"
+    args = list(KILL_ARGS)
+    args[args.index("--checkpoint-interval") + 1] = "0"
+    child = subprocess.run(
+        [sys.executable, str(script), *args, "--tensorboard-log", str(runs)],
+        env=_child_env(tmp_path, "a.jsonl", TEXTRL_TEST_SIGINT_AT="2", TEXTRL_TEST_SIGNAL="SIGTERM"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr[-2000:]
+    (run,) = runs.iterdir()
+    (checkpoint,) = _complete(run)
+    assert _state(checkpoint)["iteration"] == 2
+    assert f"textrl train: stopped by SIGTERM at {_state(checkpoint)['num_timesteps']} tokens" in child.stderr
+    assert f"resume with: textrl train --resume {run}" in child.stderr
 
 
 def test_a_second_sigint_abandons_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
