@@ -128,6 +128,9 @@ KILL_ARGS = [
 ]  # fmt: skip
 """The embedded `tiny` LM, 4 episodes of 8 tokens per iteration, adaptive KL, a checkpoint every iteration."""
 
+ONLY_FINAL_CHECKPOINT_ARGS = [*KILL_ARGS, "--checkpoint-interval", "0"]
+"""KILL_ARGS with checkpoints only at the end, or on a signal (the last of a repeated flag wins)."""
+
 COMPARED = (
     "num_timesteps",
     "rollout/reward_mean",
@@ -163,6 +166,14 @@ def _child_env(tmp_path: Path, stats: str, **extra: str) -> dict:
         "TEXTRL_TEST_STATS": str(tmp_path / stats),
         **extra,
     }
+
+
+def _run_child(tmp_path: Path, argv: list[str], stats: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `textrl` (CHILD, with its test hooks) on ``argv`` to completion; stats go to ``tmp_path/stats``."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = _child_env(tmp_path, stats, **env)
+    return subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=300)
 
 
 def _state(folder: Path) -> dict:
@@ -295,18 +306,9 @@ def test_sigint_finishes_the_iteration_checkpoints_and_a_bare_resume_equals_unin
     with 130; `textrl train --resume RUN` with no other flag rebuilds the env, reward, agent and budget from the
     checkpoint and ends exactly where the uninterrupted run ended."""
     uninterrupted, run_u = uninterrupted
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
     runs = tmp_path / "runs"
-    args = list(KILL_ARGS)
-    args[args.index("--checkpoint-interval") + 1] = "0"  # checkpoints only at the end, or on a signal
-    child = subprocess.run(
-        [sys.executable, str(script), *args, "--tensorboard-log", str(runs)],
-        env=_child_env(tmp_path, "a.jsonl", TEXTRL_TEST_SIGINT_AT="3"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [*ONLY_FINAL_CHECKPOINT_ARGS, "--tensorboard-log", str(runs)]
+    child = _run_child(tmp_path, args, "a.jsonl", TEXTRL_TEST_SIGINT_AT="3")
     assert child.returncode == 130, child.stderr[-2000:]
     (run,) = runs.iterdir()
     (checkpoint,) = _complete(run)
@@ -318,13 +320,7 @@ def test_sigint_finishes_the_iteration_checkpoints_and_a_bare_resume_equals_unin
     assert "Traceback" not in child.stderr
     assert max(_read_stats(tmp_path / "a.jsonl")) == 3
 
-    child = subprocess.run(
-        [sys.executable, str(script), "train", "--resume", str(run)],
-        env=_child_env(tmp_path, "b.jsonl"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    child = _run_child(tmp_path, ["train", "--resume", str(run)], "b.jsonl")
     assert child.returncode == 0, child.stderr[-2000:]
     assert f"resuming from {checkpoint} at {step3} tokens (env textrl/TextGen-v0, agent ppo)" in child.stdout
     stats = [_read_stats(tmp_path / f) for f in ("a.jsonl", "b.jsonl")]
@@ -338,18 +334,9 @@ def test_sigint_finishes_the_iteration_checkpoints_and_a_bare_resume_equals_unin
 
 
 def test_sigterm_finishes_the_iteration_and_checkpoints_too(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
     runs = tmp_path / "runs"
-    args = list(KILL_ARGS)
-    args[args.index("--checkpoint-interval") + 1] = "0"
-    child = subprocess.run(
-        [sys.executable, str(script), *args, "--tensorboard-log", str(runs)],
-        env=_child_env(tmp_path, "a.jsonl", TEXTRL_TEST_SIGINT_AT="2", TEXTRL_TEST_SIGNAL="SIGTERM"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [*ONLY_FINAL_CHECKPOINT_ARGS, "--tensorboard-log", str(runs)]
+    child = _run_child(tmp_path, args, "a.jsonl", TEXTRL_TEST_SIGINT_AT="2", TEXTRL_TEST_SIGNAL="SIGTERM")
     assert child.returncode == 128 + signal.SIGTERM, child.stderr[-2000:]
     (run,) = runs.iterdir()
     (checkpoint,) = _complete(run)
@@ -359,16 +346,9 @@ def test_sigterm_finishes_the_iteration_and_checkpoints_too(tmp_path):
 
 
 def test_a_second_sigint_abandons_the_iteration_and_keeps_the_last_checkpoint(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
     runs = tmp_path / "runs"
-    child = subprocess.run(
-        [sys.executable, str(script), *KILL_ARGS, "--tensorboard-log", str(runs)],
-        env=_child_env(tmp_path, "a.jsonl", TEXTRL_TEST_SIGINT_AT="3", TEXTRL_TEST_SIGINT_TWICE="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [*KILL_ARGS, "--tensorboard-log", str(runs)]
+    child = _run_child(tmp_path, args, "a.jsonl", TEXTRL_TEST_SIGINT_AT="3", TEXTRL_TEST_SIGINT_TWICE="1")
     assert child.returncode == 130, child.stderr[-2000:]
     (run,) = runs.iterdir()
     last = _complete(run)[-1]
