@@ -19,7 +19,8 @@ from transformers import (
 import textrl
 from textrl import EMBEDDED_MODELS, LMNotFoundError, NotACausalLMError, generate, load_lm
 from textrl.checkpoint import CheckpointError, write_atomic
-from textrl.lm import context_length_of, cut_at_stop, export_lm, lm_context_length, load_tokenizer, resolve_lm_path
+from textrl.export import export_lm
+from textrl.lm import context_length_of, cut_at_stop, lm_context_length, load_tokenizer, resolve_lm_path
 from textrl.pretrain import EOS, PAD
 
 ROUND_TRIP_TEXTS = [

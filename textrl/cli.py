@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from textrl.lm import export_lm
+    from textrl.export import export_lm
 
     cfg = from_args(ExportConfig, args)
     source, written = export_lm(cfg.source, cfg.out, force=cfg.force)

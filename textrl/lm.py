@@ -4,14 +4,12 @@
 ``textrl pretrain``; its model card is ``textrl/models/tiny/README.md``). Any local folder with an HF
 causal LM (GPT-2, Llama, Qwen2, ...) loads the same way, and so do a textrl checkpoint (its ``policy/``)
 and a run folder (its newest complete checkpoint). Nothing is ever downloaded: a hub id that is not
-already in the local Hugging Face cache is a clear :class:`LMNotFoundError`. :func:`export_lm` writes a
-checkpoint's policy as a plain HF folder that loads without textrl.
+already in the local Hugging Face cache is a clear :class:`LMNotFoundError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -355,73 +353,3 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     """
     ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
     return text[: min(ends)] if ends else text
-
-
-def export_lm(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> tuple[Path, list[Path]]:
-    """Write the policy of a run or checkpoint (or any local model) as a plain Hugging Face model folder.
-
-    ``out`` gets the weights (safetensors), ``config.json``, ``generation_config.json``, the tokenizer
-    files and a model card ``README.md`` naming where it came from, so
-    ``transformers.AutoModelForCausalLM.from_pretrained(out)`` and ``AutoTokenizer.from_pretrained(out)``
-    load it without textrl.
-
-    Args:
-        source: a run folder (its newest complete checkpoint), a checkpoint, or a local model folder.
-        out: the folder to write; it must be absent or empty unless ``force``.
-        force: write into a non-empty ``out``, replacing its files (weights of an earlier export in it are
-            removed first, so no stale shard is left next to the new ones).
-
-    Returns:
-        ``(model folder read, files written)``.
-    """
-    where = resolve_lm_path(source)
-    if not isinstance(where, Path):
-        raise LMNotFoundError(f"{source} is not a local run, checkpoint or model folder")
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; pass a folder to export to")
-    if out.resolve() == where.resolve():
-        raise ValueError(f"{out} is the folder being exported; pass another one")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ValueError(f"{out} is not empty; pass --force (force=True) to overwrite its files")
-        for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json"):
-            for stale in out.glob(pattern):
-                stale.unlink()
-    model, tokenizer = load_lm(where)
-    out.mkdir(parents=True, exist_ok=True)
-    before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
-    with quiet_transformers():
-        model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(_model_card(where, model, out), encoding="utf-8")
-    written = sorted(p for p in out.iterdir() if p.is_file() and before.get(p) != p.stat().st_mtime_ns)
-    return where, written
-
-
-def _model_card(where: Path, model: PreTrainedModel, out: Path) -> str:
-    """A short README for an exported model: its source and, for a checkpoint, the run's settings."""
-    checkpoint = where.parent if where.name == "policy" and (where.parent / "state.json").is_file() else None
-    state: dict = {}
-    if checkpoint is not None:
-        with contextlib.suppress(OSError, ValueError):  # the card is a courtesy: a bad state.json leaves it short
-            loaded = json.loads((checkpoint / "state.json").read_text())
-            state = loaded if isinstance(loaded, dict) else {}
-    rows = [("exported from", str(checkpoint or where)), ("architecture", type(model).__name__)]
-    rows += [("parameters", f"{sum(p.numel() for p in model.parameters()):,}")]
-    for key, label in [("agent", "agent"), ("env_id", "env"), ("num_timesteps", "trained tokens"),
-                       ("lm", "starting LM"), ("run_dir", "run")]:  # fmt: skip
-        if state.get(key) is not None:
-            rows.append((label, str(state[key])))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (
-        "# textrl policy\n\n"
-        "A causal language model trained with reinforcement learning by textrl, exported as a plain "
-        "Hugging Face model folder.\n\n"
-        f"| | |\n|-|-|\n{table}\n\n"
-        "```python\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
-        f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})\n"
-        "```\n"
-    )
