@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from textrl.core import GPT2Core, HFCore, make_core, positions_from_mask
+from textrl.core import GPT2Core, HFCore, core_name, make_core, positions_from_mask
 from textrl.lm import load_lm
 
 
@@ -56,8 +56,9 @@ def test_core_matches_hf_forward(request, arch, core_cls):
 def test_make_core_picks_fast_path_for_gpt2(gpt2_dir, llama_dir):
     assert not GPT2Core.supports(load_lm(llama_dir)[0])
     assert isinstance(make_core(load_lm(gpt2_dir)[0]), GPT2Core)
-    assert isinstance(make_core(load_lm(llama_dir)[0]), HFCore)
-    assert isinstance(make_core(load_lm(gpt2_dir)[0], fast=False), HFCore)
+    assert core_name(make_core(load_lm(llama_dir)[0])) == "engine (llama)"
+    slow = make_core(load_lm(gpt2_dir)[0], fast=False)
+    assert isinstance(slow, HFCore) and core_name(slow) == "HF forward (fast cores off)"
 
 
 def test_decode_past_cache_raises(gpt2_dir):

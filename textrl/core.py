@@ -604,5 +604,31 @@ class GPT2Core(nn.Module):
 
 
 def make_core(model: PreTrainedModel, fast: bool = True) -> nn.Module:
-    """The fastest core that supports ``model``: :class:`GPT2Core` for GPT-2, else :class:`HFCore`."""
-    return GPT2Core(model) if fast and GPT2Core.supports(model) else HFCore(model)
+    """The fastest core that runs ``model``: :class:`GPT2Core` for GPT-2 (with rollout replay and shared
+    prompts), :class:`textrl.engine.Engine` for the other architectures it describes (Llama, Mistral, Qwen2,
+    Qwen3), else :class:`HFCore` (anything else, including models whose modules the engine does not know,
+    such as LoRA-wrapped or quantised layers). :func:`core_name` says which one a policy runs."""
+    from textrl.engine import Engine
+
+    if fast and GPT2Core.supports(model):
+        return GPT2Core(model)
+    why = Engine.why_not(model) if fast else "fast cores off"
+    if why is None:
+        return Engine(model)
+    core = HFCore(model)
+    core.reason = why
+    return core
+
+
+def core_name(core: nn.Module) -> str:
+    """What runs a model: ``"gpt2 core"``, ``"engine (llama)"``, ... or ``"HF forward (why)"``.
+
+    >>> core_name(HFCore.__new__(HFCore))
+    'HF forward'
+    """
+    if isinstance(core, GPT2Core):
+        return "gpt2 core"
+    if isinstance(core, HFCore):
+        reason = getattr(core, "reason", None)
+        return f"HF forward ({reason})" if reason else "HF forward"
+    return f"engine ({core.arch})"

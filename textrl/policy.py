@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from textrl.core import make_core
+from textrl.core import core_name, make_core
 
 
 def shape_logits(
@@ -182,6 +182,8 @@ class ActorCritic(nn.Module):
         model.eval()  # dropout off for rollouts and updates alike
         self.model = model
         self.core = make_core(model, fast)
+        self.runs_on = core_name(self.core)
+        """What runs the model: ``"gpt2 core"``, ``"engine (llama)"``, ... or ``"HF forward (why)"``."""
         hidden = model.get_input_embeddings().embedding_dim
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)

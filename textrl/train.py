@@ -208,6 +208,7 @@ def train(train_flags: dict[str, Any], agent_flags: dict[str, Any]) -> dict:
         # the env id names the run folder; for file factories use the file name
         if ".py:" in cfg.env:
             agent.env_id = Path(cfg.env.rpartition(":")[0]).stem
+    print(f"policy {agent.lm} runs on the {agent.policy.runs_on}")
     agent.train_config = {k: v for k, v in to_jsonable(cfg).items() if k not in ("resume", "save", "progress")}
     remaining = cfg.total_timesteps - agent.num_timesteps
     if remaining > 0:
