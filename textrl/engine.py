@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from textrl.core import KVCache, gelu, positions_from_mask
+from textrl.core import GPT2Core, KVCache, gelu, positions_from_mask
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values the engine runs."""
@@ -343,12 +343,15 @@ class Engine(nn.Module):
             q, k = _rotate(q, *angles), _rotate(k, *angles)
         return q, k, v
 
-    def _block(self, layer: Layer, x: torch.Tensor, angles, attend) -> torch.Tensor:
-        """One Transformer block; ``attend(q, k, v) -> (B, H, S, D)`` is the mode's attention."""
+    def _block(self, layer: Layer, x: torch.Tensor, angles, attend) -> torch.Tensor | None:
+        """One Transformer block; ``attend(q, k, v) -> (B, H, S, D)`` is the mode's attention, or None when
+        only the keys and values were wanted (the block stops there)."""
         B, S, _ = x.shape
         q, k, v = self._qkv(layer, _norm(x, layer.norm1), angles)
-        att = attend(q, k, v).transpose(1, 2).reshape(B, S, -1)
-        x = x + _linear(att, layer.out)
+        att = attend(q, k, v)
+        if att is None:
+            return None
+        x = x + _linear(att.transpose(1, 2).reshape(B, S, -1), layer.out)
         h = _norm(x, layer.norm2)
         if layer.gate is not None:
             h = F.silu(_linear(h, layer.gate)) * _linear(h, layer.up)
@@ -366,13 +369,40 @@ class Engine(nn.Module):
 
     # --- the modes -------------------------------------------------------------------------------------
 
+    _shared_prefix = staticmethod(GPT2Core._shared_prefix)
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
-        """The whole sequence: ``(logits (B, S - start, V), hidden (B, S - start, E))``; ``rows`` is unused."""
-        x, angles = self._embed(ids, positions_from_mask(mask))
+        """The whole sequence: ``(logits (B, S - start, V), hidden (B, S - start, E))``; ``rows`` is unused.
+
+        When at most half the rows have distinct first ``start`` positions (the samples of a prompt that
+        RLOO/GRPO-style baselines draw), those positions run once per distinct prefix and every row attends to
+        its prefix's gathered keys/values; autograd adds up the rows' gradients there.
+        """
+        positions = positions_from_mask(mask)
         masks = self._masks(mask, {layer.window for layer in self.spec.layers})
+        shared = self._shared_prefix(ids, mask, start)
+        if shared is None:
+            x, angles = self._embed(ids, positions)
+            for layer in self.spec.layers:
+                x = self._block(layer, x, angles, lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m))
+            return self._head(x[:, start:])
+        first, inverse = shared
+        n, last = start, self.spec.layers[-1]
+        x, angles_x = self._embed(ids[first, :n], positions[first, :n])  # (U, n, E): the distinct prefixes
+        y, angles_y = self._embed(ids[:, n:], positions[:, n:])  # (B, S - n, E): every row's own positions
         for layer in self.spec.layers:
-            x = self._block(layer, x, angles, lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m))
-        return self._head(x[:, start:])
+            m, kv = masks[layer.window], []
+
+            def attend_prefix(q, k, v, m=m[first, :, :n, :n], kv=kv, last=layer is last):
+                kv.extend((k.index_select(0, inverse), v.index_select(0, inverse)))
+                return None if last else self._sdpa(q, k, v, m)  # after the last layer only keys/values count
+
+            def attend_rows(q, k, v, m=m[:, :, n:], kv=kv):
+                return self._sdpa(q, torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2), m)
+
+            x = self._block(layer, x, angles_x, attend_prefix)
+            y = self._block(layer, y, angles_y, attend_rows)
+        return self._head(y)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
@@ -389,19 +419,26 @@ class Engine(nn.Module):
         cache.keymask.zero_()
         cache.keymask[:, 0, 0, :P] = mask.bool()
         self._len = P
-        positions = positions_from_mask(mask)
-        self._pos = positions[:, -1].clone()  # (B,)
-        x, angles = self._embed(ids, positions)
+        self._pos = positions_from_mask(mask)[:, -1].clone()  # (B,)
+        # rows with the same prompt (GRPO-style groups) are computed once, then copied to each row
+        shared = self._shared_prefix(ids, mask, P)
+        if shared is not None:
+            ids, mask = ids[shared[0]], mask[shared[0]]
+
+        def spread(t: torch.Tensor) -> torch.Tensor:
+            return t if shared is None else t.index_select(0, shared[1])
+
+        x, angles = self._embed(ids, positions_from_mask(mask))
         masks = self._masks(mask, {layer.window for layer in s.layers})
         for i, layer in enumerate(s.layers):
 
             def attend(q, k, v, i=i, m=masks[layer.window]):
-                cache.k[i, :, :, :P], cache.v[i, :, :, :P] = k, v
+                cache.k[i, :, :, :P], cache.v[i, :, :, :P] = spread(k), spread(v)
                 return self._sdpa(q, k, v, m)
 
             x = self._block(layer, x, angles, attend)
         logits, hidden = self._head(x[:, -1:])
-        return logits[:, 0], hidden[:, 0]
+        return spread(logits[:, 0]), spread(hidden[:, 0])
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor):
