@@ -21,9 +21,13 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from textrl.pretrain import EOS, train_tokenizer
@@ -148,6 +152,74 @@ def qwen2_dir(tmp_path_factory, tokenizer) -> Path:
         eos_token_id=tokenizer.eos_token_id,
     )
     return _save(tmp_path_factory.mktemp("qwen2"), Qwen2ForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llama_gqa_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama with grouped-query attention over several kv heads (4 heads, 2 kv heads).
+
+    ``llama_dir`` has a single kv head, where every way of sharing kv heads between query heads agrees;
+    with two, a kv head repeated in the wrong order (``repeat`` instead of ``repeat_interleave``) shows.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save(tmp_path_factory.mktemp("llama-gqa"), LlamaForCausalLM(config), tokenizer)
+
+
+MISTRAL_WINDOW = 4
+"""Sliding window of the tiny Mistral: each position attends to itself and the 3 before it (HF's rule),
+so the window acts inside the 10-12 token test sequences."""
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Mistral: grouped-query attention (4 heads, 2 kv heads) and a sliding window of 4."""
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,  # MistralConfig's default is 128, not hidden_size / heads
+        sliding_window=MISTRAL_WINDOW,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save(tmp_path_factory.mktemp("mistral"), MistralForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Qwen3: RMSNorm on q and k, a head size (16) other than hidden / heads (8), grouped-query
+    attention (4 heads, 2 kv heads) and the LM head tied to the input embeddings."""
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save(tmp_path_factory.mktemp("qwen3"), Qwen3ForCausalLM(config), tokenizer)
 
 
 @pytest.fixture(scope="session")

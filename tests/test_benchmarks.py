@@ -122,3 +122,26 @@ def test_flop_count_of_each_phase():
     assert g["training"] == 2 * g["reference"]
     with pytest.raises(ValueError, match="not a multiple of group"):
         module.phases(shape, 18, P, T, 4)
+
+
+ENGINE_ROW = re.compile(r"^\| (\d+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+|-) \| ([\d.]+)x \| ([\d.]+)x \|$", re.M)
+
+
+@pytest.mark.parametrize(("arch", "core"), [("mistral", "Engine (mistral)"), ("gpt2", "GPT2Core")])
+def test_engine_decode_benchmark_compares_generate_hfcore_and_make_core(capsys, arch, core):
+    if arch != "gpt2":
+        pytest.importorskip("textrl.engine", reason="textrl/engine.py is not there yet")
+    module = _load("engine_decode", "engine_decode")
+    args = ["--arch", arch, "--size", "tiny", "--batch-sizes", "2", "3", "--new-tokens", "4", "--rounds", "1"]
+    module.main([*args, "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = ENGINE_ROW.findall(out)
+    assert [int(r[0]) for r in rows] == [2, 3], out
+    for _, generate, hf, fast, fast_hf, fast_generate in rows:
+        generate, hf, fast = (float(x.replace(",", "")) for x in (generate, hf, fast))
+        assert generate > 0 and hf > 0 and fast > 0
+        assert abs(float(fast_hf) - fast / hf) < 0.01 + 0.01 * fast / hf
+        assert abs(float(fast_generate) - fast / generate) < 0.01 + 0.01 * fast / generate
+    worst = float(re.search(r"make_core runs (.+); its logits differ from HFCore's by at most (\S+) ", out)[2])
+    assert f"make_core runs {core};" in out and worst < 1e-4, out
+    assert "1 torch threads" in out

@@ -1,0 +1,321 @@
+"""The spec-driven engine (``textrl.engine.Engine``) agrees with the Hugging Face forward of every covered
+architecture in fp32: GPT-2, Llama (one kv head and grouped-query), Mistral (sliding window), Qwen2 (q/k/v
+bias) and Qwen3 (q/k RMSNorm, head size other than hidden / heads, tied LM head).
+
+Random-init HF models have every norm weight 1 and every bias 0, and weights so small that attention is
+nearly uniform: a forward that skipped a norm weight or a bias would still agree. So each model is loaded and
+then given O(1) weights, norms and biases (:func:`_sharpen`) before it is compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from textrl.core import GPT2Core, HFCore, make_core
+from textrl.lm import load_lm
+
+engine = pytest.importorskip("textrl.engine", reason="textrl/engine.py is not there yet")
+Engine = engine.Engine
+
+ARCHS = ["gpt2_dir", "llama_dir", "llama_gqa_dir", "mistral_dir", "qwen2_dir", "qwen3_dir"]
+FAMILY = {
+    "gpt2_dir": "gpt2",
+    "llama_dir": "llama",
+    "llama_gqa_dir": "llama",
+    "mistral_dir": "mistral",
+    "qwen2_dir": "qwen2",
+    "qwen3_dir": "qwen3",
+}
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@torch.no_grad()
+def _sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
+    """O(1) random parameters: matrices N(0, 0.15^2), norm weights 1 + N(0, 0.3^2), biases N(0, 0.1^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if p.ndim > 1:
+            p.copy_(0.15 * noise)
+        elif "norm" in name or "ln_" in name:
+            p.copy_(1 + 0.3 * noise)
+        else:
+            p.copy_(0.1 * noise)
+    return model
+
+
+def _model(request, arch: str) -> nn.Module:
+    return _sharpen(load_lm(request.getfixturevalue(arch))[0])
+
+
+def _batch(vocab: int, B: int = 3, S: int = 12, seed: int = 1):
+    """Random ids with left padding of different widths (4, 1, 0, 2, ...)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, S), generator=gen)
+    mask = torch.ones(B, S, dtype=torch.long)
+    for b, width in enumerate([4, 1, 0, 2] * B):
+        if b < B:
+            mask[b, :width] = 0
+    return ids, mask
+
+
+def _vocab(model) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+# --- the fixtures: what the engine is compared against -----------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_hf_mistral_applies_its_sliding_window(mistral_dir, attention):
+    """HF's own Mistral forward (the reference) applies the window of 4 with an explicit mask and left padding:
+    each position sees itself and the 3 before it, so with 2 layers the last token sees 6 positions back."""
+    model, _ = load_lm(mistral_dir)
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
+    assert model.config.sliding_window == 4 and model.config.num_key_value_heads == 2
+    ids = torch.randint(0, _vocab(model), (1, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 15, dtype=torch.long)
+    mask[0, :3] = 0
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        last = model(padded, attention_mask=mask, position_ids=positions).logits[0, -1]
+        for back, moves in [(7, False), (9, False), (6, True), (5, True)]:
+            changed = padded.clone()
+            changed[0, -1 - back] = (changed[0, -1 - back] + 1) % _vocab(model)
+            other = model(changed, attention_mask=mask, position_ids=positions).logits[0, -1]
+            assert (not torch.equal(other, last)) == moves, back
+        alone = model(ids).logits[0, -1]
+    torch.testing.assert_close(alone, last, **TOL)
+
+
+def test_fixtures_exercise_what_they_are_for(llama_dir, llama_gqa_dir, qwen3_dir):
+    assert load_lm(llama_dir)[0].config.num_key_value_heads == 1
+    gqa = load_lm(llama_gqa_dir)[0].config
+    assert gqa.num_attention_heads == 4 and gqa.num_key_value_heads == 2
+    qwen3 = load_lm(qwen3_dir)[0]
+    attn = qwen3.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (4 * 16, 32) and attn.k_norm.weight.shape == (16,)
+    assert qwen3.lm_head.weight is qwen3.model.embed_tokens.weight
+
+
+# --- agreement with the HF forward ----------------------------------------------------------------------------
+
+
+def test_forward_with_left_padding_matches_each_row_alone(request, arch):
+    model = _model(request, arch)
+    core = Engine(model)
+    assert core.arch == FAMILY[arch]
+    ids, mask = _batch(_vocab(model))
+    with torch.no_grad():
+        logits, hidden = core.forward(ids, mask)  # (B, S, V), (B, S, E)
+        assert logits.shape == (*ids.shape, _vocab(model)) and hidden.shape[:2] == ids.shape
+        for b in range(len(ids)):
+            real = mask[b].bool()
+            expected = model(ids[b, real][None])  # the row alone, unpadded
+            torch.testing.assert_close(logits[b, real], expected.logits[0], **TOL)
+        tail_logits, tail_hidden = core.forward(ids, mask, start=7)  # the tail of the full result
+        torch.testing.assert_close(tail_logits, logits[:, 7:], **TOL)
+        torch.testing.assert_close(tail_hidden, hidden[:, 7:], **TOL)
+        hf_hidden = HFCore(model).forward(ids, mask)[1]  # the final norm's output, as HF's last hidden state
+        torch.testing.assert_close(hidden[mask.bool()], hf_hidden[mask.bool()], **TOL)
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_prefill_and_decode_match_the_forward(request, arch, record):
+    model = _model(request, arch)
+    core = Engine(model)
+    ids, mask = _batch(_vocab(model))
+    P, S = 5, ids.shape[1]
+    with torch.no_grad():
+        logits, hidden = core.forward(ids, mask)
+        first = core.prefill(ids[:, :P], mask[:, :P], S, record=record)
+        steps = [first] + [core.decode(ids[:, t]) for t in range(P, S)]
+        core.release()
+    cached = torch.stack([step[0] for step in steps[:-1]], 1)  # predictions at positions P-1 .. S-2
+    torch.testing.assert_close(cached, logits[:, P - 1 : S - 1], **TOL)
+    torch.testing.assert_close(steps[-1][0], logits[:, -1], **TOL)  # past the last: position S-1, cache full
+    torch.testing.assert_close(torch.stack([s[1] for s in steps], 1), hidden[:, P - 1 :], **TOL)
+
+
+def _loss(logits: torch.Tensor, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """A loss reading every logit and hidden value of the valid positions (pads' values never enter)."""
+    weights = torch.linspace(-1, 1, logits.shape[-1])
+    return (logits[valid].log_softmax(-1) * weights).sum() + hidden[valid].square().sum() * 0.01
+
+
+def _grads(model, core, ids, mask, start: int, rows=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits, hidden = core.forward(ids, mask, start, rows)
+    _loss(logits, hidden, mask[:, start:].bool()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), grads
+
+
+def _assert_grads_close(got: dict, expected: dict, what: str = "") -> None:
+    assert got.keys() == expected.keys() and len(got) > 10, (what, sorted(set(got) ^ set(expected)))
+    for name in got:
+        scale = expected[name].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(got[name] / scale, expected[name] / scale, atol=1e-4, rtol=0, msg=f"{what} {name}")
+
+
+def test_gradients_flow_into_the_hf_parameters_as_through_the_hf_forward(request, arch):
+    model = _model(request, arch)
+    core, hf = Engine(model), HFCore(model)
+    ids, mask = _batch(_vocab(model), B=4)
+    for start in (0, 4):
+        logits, grads = _grads(model, core, ids, mask, start)
+        hf_logits, hf_grads = _grads(model, hf, ids, mask, start)
+        valid = mask[:, start:].bool()
+        torch.testing.assert_close(logits[valid], hf_logits[valid], **TOL)
+        _assert_grads_close(grads, hf_grads, f"start={start}")
+
+
+def test_forward_after_a_recorded_rollout_matches_the_hf_forward(request, arch):
+    """A recorded rollout (the engine may replay it), then the update's forward on all rows and on a
+    minibatch of them (``rows``): logits and gradients as through the HF forward; then the weights move."""
+    model = _model(request, arch)
+    core, hf = Engine(model), HFCore(model)
+    ids, mask = _batch(_vocab(model), B=4)
+    P, S = 6, ids.shape[1]
+    mask[3, -2:] = 0  # row 3 ended early: its last two positions are pads in the update
+    with torch.no_grad():
+        core.prefill(ids[:, :P], mask[:, :P], S, record=True)
+        for t in range(P, S - 1):
+            core.decode(ids[:, t])
+        core.release()
+    ids = ids.masked_fill(~mask.bool(), 0)
+    for rows in (None, torch.tensor([1, 3])):
+        sub_ids, sub_mask = (ids, mask) if rows is None else (ids[rows], mask[rows])
+        logits, grads = _grads(model, core, sub_ids[:, :-1], sub_mask[:, :-1], P - 1, rows)
+        hf_logits, hf_grads = _grads(model, hf, sub_ids[:, :-1], sub_mask[:, :-1], P - 1)
+        valid = sub_mask[:, P:].bool()
+        torch.testing.assert_close(logits[valid], hf_logits[valid], **TOL)
+        _assert_grads_close(grads, hf_grads, f"rows={rows}")
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # the record (if any) is stale now
+    logits, grads = _grads(model, core, ids[:, :-1], mask[:, :-1], P - 1)
+    hf_logits, hf_grads = _grads(model, hf, ids[:, :-1], mask[:, :-1], P - 1)
+    torch.testing.assert_close(logits[mask[:, P:].bool()], hf_logits[mask[:, P:].bool()], **TOL)
+    _assert_grads_close(grads, hf_grads, "after a step")
+
+
+def test_rows_sharing_a_prompt(request, arch):
+    """Groups of 4 rows with one (left-padded) prompt each, then different continuations: prefill, decode,
+    forward and its gradients equal those of each row computed alone / through the HF forward."""
+    model = _model(request, arch)
+    core, hf = Engine(model), HFCore(model)
+    vocab = _vocab(model)
+    base_ids, base_mask = _batch(vocab, B=2, S=6)
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    P, T = 6, 5
+    cont = torch.randint(0, vocab, (len(group), T), generator=torch.Generator().manual_seed(5))
+    ids = torch.cat([base_ids[group], cont], 1)
+    mask = torch.cat([base_mask[group], torch.ones_like(cont)], 1)
+    if hasattr(core, "_shared_prefix"):  # the engine's own test of "enough rows share": this batch passes it
+        assert core._shared_prefix(ids, mask, P - 1) is not None
+    with torch.no_grad():
+        steps = [core.prefill(ids[:, :P], mask[:, :P], P + T, record=True)[0]]
+        steps += [core.decode(ids[:, t])[0] for t in range(P, P + T - 1)]
+        core.release()
+        each = torch.cat([core.forward(ids[b : b + 1], mask[b : b + 1])[0] for b in range(len(group))])
+        for b in (0, 3, 5):
+            real = mask[b].bool()
+            torch.testing.assert_close(each[b, real], model(ids[b, real][None]).logits[0], **TOL)
+    torch.testing.assert_close(torch.stack(steps, 1), each[:, P - 1 : -1], **TOL)
+    logits, grads = _grads(model, core, ids[:, :-1], mask[:, :-1], P - 1)
+    torch.testing.assert_close(logits, each[:, P - 1 : -1], **TOL)
+    _assert_grads_close(grads, _grads(model, hf, ids[:, :-1], mask[:, :-1], P - 1)[1], "shared prompts")
+    with torch.no_grad():  # start=0: the prompts' positions too
+        torch.testing.assert_close(core.forward(ids, mask)[0][mask.bool()], each[mask.bool()], **TOL)
+
+
+# --- which core runs --------------------------------------------------------------------------------------------
+
+
+def test_make_core_picks_the_engine(request):
+    for arch in ARCHS:
+        model, _ = load_lm(request.getfixturevalue(arch))
+        assert Engine.supports(model) and Engine.why_not(model) is None, arch
+        core = make_core(model)
+        assert type(core) is (GPT2Core if arch == "gpt2_dir" else Engine), arch
+        assert type(make_core(model, fast=False)) is HFCore, arch
+
+
+class LoraLinear(nn.Module):
+    """What peft's LoRA puts in place of an ``nn.Linear``: the base layer plus a low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.5)  # nonzero: the update changes the outputs
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa_dir", "qwen3_dir"])
+def test_an_unsupported_module_falls_back_to_hf(request, arch):
+    model = _model(request, arch)
+    ids, mask = _batch(_vocab(model))
+    plain = Engine(model).forward(ids, mask)[0].detach()
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = LoraLinear(attn.q_proj)
+    reason = Engine.why_not(model)
+    assert not Engine.supports(model) and reason is not None
+    assert "layers.0.self_attn.q_proj" in reason and "LoraLinear" in reason, reason
+    with pytest.raises(ValueError, match=r"q_proj"):
+        Engine(model)
+    core = make_core(model)
+    assert type(core) is HFCore
+    with torch.no_grad():
+        logits = core.forward(ids, mask)[0]
+        real = mask[0].bool()
+        torch.testing.assert_close(logits[0, real], model(ids[0, real][None]).logits[0], **TOL)
+    assert (logits - plain)[mask.bool()].abs().max() > 1e-2  # the LoRA update is in what runs
+
+
+# --- an agent trained through the engine ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_env(llama_gqa_dir):
+    from envs import TextGenEnv
+
+    prompts = ["The old king", "The young queen", "The brave knight", "The quiet river"]
+    return TextGenEnv(lm=str(llama_gqa_dir), prompts=prompts, reward="keyword_reward", max_new_tokens=6, stop=None)
+
+
+@pytest.mark.parametrize("name", ["reinforce", "ppo"])
+def test_an_agent_trains_through_the_engine(llama_env, name):
+    from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
+
+    if name == "ppo":  # one epoch, one minibatch: the update's forward is on-policy
+        agent = PPO(llama_env, config=PPOConfig(batch_size=8, minibatch_size=8, n_epochs=1, learning_rate=1e-3), seed=0)
+    else:
+        agent = REINFORCE(llama_env, config=REINFORCEConfig(batch_size=8, group_size=4, learning_rate=1e-3), seed=0)
+    assert type(agent.policy.core) is Engine and type(agent.policy.ref_core) is Engine
+    rollout, _, kl = agent.collect()
+    assert torch.isfinite(kl).all() and kl.abs().max() < 1e-5  # the reference is the policy still
+    logits, _ = agent.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len, need_values=False)
+    logprobs, _ = agent.logprobs_and_entropy(logits, rollout.actions)
+    valid = rollout.valid
+    torch.testing.assert_close(logprobs[valid], rollout.logprobs[valid], atol=1e-5, rtol=1e-5)
+
+    before = [p.detach().clone() for p in agent.policy.model.parameters()]
+    stats: list[dict] = []
+    agent.learn(1, callback=lambda a, s: stats.append(s))
+    changed = [not torch.equal(a, b) for a, b in zip(before, agent.policy.model.parameters(), strict=True)]
+    assert sum(changed) >= len(changed) // 2
+    if name == "ppo":
+        assert abs(stats[0]["losses/approx_kl"]) < 1e-9, stats[0]["losses/approx_kl"]
