@@ -201,8 +201,13 @@ def test_forward_after_a_recorded_rollout_matches_the_hf_forward(request, arch):
         valid = sub_mask[:, P:].bool()
         torch.testing.assert_close(logits[valid], hf_logits[valid], **TOL)
         _assert_grads_close(grads, hf_grads, f"rows={rows}")
-    torch.optim.SGD(model.parameters(), lr=0.1).step()  # the record (if any) is stale now
+    assert core.replayed == 2  # both took the linear layers' outputs from the record
+    for p in model.parameters():  # a real step: the record is stale after it
+        p.grad = torch.randn_like(p) * 0.1
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad(set_to_none=True)
     logits, grads = _grads(model, core, ids[:, :-1], mask[:, :-1], P - 1)
+    assert core.replayed == 2  # computed, not replayed
     hf_logits, hf_grads = _grads(model, hf, ids[:, :-1], mask[:, :-1], P - 1)
     torch.testing.assert_close(logits[mask[:, P:].bool()], hf_logits[mask[:, P:].bool()], **TOL)
     _assert_grads_close(grads, hf_grads, "after a step")
@@ -232,6 +237,7 @@ def test_rows_sharing_a_prompt(request, arch):
             torch.testing.assert_close(each[b, real], model(ids[b, real][None]).logits[0], **TOL)
     torch.testing.assert_close(torch.stack(steps, 1), each[:, P - 1 : -1], **TOL)
     logits, grads = _grads(model, core, ids[:, :-1], mask[:, :-1], P - 1)
+    assert core.replayed == 1  # the shared prompts and the record together
     torch.testing.assert_close(logits, each[:, P - 1 : -1], **TOL)
     _assert_grads_close(grads, _grads(model, hf, ids[:, :-1], mask[:, :-1], P - 1)[1], "shared prompts")
     with torch.no_grad():  # start=0: the prompts' positions too
@@ -317,5 +323,6 @@ def test_an_agent_trains_through_the_engine(llama_env, name):
     agent.learn(1, callback=lambda a, s: stats.append(s))
     changed = [not torch.equal(a, b) for a, b in zip(before, agent.policy.model.parameters(), strict=True)]
     assert sum(changed) >= len(changed) // 2
-    if name == "ppo":
-        assert abs(stats[0]["losses/approx_kl"]) < 1e-9, stats[0]["losses/approx_kl"]
+    assert agent.policy.core.replayed >= 2  # evaluate() above and the update both replayed the rollout
+    if name == "ppo":  # the update's first forward is the rollout's record: the ratio is exactly 1
+        assert stats[0]["losses/approx_kl"] == 0.0

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from textrl.core import GPT2Core, KVCache, gelu, positions_from_mask
+from textrl.core import GPT2Core, KVCache, _Replayed, gelu, positions_from_mask
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values the engine runs."""
@@ -56,6 +56,11 @@ class Layer(NamedTuple):
     up: nn.Module
     down: nn.Module
     window: int | None  # sliding-window attention: a query sees this many positions, itself included
+
+    def linears(self) -> list[nn.Module]:
+        """The block's linear layers (what a rollout record keeps the outputs of)."""
+        parts = (self.qkv, self.q, self.k, self.v, self.out, self.gate, self.up, self.down)
+        return [m for m in parts if m is not None]
 
 
 class Spec(NamedTuple):
@@ -246,6 +251,50 @@ def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def _width(module: nn.Module) -> int:
+    """Output features of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
+
+
+def _linear_into(x: torch.Tensor, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for rows x (B, in), written into ``out`` (B, width), a column of a record."""
+    if isinstance(module, nn.Linear):
+        if module.bias is None:
+            return torch.mm(x, module.weight.t(), out=out)
+        return torch.addmm(module.bias, x, module.weight.t(), out=out)
+    return torch.addmm(module.bias, x, module.weight, out=out)
+
+
+def _replayed(x: torch.Tensor, module: nn.Module, recorded: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` whose value is ``recorded`` (a rollout's record): the forward skips the matmul, the
+    backward is the linear layer's own (:class:`textrl.core._Replayed`)."""
+    return _Replayed.apply(x, module.weight, module.bias, recorded, isinstance(module, nn.Linear))
+
+
+class Record:
+    """A recorded rollout: the fed tokens and every linear layer's output (and the logits), per position.
+
+    Buffers are (B, max_len - 1, width), one per linear module of the model (keyed by the module): a decode
+    step writes its matmul output straight into column t, and the update's sequences (all but the last
+    token) are then whole buffers. ``logits`` is (B, max_len - P, V), from position P - 1 on. Reused by the
+    next rollout of the same shape.
+    """
+
+    def __init__(self, spec: Spec, B: int, P: int, max_len: int, like: torch.Tensor):
+        self.key = (B, P, max_len, like.dtype, like.device)
+        self.ids = torch.empty(B, max_len, dtype=torch.long, device=like.device)
+        self.capacity = max_len - 1  # positions recorded; the last one never feeds an update
+        modules = [m for layer in spec.layers for m in layer.linears()]
+        self.out = {m: like.new_empty(B, self.capacity, _width(m)) for m in modules}
+        self.logits = like.new_empty(B, max_len - P, spec.head.weight.shape[0])
+        self.P = P
+        self.reset(None)
+
+    def reset(self, version) -> None:
+        self.len, self.version = 0, version
+        self.prompt_mask: torch.Tensor | None = None
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding as HF applies it (``x * cos + rotate_half(x) * sin``); x (B, h, S, D), cos/sin (B, 1, S, D)."""
     half = x.shape[-1] // 2
@@ -282,6 +331,10 @@ class Engine(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) by position, (N, D)
         self._cache: KVCache | None = None
         self._live: KVCache | None = None
+        self._record: Record | None = None  # the last recorded rollout (replay)
+        self._writing: Record | None = None  # the record the rollout in progress writes into
+        self.replayed = 0
+        """How many ``forward`` calls took their linear layers from a rollout record (tests, benchmarks)."""
 
     @property
     def spec(self) -> Spec:
@@ -325,17 +378,17 @@ class Engine(nn.Module):
 
     # --- the block, once -------------------------------------------------------------------------------
 
-    def _qkv(self, layer: Layer, h: torch.Tensor, angles):
+    def _qkv(self, layer: Layer, h: torch.Tensor, angles, lin=_linear):
         """Queries (B, H, S, D), keys and values (B, G, S, D) of normed inputs h (B, S, E)."""
         s = self.spec
         B, S, _ = h.shape
         H, G, D = s.n_head, s.n_kv_head, s.head_dim
         if layer.qkv is not None:
-            q, k, v = _linear(h, layer.qkv).view(B, S, 3, H, D).unbind(2)  # (B, S, H, D) each
+            q, k, v = lin(h, layer.qkv).view(B, S, 3, H, D).unbind(2)  # (B, S, H, D) each
         else:
-            q = _linear(h, layer.q).view(B, S, H, D)
-            k = _linear(h, layer.k).view(B, S, G, D)
-            v = _linear(h, layer.v).view(B, S, G, D)
+            q = lin(h, layer.q).view(B, S, H, D)
+            k = lin(h, layer.k).view(B, S, G, D)
+            v = lin(h, layer.v).view(B, S, G, D)
         if layer.q_norm is not None:
             q, k = _norm(q, layer.q_norm), _norm(k, layer.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -343,21 +396,25 @@ class Engine(nn.Module):
             q, k = _rotate(q, *angles), _rotate(k, *angles)
         return q, k, v
 
-    def _block(self, layer: Layer, x: torch.Tensor, angles, attend) -> torch.Tensor | None:
-        """One Transformer block; ``attend(q, k, v) -> (B, H, S, D)`` is the mode's attention, or None when
-        only the keys and values were wanted (the block stops there)."""
+    def _block(self, layer: Layer, x: torch.Tensor, angles, attend, lin=_linear) -> torch.Tensor | None:
+        """One Transformer block.
+
+        The modes differ in two functions: ``attend(q, k, v) -> (B, H, S, D)`` (the attention; None when only
+        the keys and values were wanted, and the block stops there) and ``lin(x, module)`` (every linear layer:
+        computed, computed into a rollout record, or replayed from one).
+        """
         B, S, _ = x.shape
-        q, k, v = self._qkv(layer, _norm(x, layer.norm1), angles)
+        q, k, v = self._qkv(layer, _norm(x, layer.norm1), angles, lin)
         att = attend(q, k, v)
         if att is None:
             return None
-        x = x + _linear(att.transpose(1, 2).reshape(B, S, -1), layer.out)
+        x = x + lin(att.transpose(1, 2).reshape(B, S, -1), layer.out)
         h = _norm(x, layer.norm2)
         if layer.gate is not None:
-            h = F.silu(_linear(h, layer.gate)) * _linear(h, layer.up)
+            h = F.silu(lin(h, layer.gate)) * lin(h, layer.up)
         else:
-            h = gelu(_linear(h, layer.up), self.spec.act)
-        return x + _linear(h, layer.down)
+            h = gelu(lin(h, layer.up), self.spec.act)
+        return x + lin(h, layer.down)
 
     def _head(self, x: torch.Tensor):
         hidden = _norm(x, self.spec.norm)
@@ -370,24 +427,41 @@ class Engine(nn.Module):
     # --- the modes -------------------------------------------------------------------------------------
 
     _shared_prefix = staticmethod(GPT2Core._shared_prefix)
+    _weights_version = GPT2Core._weights_version
+    _replayable = GPT2Core._replayable
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
-        """The whole sequence: ``(logits (B, S - start, V), hidden (B, S - start, E))``; ``rows`` is unused.
+        """The whole sequence: ``(logits (B, S - start, V), hidden (B, S - start, E))``.
 
-        When at most half the rows have distinct first ``start`` positions (the samples of a prompt that
-        RLOO/GRPO-style baselines draw), those positions run once per distinct prefix and every row attends to
-        its prefix's gathered keys/values; autograd adds up the rows' gradients there.
+        Shared prompts: when at most half the rows have distinct first ``start`` positions (the samples of a
+        prompt that RLOO/GRPO-style baselines draw), those positions run once per distinct prefix and every
+        row attends to its prefix's gathered keys/values; autograd adds up the rows' gradients there.
+
+        Rollout replay: on the very sequences of the last recorded rollout (``rows`` of it; all when None),
+        under unchanged weights and without autocast, every linear layer's output and the logits are taken
+        from the record instead of recomputed (norms, rotary, attention and activations are recomputed with
+        autograd; the backward is the usual one). Anything else is computed normally.
         """
+        rec, rows = self._replayable(ids, mask, start, rows)
+        if rec is not None:
+            self.replayed += 1
         positions = positions_from_mask(mask)
         masks = self._masks(mask, {layer.window for layer in self.spec.layers})
+        S = ids.shape[1]
         shared = self._shared_prefix(ids, mask, start)
         if shared is None:
+            lin = _linear if rec is None else self._replaying(rec, rows, 0, S)
             x, angles = self._embed(ids, positions)
             for layer in self.spec.layers:
-                x = self._block(layer, x, angles, lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m))
-            return self._head(x[:, start:])
+                attend = lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m)  # noqa: E731
+                x = self._block(layer, x, angles, attend, lin)
+            return self._head(x[:, start:], rec, rows, start)
         first, inverse = shared
         n, last = start, self.spec.layers[-1]
+        lin_x, lin_y = _linear, _linear
+        if rec is not None:  # the record's row of each distinct prompt, and every row's own positions
+            lin_x = self._replaying(rec, first if rows is None else rows[first], 0, n)
+            lin_y = self._replaying(rec, rows, n, S)
         x, angles_x = self._embed(ids[first, :n], positions[first, :n])  # (U, n, E): the distinct prefixes
         y, angles_y = self._embed(ids[:, n:], positions[:, n:])  # (B, S - n, E): every row's own positions
         for layer in self.spec.layers:
@@ -400,13 +474,34 @@ class Engine(nn.Module):
             def attend_rows(q, k, v, m=m[:, :, n:], kv=kv):
                 return self._sdpa(q, torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2), m)
 
-            x = self._block(layer, x, angles_x, attend_prefix)
-            y = self._block(layer, y, angles_y, attend_rows)
-        return self._head(y)
+            x = self._block(layer, x, angles_x, attend_prefix, lin_x)
+            y = self._block(layer, y, angles_y, attend_rows, lin_y)
+        return self._head(y, rec, rows, n)
+
+    @staticmethod
+    def _replaying(rec: Record, rows: torch.Tensor | None, begin: int, end: int):
+        """``lin`` taking positions ``begin:end`` of ``rows`` (all rows when None) from the record."""
+        if rows is None:
+            return lambda x, module: _replayed(x, module, rec.out[module][:, begin:end])
+        return lambda x, module: _replayed(x, module, rec.out[module][rows, begin:end])
+
+    def _head(self, x: torch.Tensor, rec: Record | None = None, rows: torch.Tensor | None = None, start: int = 0):
+        """Logits (B, S', V) and final hidden states of x (B, S', E) at positions ``start:``; replayed when
+        the record holds the logits there (from position P - 1 on)."""
+        hidden = _norm(x, self.spec.norm)
+        j = start - rec.P + 1 if rec is not None else -1  # column of the logits record for position start
+        if j < 0:
+            return F.linear(hidden, self.spec.head.weight), hidden
+        logits = rec.logits[:, j : j + x.shape[1]] if rows is None else rec.logits[rows, j : j + x.shape[1]]
+        return _Replayed.apply(hidden, self.spec.head.weight, None, logits, True), hidden
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
-        """Run the prompts (B, P), filling a static KV cache with room for ``max_len`` positions."""
+        """Run the prompts (B, P), filling a static KV cache with room for ``max_len`` positions.
+
+        ``record``: keep every linear layer's output of this rollout for the update (replay); without it the
+        last record stays valid (an evaluation may run in between).
+        """
         s = self.spec
         B, P = ids.shape
         if max_len > s.context:
@@ -420,6 +515,16 @@ class Engine(nn.Module):
         cache.keymask[:, 0, 0, :P] = mask.bool()
         self._len = P
         self._pos = positions_from_mask(mask)[:, -1].clone()  # (B,)
+        rec = None
+        if record and max_len > P and not torch.is_autocast_enabled(ids.device.type):
+            rec = self._record
+            if rec is None or rec.key != (B, P, max_len, s.embed.weight.dtype, ids.device):
+                self._record = rec = None  # free the old buffers before allocating new ones
+                rec = Record(s, B, P, max_len, s.embed.weight)
+            rec.reset(self._weights_version())
+            rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
+            self._record = rec
+        self._writing = rec  # what decode writes into
         # rows with the same prompt (GRPO-style groups) are computed once, then copied to each row
         shared = self._shared_prefix(ids, mask, P)
         if shared is not None:
@@ -427,6 +532,12 @@ class Engine(nn.Module):
 
         def spread(t: torch.Tensor) -> torch.Tensor:
             return t if shared is None else t.index_select(0, shared[1])
+
+        def lin(x, module):
+            y = _linear(x, module)
+            if rec is not None:
+                rec.out[module][:, :P] = spread(y)
+            return y
 
         x, angles = self._embed(ids, positions_from_mask(mask))
         masks = self._masks(mask, {layer.window for layer in s.layers})
@@ -436,22 +547,31 @@ class Engine(nn.Module):
                 cache.k[i, :, :, :P], cache.v[i, :, :, :P] = spread(k), spread(v)
                 return self._sdpa(q, k, v, m)
 
-            x = self._block(layer, x, angles, attend)
-        logits, hidden = self._head(x[:, -1:])
-        return spread(logits[:, 0]), spread(hidden[:, 0])
+            x = self._block(layer, x, angles, attend, lin)
+        logits, hidden = (spread(t[:, 0]) for t in self._head(x[:, -1:]))
+        if rec is not None:
+            rec.logits[:, 0] = logits
+            rec.len = P
+        return logits, hidden
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor):
         """One token per row (B,) through the cache: ``(logits (B, V), hidden (B, E))``."""
-        cache = self._live
+        cache, rec = self._live, self._writing
         if cache is None:
             raise RuntimeError("decode needs a prefill first (none yet, or the rollout was released)")
         t = self._len
         if t >= cache.k.shape[3]:
             raise RuntimeError(f"KV cache full ({t} positions); prefill with a larger max_len")
+        if rec is not None and t >= rec.capacity:
+            rec = None  # the last position never feeds an update: not recorded
+        B = len(tokens)
         self._pos += 1
         cache.mask_col[t].fill_(True)
         x, angles = self._embed(tokens[:, None], self._pos[:, None])  # (B, 1, E)
+        lin = _linear
+        if rec is not None:  # each matmul writes straight into the record's column t
+            lin = lambda x, module: _linear_into(x.reshape(B, -1), module, rec.out[module][:, t]).unsqueeze(1)  # noqa: E731
         for i, layer in enumerate(self.spec.layers):
             first = 0 if layer.window is None else max(0, t + 1 - layer.window)
 
@@ -461,12 +581,18 @@ class Engine(nn.Module):
                 keys, values = cache.k_upto[i][t][:, :, first:], cache.v_upto[i][t][:, :, first:]
                 return self._sdpa(q, keys, values, cache.mask_upto[t][..., first:])
 
-            x = self._block(layer, x, angles, attend)
+            x = self._block(layer, x, angles, attend, lin)
         self._len = t + 1
         hidden = _norm(x[:, 0], self.spec.norm)  # (B, E)
         # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
-        return torch.mm(self.spec.head.weight, hidden.t()).t().contiguous(), hidden
+        logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
+        if rec is None:
+            return logits_t.t().contiguous(), hidden
+        rec.ids[:, t] = tokens
+        rec.len = t + 1
+        return rec.logits[:, t - rec.P + 1].copy_(logits_t.t()), hidden
 
     def release(self) -> None:
-        """End the rollout; the cache stays allocated for the next rollout of the same shape."""
-        self._live = None
+        """End the rollout: the cache and the record stay allocated for the next rollout of the same shape
+        (the record until the weights change); ``decode`` needs a new ``prefill``."""
+        self._live = self._writing = None
