@@ -39,6 +39,7 @@ the issue's speed targets ticked. The report is printed and written to ``--out``
     python benchmarks/peers.py                                   # the full table (~15 min on 2 cores)
     python benchmarks/peers.py --batch-sizes 16 --systems ppo grpo --rounds 1 --iters 2   # a quick look
     python benchmarks/peers.py --learning                        # wall-clock to a reward: textrl PPO vs GRPO
+    python benchmarks/peers.py --arch llama --size small         # a random Llama, 8 layers x 512 (engine_decode.py)
 
 TRL PPO needs its own venv (TRL 1.12; install torch first, or pip pulls a CUDA build):
 ``python3 -m venv ../.venv-trl112 && ../.venv-trl112/bin/pip install torch==2.13.0 &&
@@ -99,8 +100,29 @@ def export_lm(source: str, folder: Path) -> str:
     return str(folder)
 
 
+def random_model(arch: str, size: str, folder: Path) -> tuple[str, str]:
+    """A randomly initialised ``arch`` model of ``size`` with the embedded tokenizer, saved to ``folder``:
+    ``(folder, description)``. Shapes are ``engine_decode.py``'s."""
+    import engine_decode
+    from transformers.utils import logging
+
+    from textrl.lm import load_tokenizer
+
+    logging.disable_progress_bar()
+    tokenizer = load_tokenizer("tiny")
+    model = engine_decode.build(arch, size, len(tokenizer), 256, 16, tokenizer.eos_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    layers, width = engine_decode.SIZES[size]
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    shape = f"{layers} layers x {width}, {n:.1f}M parameters, embedded tokenizer"
+    return str(folder), f"a random {type(model).__name__} ({shape})"
+
+
 def build(workdir: Path, args) -> rl_speed.Workload:
     work = rl_speed.build_workload(workdir, args.tiny_random, args.prompt_tokens, args.new_tokens, args.seed)
+    if args.arch:  # the prompts are made with the embedded tokenizer, which the random model shares
+        work.lm, work.source = random_model(args.arch, args.size, workdir / "arch-model")
     work.lm = export_lm(work.lm, workdir / "hf-model")
     (workdir / "workload.json").write_text(json.dumps(asdict(work)))
     return work
@@ -273,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=8, help="P, tokens per prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling")
     parser.add_argument("--tiny-random", action="store_true", help="a tiny random model instead (for tests)")
+    parser.add_argument(
+        "--arch", choices=["gpt2", "llama", "mistral", "qwen2", "qwen3"], help="a random model of this family instead"
+    )
+    parser.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny", help="its size (with --arch)")
     parser.add_argument("--in-process", action="store_true", help="run every system in this process (tests)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-bound measurement")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is abandoned")
@@ -320,6 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     if "sb3" in systems and any(b > args.sb3_max_batch for b in args.batch_sizes):
         skipped.append(f"naive SB3 run only up to B = {args.sb3_max_batch} (--sb3-max-batch): its update re-reads")
         skipped[-1] += " every prefix (B x T full forwards), ~4x the time and memory per 4x B"
+    if args.arch not in (None, "gpt2") and not args.no_flops:  # flop_bound.py counts GPT-2's matmuls
+        args.no_flops = True
+        skipped.append(f"FLOP bound skipped: it models GPT-2's matmuls, not {args.arch}'s")
     if not args.no_flops:
         jobs += [("flops", b) for b in args.batch_sizes]
     runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}

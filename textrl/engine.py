@@ -86,8 +86,9 @@ class Unsupported(ValueError):
 
 def _exactly(module: nn.Module | None, cls: type, name: str) -> nn.Module:
     if type(module) is not cls:
-        found = "nothing" if module is None else f"a {type(module).__name__}"
-        raise Unsupported(f"{name} is {found}, not an {cls.__module__.split('.')[0]}.{cls.__name__}")
+        found = "missing" if module is None else f"a {type(module).__name__}"
+        what = f"torch.nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else f"transformers {cls.__name__}"
+        raise Unsupported(f"{name} is {found}; the engine runs a plain {what} there")
     return module
 
 
