@@ -145,3 +145,20 @@ def test_engine_decode_benchmark_compares_generate_hfcore_and_make_core(capsys, 
     worst = float(re.search(r"make_core runs (.+); its logits differ from HFCore's by at most (\S+) ", out)[2])
     assert f"make_core runs {core};" in out and worst < 1e-4, out
     assert "1 torch threads" in out
+
+
+def test_peers_benchmark_runs_a_random_model_of_another_family(tmp_path, capsys):
+    """``--arch qwen3 --size tiny``: a random Qwen3 with the embedded tokenizer, named in the report, measured; the
+    GPT-2 FLOP bound is skipped with a reason."""
+    module = _load("peers", "peers_benchmark")
+    report = tmp_path / "peers.md"
+    args = ["--arch", "qwen3", "--size", "tiny", "--in-process", "--batch-sizes", "4", "--new-tokens", "4"]
+    module.main(
+        [*args, "--iters", "1", "--warmup", "1", "--rounds", "1", "--systems", "reinforce", "--out", str(report)]
+    )
+    text = report.read_text()
+    assert "Model: a random Qwen3ForCausalLM (4 layers x 256" in text and "embedded tokenizer" in text
+    label = re.escape(module.SYSTEMS["reinforce"])
+    (speed,) = re.findall(rf"^\| {label} \| ([\d,]+) ±\d+% \| - \|", text, re.M)  # no PPO row: no ratios
+    assert float(speed.replace(",", "")) > 0
+    assert "FLOP bound skipped: it models GPT-2's matmuls, not qwen3's" in text
