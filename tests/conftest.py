@@ -23,9 +23,13 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -220,6 +224,53 @@ def qwen3_dir(tmp_path_factory, tokenizer) -> Path:
         eos_token_id=tokenizer.eos_token_id,
     )
     return _save(tmp_path_factory.mktemp("qwen3"), Qwen3ForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Mixtral: 4 SwiGLU experts, 2 chosen per token (renormalised), a sliding window of 5."""
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=5,
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save(tmp_path_factory.mktemp("mixtral"), MixtralForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen2_moe_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Qwen2-MoE: layer 0 sparse (4 experts, top 2, not renormalised, plus a gated shared expert),
+    layer 1 a dense MLP; q/k/v biases."""
+    torch.manual_seed(0)
+    config = Qwen2MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        max_position_embeddings=CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _save(tmp_path_factory.mktemp("qwen2_moe"), Qwen2MoeForCausalLM(config), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,16 @@ from textrl.lm import load_lm
 engine = pytest.importorskip("textrl.engine", reason="textrl/engine.py is not there yet")
 Engine = engine.Engine
 
-ARCHS = ["gpt2_dir", "llama_dir", "llama_gqa_dir", "mistral_dir", "qwen2_dir", "qwen3_dir"]
+ARCHS = [
+    "gpt2_dir",
+    "llama_dir",
+    "llama_gqa_dir",
+    "mistral_dir",
+    "qwen2_dir",
+    "qwen3_dir",
+    "mixtral_dir",
+    "qwen2_moe_dir",
+]
 FAMILY = {
     "gpt2_dir": "gpt2",
     "llama_dir": "llama",
@@ -27,6 +36,8 @@ FAMILY = {
     "mistral_dir": "mistral",
     "qwen2_dir": "qwen2",
     "qwen3_dir": "qwen3",
+    "mixtral_dir": "mixtral",
+    "qwen2_moe_dir": "qwen2_moe",
 }
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 

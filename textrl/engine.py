@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from textrl.core import GPT2Core, KVCache, _Replayed, gelu, positions_from_mask
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
 """``config.model_type`` values the engine runs."""
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -38,6 +38,25 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 ACTIVATIONS = {"silu": None, "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 """Supported ``hidden_act``/``activation_function`` -> GELU approximation (None: SiLU)."""
+
+
+class Moe(NamedTuple):
+    """A sparse mixture-of-experts MLP: a softmax router picks ``top_k`` experts per token (SwiGLU experts
+    with their weights stacked in 3-D tensors), optionally renormalising the chosen probabilities, plus an
+    optional always-on shared expert scaled by a sigmoid gate (Qwen2-MoE)."""
+
+    router: nn.Module  # .weight (n_experts, E)
+    experts: nn.Module  # .gate_up_proj (n_experts, 2 I, E), .down_proj (n_experts, E, I)
+    top_k: int
+    normalize: bool
+    shared_gate: nn.Module | None  # nn.Linear(E, 1)
+    shared_proj: tuple[nn.Module, nn.Module, nn.Module] | None  # the shared expert's gate, up, down
+
+
+ROUTERS = {"MixtralTopKRouter": lambda router: True, "Qwen2MoeTopKRouter": lambda router: router.norm_topk_prob}
+"""Router classes the engine runs -> whether their top-k probabilities are renormalised."""
+EXPERTS = ("MixtralExperts", "Qwen2MoeExperts")
+"""Expert classes the engine runs (stacked SwiGLU experts, no biases)."""
 
 
 class Layer(NamedTuple):
@@ -53,13 +72,17 @@ class Layer(NamedTuple):
     out: nn.Module
     norm2: nn.Module
     gate: nn.Module | None  # SwiGLU's gate
-    up: nn.Module
-    down: nn.Module
+    up: nn.Module | None  # None: a mixture of experts instead
+    down: nn.Module | None
     window: int | None  # sliding-window attention: a query sees this many positions, itself included
+    moe: Moe | None = None
 
     def linears(self) -> list[nn.Module]:
-        """The block's linear layers (what a rollout record keeps the outputs of)."""
-        parts = (self.qkv, self.q, self.k, self.v, self.out, self.gate, self.up, self.down)
+        """The block's linear layers (what a rollout record keeps the outputs of; a mixture's routed experts
+        are computed, not recorded)."""
+        parts = [self.qkv, self.q, self.k, self.v, self.out, self.gate, self.up, self.down]
+        if self.moe is not None and self.moe.shared_proj is not None:
+            parts += [*self.moe.shared_proj, self.moe.shared_gate]
         return [m for m in parts if m is not None]
 
 
@@ -192,6 +215,7 @@ def _describe_llama(model: PreTrainedModel) -> Spec:
         extra = set(dict(block.named_children())) - {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
         if extra:
             raise Unsupported(f"{p} has parts the engine does not know: {sorted(extra)}")
+        sparse = type(mlp).__name__.endswith("SparseMoeBlock")
         layers.append(
             Layer(
                 norm1=_rms_norm(block.input_layernorm, f"{p}.input_layernorm"),
@@ -203,10 +227,11 @@ def _describe_llama(model: PreTrainedModel) -> Spec:
                 k_norm=_rms_norm(attn.k_norm, f"{p}.self_attn.k_norm") if has_qk_norm else None,
                 out=_exactly(attn.o_proj, nn.Linear, f"{p}.self_attn.o_proj"),
                 norm2=_rms_norm(block.post_attention_layernorm, f"{p}.post_attention_layernorm"),
-                gate=_exactly(mlp.gate_proj, nn.Linear, f"{p}.mlp.gate_proj"),
-                up=_exactly(mlp.up_proj, nn.Linear, f"{p}.mlp.up_proj"),
-                down=_exactly(mlp.down_proj, nn.Linear, f"{p}.mlp.down_proj"),
+                gate=None if sparse else _exactly(getattr(mlp, "gate_proj", None), nn.Linear, f"{p}.mlp.gate_proj"),
+                up=None if sparse else _exactly(getattr(mlp, "up_proj", None), nn.Linear, f"{p}.mlp.up_proj"),
+                down=None if sparse else _exactly(getattr(mlp, "down_proj", None), nn.Linear, f"{p}.mlp.down_proj"),
                 window=window,
+                moe=_describe_moe(mlp, f"{p}.mlp") if sparse else None,
             )
         )
     return Spec(
@@ -223,6 +248,29 @@ def _describe_llama(model: PreTrainedModel) -> Spec:
         act=None,
         context=c.max_position_embeddings,
     )
+
+
+def _describe_moe(block: nn.Module, name: str) -> Moe:
+    """A sparse MoE block of a known layout (Mixtral, Qwen2-MoE), else :class:`Unsupported`."""
+    router, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    if type(router).__name__ not in ROUTERS or set(dict(router.named_parameters())) != {"weight"}:
+        raise Unsupported(f"{name}.gate is a {type(router).__name__}; the engine runs {sorted(ROUTERS)}")
+    if type(experts).__name__ not in EXPERTS or set(dict(experts.named_parameters())) != {"gate_up_proj", "down_proj"}:
+        raise Unsupported(f"{name}.experts is a {type(experts).__name__}; the engine runs {list(EXPERTS)}")
+    if type(getattr(experts, "act_fn", None)).__name__ != "SiLUActivation":
+        raise Unsupported(f"{name}.experts has activation {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU")
+    unknown = sorted(set(dict(block.named_children())) - {"gate", "experts", "shared_expert", "shared_expert_gate"})
+    if unknown:
+        raise Unsupported(f"{name} has parts the engine does not know: {unknown}")
+    shared = getattr(block, "shared_expert", None)
+    shared_proj = shared_gate = None
+    if shared is not None:
+        shared_proj = tuple(
+            _exactly(getattr(shared, part, None), nn.Linear, f"{name}.shared_expert.{part}")
+            for part in ("gate_proj", "up_proj", "down_proj")
+        )
+        shared_gate = _exactly(getattr(block, "shared_expert_gate", None), nn.Linear, f"{name}.shared_expert_gate")
+    return Moe(router, experts, router.top_k, bool(ROUTERS[type(router).__name__](router)), shared_gate, shared_proj)
 
 
 def _head(model: PreTrainedModel) -> nn.Module:
@@ -411,11 +459,36 @@ class Engine(nn.Module):
             return None
         x = x + lin(att.transpose(1, 2).reshape(B, S, -1), layer.out)
         h = _norm(x, layer.norm2)
+        if layer.moe is not None:
+            return x + self._moe(layer.moe, h, lin)
         if layer.gate is not None:
             h = F.silu(lin(h, layer.gate)) * lin(h, layer.up)
         else:
             h = gelu(lin(h, layer.up), self.spec.act)
         return x + lin(h, layer.down)
+
+    @staticmethod
+    def _moe(moe: Moe, h: torch.Tensor, lin) -> torch.Tensor:
+        """A sparse mixture of experts on h (B, S, E), as the HF block computes it: router softmax, top-k,
+        each chosen expert on its tokens weighted by its probability, plus the gated shared expert."""
+        flat = h.reshape(-1, h.shape[-1])  # (N, E)
+        probs = F.softmax(F.linear(flat, moe.router.weight), dim=-1, dtype=torch.float)  # (N, n_experts)
+        top, chosen = torch.topk(probs, moe.top_k, dim=-1)  # (N, k)
+        if moe.normalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        top = top.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        experts = moe.experts
+        for e in torch.unique(chosen).tolist():
+            rows, slot = torch.where(chosen == e)
+            gate, up = F.linear(flat[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * top[rows, slot, None]
+            out = out.index_add(0, rows, y)
+        if moe.shared_proj is not None:
+            gate, up, down = moe.shared_proj
+            shared = lin(F.silu(lin(h, gate)) * lin(h, up), down)
+            out = out + (torch.sigmoid(lin(h, moe.shared_gate)) * shared).reshape(out.shape)
+        return out.view(h.shape)
 
     def _head(self, x: torch.Tensor):
         hidden = _norm(x, self.spec.norm)
