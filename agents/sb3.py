@@ -21,7 +21,8 @@ trunk as integers (SB3's ``preprocess_obs`` would turn them to floats). The LM s
 dropout), so rollout and update log-probs agree.
 
 SB3 recomputes the policy over every sub-env's full observation at each step. During collection
-(``torch.no_grad`` and eval mode) the GPT-2 trunk runs through :class:`textrl.prefix_cache.PrefixCache`:
+(``torch.no_grad`` and eval mode) the trunk of every architecture the engine runs (:mod:`textrl.engine`:
+GPT-2, Llama, Mistral, Qwen2/3, MoE) goes through :class:`textrl.prefix_cache.PrefixCache`:
 a row that grew by one token runs only that token. The update (``evaluate_actions``, with gradients) is a
 full forward over SB3's minibatch, in which an observation that is a prefix of another one in the
 minibatch (an earlier step of the same episode) is read off that one's forward instead of being run
@@ -43,7 +44,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from textrl.core import GPT2Core
+from textrl.engine import Engine
 from textrl.lm import load_lm
 from textrl.logger import samples_markdown
 from textrl.policy import sample
@@ -68,7 +69,8 @@ class TransformerExtractor(BaseFeaturesExtractor):
     Args:
         observation_space: the env's ``Dict(input_ids, attention_mask)`` space.
         lm: ``"tiny"`` or a local HF causal-LM folder (anything :func:`textrl.load_lm` takes).
-        use_cache: run GPT-2 rows through a :class:`PrefixCache` under ``torch.no_grad`` in eval mode.
+        use_cache: run rows through a :class:`PrefixCache` under ``torch.no_grad`` in eval mode (the
+            architectures the engine runs).
     """
 
     def __init__(self, observation_space: spaces.Dict, lm: str = "tiny", use_cache: bool = True):
@@ -76,7 +78,7 @@ class TransformerExtractor(BaseFeaturesExtractor):
         super().__init__(observation_space, features_dim=model.get_input_embeddings().embedding_dim)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        core = GPT2Core(model) if GPT2Core.supports(model) else None
+        core = Engine(model) if Engine.supports(model) else None
         self._core = [core]  # in a list: the core shares the model's parameters and must not be a submodule
         self.cache = PrefixCache(core) if use_cache and core is not None else None
 
@@ -133,7 +135,8 @@ class TransformerActorCriticPolicy(ActorCriticPolicy):
         observation_space, action_space, lr_schedule: given by SB3.
         lm: ``"tiny"`` or a local HF causal-LM folder; its tokenizer must be the env's
             (``PPO.load`` reads the architecture and tokenizer from it again, the weights from the zip).
-        use_cache: the prefix KV cache during rollouts (GPT-2 only; others always run the full forward).
+        use_cache: the prefix KV cache during rollouts (architectures the engine runs; others always run the
+            full forward).
         share_features_extractor: one trunk for actor and critic (default), or a second LM copy for the critic.
         ortho_init: orthogonally initialise the value net (never the LM); default a zero value net.
         **kwargs: the other :class:`ActorCriticPolicy` keywords (``optimizer_class``, ``optimizer_kwargs``, ...).

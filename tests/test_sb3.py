@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from agents.sb3 import SampleLoggingCallback, TransformerActorCriticPolicy
 from envs import TextGenEnv
 from envs.render import BACKGROUND, FRAME_HEIGHT, FRAME_WIDTH
-from textrl.core import GPT2Core
+from textrl.engine import Engine
 from textrl.lm import load_lm
 from textrl.prefix_cache import PrefixCache, last_hidden, longest_extension
 from textrl.rewards import immediate, keyword_reward
@@ -80,11 +80,24 @@ def test_ppo_trains_on_make_vec_env_of_the_registered_id(gpt2_dir):
     assert len(changed) == len(before), f"unchanged: {set(before) - set(changed)}"
 
 
-def test_a2c_learns_on_a_llama_without_cache(llama_dir):
+def test_a2c_learns_on_a_llama_with_the_prefix_cache(llama_dir):
     model = A2C(TransformerActorCriticPolicy, _venv(llama_dir), policy_kwargs={"lm": str(llama_dir)}, n_steps=4, seed=0)
     before = [p.detach().clone() for p in model.policy.parameters()]
     model.learn(2 * 8)
-    assert model.policy.features_extractor.cache is None  # the prefix cache covers GPT-2 only
+    assert model.policy.features_extractor.cache.stats["extended"] > 0  # the engine runs Llama: one token a step
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
+
+
+def test_a_model_the_engine_does_not_run_trains_without_the_cache(tokenizer, tmp_path):
+    folder = tmp_path / "gpt2-inverse-layer-scaling"  # an attention variant the engine does not run
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    shape = {"vocab_size": len(tokenizer), "n_positions": 64, "n_embd": 16, "n_layer": 1, "n_head": 2}
+    GPT2LMHeadModel(GPT2Config(**shape, **ids, scale_attn_by_inverse_layer_idx=True)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = A2C(TransformerActorCriticPolicy, _venv(folder), policy_kwargs={"lm": str(folder)}, n_steps=4, seed=0)
+    before = [p.detach().clone() for p in model.policy.parameters()]
+    model.learn(2 * 8)
+    assert model.policy.features_extractor.cache is None  # the full HF forward at every step
     assert all(not torch.equal(a, b) for a, b in zip(before, model.policy.parameters(), strict=True))
 
 
@@ -196,9 +209,10 @@ def test_cached_rollout_equals_the_uncached_forward(gpt2_dir):
         torch.testing.assert_close(cached, predict_values(obs).detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_prefix_cache_serves_every_kind_of_row_exactly(gpt2_lm):
-    model, _ = gpt2_lm
-    core = GPT2Core(model)
+@pytest.mark.parametrize("arch", ["gpt2_dir", "llama_gqa_dir", "mistral_dir", "qwen2_moe_dir"])
+def test_prefix_cache_serves_every_kind_of_row_exactly(request, arch):
+    model, _ = load_lm(request.getfixturevalue(arch))
+    core = Engine(model)
     cache = PrefixCache(core)
     g = torch.Generator().manual_seed(0)
     C = 12
@@ -223,7 +237,7 @@ def test_prefix_cache_serves_every_kind_of_row_exactly(gpt2_lm):
     check(*obs(tokens, torch.tensor([5, 3, 5])))  # as cached, new, two longer: reuse / recompute / recompute
     assert cache.stats == {"extended": 4, "recomputed": 6, "reused": 4}
     with torch.no_grad():
-        model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)  # an in-place update (as an optimizer step does)
+        model.get_input_embeddings().weight.mul_(1.5)  # an in-place update (as an optimizer step does)
     check(*obs(tokens, torch.tensor([6, 4, 6])))  # stale states must not be used
     assert cache.stats["recomputed"] == 9
     left = torch.tensor([[0, 0, 1, 1, 1] + [1] * (C - 5)])  # left padding is not the env's layout: no cache
@@ -231,11 +245,11 @@ def test_prefix_cache_serves_every_kind_of_row_exactly(gpt2_lm):
     assert cache.stats["uncached"] == 1
 
 
-@pytest.mark.parametrize("arch", ["gpt2_dir", "llama_dir"])
+@pytest.mark.parametrize("arch", ["gpt2_dir", "llama_dir", "mistral_dir"])
 def test_shared_prefix_forward_equals_one_forward_per_row(request, arch):
     """The training forward reads prefixes off longer rows: same states and same gradients as row by row."""
     model, _ = load_lm(request.getfixturevalue(arch))
-    core = GPT2Core(model) if GPT2Core.supports(model) else None
+    core = Engine(model) if Engine.supports(model) else None
     g = torch.Generator().manual_seed(0)
     episode, other = torch.randint(3, 300, (9,), generator=g), torch.randint(3, 300, (9,), generator=g)
     rows = [episode[:4], episode[:7], other[:5], episode[:9], episode[:7], other[:3], episode[:5]]

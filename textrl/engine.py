@@ -569,6 +569,31 @@ class Engine(nn.Module):
         logits = rec.logits[:, j : j + x.shape[1]] if rows is None else rec.logits[rows, j : j + x.shape[1]]
         return _Replayed.apply(hidden, self.spec.head.weight, None, logits, True), hidden
 
+    def trunk(self, ids: torch.Tensor, mask: torch.Tensor, keep_kv: bool = False):
+        """The blocks and the final norm over ``ids`` (N, S): hidden (N, S, E) and, with ``keep_kv``, every
+        layer's ``(keys, values)`` (N, G, S, D) (what :class:`textrl.prefix_cache.PrefixCache` stores)."""
+        x, angles = self._embed(ids, positions_from_mask(mask))
+        masks = self._masks(mask, {layer.window for layer in self.spec.layers})
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in self.spec.layers:
+
+            def attend(q, k, v, m=masks[layer.window]):
+                if keep_kv:
+                    kv.append((k, v))
+                return self._sdpa(q, k, v, m)
+
+            x = self._block(layer, x, angles, attend)
+        return _norm(x, self.spec.norm), kv
+
+    def step_rows(self, token: torch.Tensor, pos: torch.Tensor, attend_cached) -> torch.Tensor:
+        """One new token per row (n,) at its own position ``pos`` (n,), through the blocks: the final hidden
+        state (n, E). ``attend_cached(i, layer, q, k, v)`` stores the new keys/values of layer ``i`` and attends
+        over the row's cached ones (the caller's cache layout)."""
+        x, angles = self._embed(token[:, None], pos[:, None])  # (n, 1, E)
+        for i, layer in enumerate(self.spec.layers):
+            x = self._block(layer, x, angles, lambda q, k, v, i=i, layer=layer: attend_cached(i, layer, q, k, v))
+        return _norm(x[:, 0], self.spec.norm)
+
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
         """Run the prompts (B, P), filling a static KV cache with room for ``max_len`` positions.

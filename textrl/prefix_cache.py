@@ -22,9 +22,10 @@ breaks nor evicts the training batch's cache; a one-row call that extends a row 
 (SB3's bootstrap value of a truncated episode: the row's last observation plus the final token) is served
 from that row.
 
-Limits: the cache covers GPT-2 (our own forward, :class:`textrl.core.GPT2Core`, on the HF parameters);
-other architectures always run the full forward. It gives no gradients: the caller uses it only for
-inference and runs :func:`last_hidden` for training.
+Limits: the cache covers the architectures the engine runs (:class:`textrl.engine.Engine`, on the HF
+parameters: GPT-2, Llama, Mistral, Qwen2/3, Mixtral, Qwen2-MoE); any other model always runs its full
+forward. It gives no gradients: the caller uses it only for inference and runs :func:`last_hidden` for
+training.
 
 :func:`last_hidden` is the full forward (with gradients, any architecture). It shares work too: a row
 that is a prefix of another row in the batch is read off that row instead of being run (an SB3 minibatch
@@ -37,28 +38,15 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from textrl.core import GPT2Core, positions_from_mask
+from textrl.core import positions_from_mask
+from textrl.engine import Engine
 
 
-def gpt2_trunk(core: GPT2Core, ids: torch.Tensor, mask: torch.Tensor, keep_kv: bool = False):
-    """GPT-2 blocks and final layer norm over ``ids`` (N, S); returns hidden (N, S, E) and per-layer (k, v)."""
-    x = core.wte(ids) + core.wpe(positions_from_mask(mask))  # (N, S, E)
-    attn_mask = core._full_mask(mask)
-    kv = []
-    for block in core.blocks:
-        q, k, v = core._qkv(block, x)  # (N, H, S, D) each
-        if keep_kv:
-            kv.append((k, v))
-        x = core._finish_block(block, x, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
-    return F.layer_norm(x, (x.shape[-1],), core.ln_f.weight, core.ln_f.bias, core.eps), kv
-
-
-def _run_trunk(model: PreTrainedModel, core: GPT2Core | None, ids: torch.Tensor, mask: torch.Tensor):
+def _run_trunk(model: PreTrainedModel, core: Engine | None, ids: torch.Tensor, mask: torch.Tensor):
     if core is not None:
-        return gpt2_trunk(core, ids, mask)[0]
+        return core.trunk(ids, mask)[0]
     # any HF causal LM: its base model ends with the final norm; the caller applies the LM head
     positions = positions_from_mask(mask)
     return model.base_model(input_ids=ids, attention_mask=mask.long(), position_ids=positions).last_hidden_state
@@ -91,7 +79,7 @@ def longest_extension(ids: torch.Tensor, length: torch.Tensor, chunk: int = 256)
     return out
 
 
-def last_hidden(model: PreTrainedModel, core: GPT2Core | None, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_hidden(model: PreTrainedModel, core: Engine | None, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Final hidden state (N, E) at each row's last valid token: the full forward, with gradients.
 
     Right-padded rows (the env's layout) that are prefixes of other rows are not run on their own: each
@@ -126,14 +114,15 @@ class _Rows:
 
 
 class PrefixCache:
-    """Per-row KV cache over right-padded observations for a :class:`GPT2Core` (see the module docstring).
+    """Per-row KV cache over right-padded observations for an :class:`textrl.engine.Engine` (see the module
+    docstring).
 
     Args:
-        core: the GPT-2 core whose parameters are run.
+        core: the engine whose model's parameters are run.
         max_shapes: how many batch shapes ``(N, C)`` keep a cache at once (least recently used is dropped).
     """
 
-    def __init__(self, core: GPT2Core, max_shapes: int = 2):
+    def __init__(self, core: Engine, max_shapes: int = 2):
         self.core = core
         self.max_shapes = max_shapes
         self._shapes: OrderedDict[tuple[int, int], _Rows] = OrderedDict()
@@ -202,10 +191,9 @@ class PrefixCache:
         return None
 
     def _empty(self, N: int, C: int, device: torch.device, version: int) -> _Rows:
-        core = self.core
-        E, H = core.wte.embedding_dim, core.n_head
-        dtype = core.wte.weight.dtype
-        kv = torch.zeros(len(core.blocks), N, H, C, E // H, dtype=dtype, device=device)  # zeros: never NaN
+        spec = self.core.spec
+        E, dtype = spec.embed.embedding_dim, spec.embed.weight.dtype
+        kv = torch.zeros(len(spec.layers), N, spec.n_kv_head, C, spec.head_dim, dtype=dtype, device=device)  # never NaN
         return _Rows(
             ids=torch.full((N, C), -1, dtype=torch.long, device=device),
             length=torch.zeros(N, dtype=torch.long, device=device),
@@ -218,7 +206,7 @@ class PrefixCache:
     def _recompute(self, rows: _Rows, idx: torch.Tensor, ids, mask, length) -> None:
         """Run rows ``idx`` from scratch and store their keys/values in columns ``0..S-1``."""
         S = int(length[idx].max())
-        hidden, kv = gpt2_trunk(self.core, ids[idx, :S], mask[idx, :S], keep_kv=True)  # (n, S, E)
+        hidden, kv = self.core.trunk(ids[idx, :S], mask[idx, :S], keep_kv=True)  # (n, S, E)
         for i, (k, v) in enumerate(kv):
             rows.k[i, idx, :, :S] = k
             rows.v[i, idx, :, :S] = v
@@ -228,20 +216,22 @@ class PrefixCache:
 
     def _extend(self, rows: _Rows, idx: torch.Tensor, token: torch.Tensor, all_rows: bool) -> None:
         """Run the new ``token`` (n,) of rows ``idx`` (n,), each at its own position, against its cached keys."""
-        core = self.core
         pos = rows.length[idx]  # (n,) column (= position) of the new token
-        x = (core.wte(token) + core.wpe(pos))[:, None]  # (n, 1, E)
         W = int(pos.max()) + 1  # columns any of these rows attends to
-        keymask = (torch.arange(W, device=pos.device) <= pos[:, None])[:, None, None, :]  # (n, 1, 1, W)
-        for i, block in enumerate(core.blocks):
-            q, k, v = core._qkv(block, x)  # (n, H, 1, D)
+        cols = torch.arange(W, device=pos.device)
+        seen = (cols <= pos[:, None])[:, None, None, :]  # (n, 1, 1, W): made once, not per layer
+
+        def attend_cached(i, layer, q, k, v):  # q (n, H, 1, D), k/v (n, G, 1, D)
             rows.k[i][idx, :, pos] = k[:, :, 0]
             rows.v[i][idx, :, pos] = v[:, :, 0]
             if all_rows:  # the common case: a view, no copy
                 keys, values = rows.k[i, :, :, :W], rows.v[i, :, :, :W]
             else:
-                keys, values = rows.k[i, idx, :, :W], rows.v[i, idx, :, :W]  # (n, H, W, D)
-            x = core._finish_block(block, x, F.scaled_dot_product_attention(q, keys, values, attn_mask=keymask))
-        rows.hidden[idx] = F.layer_norm(x[:, 0], (x.shape[-1],), core.ln_f.weight, core.ln_f.bias, core.eps)
+                keys, values = rows.k[i, idx, :, :W], rows.v[i, idx, :, :W]  # (n, G, W, D)
+            if layer.window is None:
+                return self.core._sdpa(q, keys, values, seen)
+            return self.core._sdpa(q, keys, values, seen & (pos[:, None] - cols < layer.window)[:, None, None, :])
+
+        rows.hidden[idx] = self.core.step_rows(token, pos, attend_cached)
         rows.ids[idx, pos] = token
         rows.length[idx] = pos + 1
