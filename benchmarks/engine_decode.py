@@ -7,8 +7,8 @@ model (``--arch``, ``--size``; the embedded tokenizer's 4096-token vocabulary) a
 
 - ``generate``: ``model.generate(do_sample=True, min_new_tokens=max_new_tokens=32)`` with HF's KV cache;
 - ``HFCore``: textrl's generic core (the HF forward with a ``DynamicCache``), prefill + decode;
-- ``make_core``: the core textrl picks (:class:`textrl.engine.Engine`, or ``GPT2Core`` for GPT-2); shown as
-  ``-`` when that is ``HFCore`` itself (no engine in this checkout, or a model it does not run).
+- ``make_core``: the core textrl picks (:class:`textrl.engine.Engine`); shown as
+  ``-`` when that is ``HFCore`` itself (a model the engine does not run).
 
 Rounds are interleaved (each round times every system at every B); the table gives medians over
 ``--rounds`` after ``--warmup`` untimed rounds, and the make_core/HFCore and make_core/generate ratios.

@@ -15,7 +15,7 @@ What is counted (GPT-2: L layers, width E, vocabulary V, feed-forward 4E; B rows
   prompt's positions are the same computation in every sample of it, so they are counted once per distinct
   prompt (B / group): the prefill, and the first P-1 positions of the training and reference passes (the
   last prompt position predicts each sample's first token and is counted per row; textrl shares exactly
-  these: :meth:`textrl.core.GPT2Core._shared_prefix`);
+  these: :meth:`textrl.engine.Engine._shared_prefix`);
 - **attention** scores and mixing (``4·L·E`` per query and key position, causal) are added to each phase's
   FLOPs and costed at that phase's matmul rate; layer norms, softmax, GELU, embeddings, the value head and
   the optimizer step are not counted (a few percent at this size).

@@ -127,10 +127,8 @@ def test_flop_count_of_each_phase():
 ENGINE_ROW = re.compile(r"^\| (\d+) \| ([\d,]+) \| ([\d,]+) \| ([\d,]+|-) \| ([\d.]+)x \| ([\d.]+)x \|$", re.M)
 
 
-@pytest.mark.parametrize(("arch", "core"), [("mistral", "Engine (mistral)"), ("gpt2", "GPT2Core")])
+@pytest.mark.parametrize(("arch", "core"), [("mistral", "Engine (mistral)"), ("gpt2", "Engine (gpt2)")])
 def test_engine_decode_benchmark_compares_generate_hfcore_and_make_core(capsys, arch, core):
-    if arch != "gpt2":
-        pytest.importorskip("textrl.engine", reason="textrl/engine.py is not there yet")
     module = _load("engine_decode", "engine_decode")
     args = ["--arch", arch, "--size", "tiny", "--batch-sizes", "2", "3", "--new-tokens", "4", "--rounds", "1"]
     module.main([*args, "--threads", "1"])

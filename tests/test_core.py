@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from textrl.core import GPT2Core, HFCore, core_name, make_core, positions_from_mask
+from textrl.core import HFCore, core_name, make_core, positions_from_mask
+from textrl.engine import Engine
 from textrl.lm import load_lm
 
 
@@ -25,7 +26,7 @@ def test_positions_from_mask():
 
 @pytest.mark.parametrize(
     ("arch", "core_cls"),
-    [("gpt2_dir", GPT2Core), ("gpt2_dir", HFCore), ("llama_dir", HFCore), ("qwen2_dir", HFCore)],
+    [("gpt2_dir", Engine), ("gpt2_dir", HFCore), ("llama_dir", HFCore), ("qwen2_dir", HFCore)],
 )
 def test_core_matches_hf_forward(request, arch, core_cls):
     model, _ = load_lm(request.getfixturevalue(arch))
@@ -53,16 +54,15 @@ def test_core_matches_hf_forward(request, arch, core_cls):
         core.release()
 
 
-def test_make_core_picks_fast_path_for_gpt2(gpt2_dir, llama_dir):
-    assert not GPT2Core.supports(load_lm(llama_dir)[0])
-    assert isinstance(make_core(load_lm(gpt2_dir)[0]), GPT2Core)
+def test_make_core_picks_the_engine(gpt2_dir, llama_dir):
+    assert core_name(make_core(load_lm(gpt2_dir)[0])) == "engine (gpt2)"
     assert core_name(make_core(load_lm(llama_dir)[0])) == "engine (llama)"
     slow = make_core(load_lm(gpt2_dir)[0], fast=False)
     assert isinstance(slow, HFCore) and core_name(slow) == "HF forward (fast cores off)"
 
 
 def test_decode_past_cache_raises(gpt2_dir):
-    core = GPT2Core(load_lm(gpt2_dir)[0])
+    core = Engine(load_lm(gpt2_dir)[0])
     ids = torch.zeros(1, 2, dtype=torch.long)
     core.prefill(ids, torch.ones_like(ids), 3)
     core.decode(torch.zeros(1, dtype=torch.long))
@@ -73,7 +73,7 @@ def test_decode_past_cache_raises(gpt2_dir):
 # --- rollout replay: the update's forward takes the linear layers' outputs from the rollout's record ----------
 
 
-def _recorded_rollout(core: GPT2Core, vocab: int, steps: int = 6):
+def _recorded_rollout(core: Engine, vocab: int, steps: int = 6):
     """Prefill 3 left-padded prompts with a record, decode ``steps`` tokens; returns ids, mask, P."""
     ids, mask = _batch(vocab)
     P = 5
@@ -88,7 +88,7 @@ def _recorded_rollout(core: GPT2Core, vocab: int, steps: int = 6):
     return torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1), P
 
 
-def _loss_grads(core: GPT2Core, ids, mask, P, rows=None):
+def _loss_grads(core: Engine, ids, mask, P, rows=None):
     """Logits of the generated positions and the gradients of a loss over them."""
     core.model.zero_grad(set_to_none=True)
     logits, hidden = core.forward(ids[:, :-1], mask[:, :-1], P - 1, rows)
@@ -107,8 +107,8 @@ def _assert_grads_close(a: dict, b: dict) -> None:
 
 
 def test_replay_gives_the_recomputed_logits_and_gradients(gpt2_dir):
-    core = GPT2Core(load_lm(gpt2_dir)[0])
-    vocab = core.lm_head.weight.shape[0]
+    core = Engine(load_lm(gpt2_dir)[0])
+    vocab = core.spec.head.weight.shape[0]
     ids, mask, P = _recorded_rollout(core, vocab)
     mask[2, -2:] = 0  # row 2 ended early: its last tokens are pads in the update, not what the decode fed
     ids[2, -2:] = 0
@@ -131,8 +131,8 @@ def test_replay_gives_the_recomputed_logits_and_gradients(gpt2_dir):
 
 
 def test_replay_only_for_the_recorded_tokens_and_weights(gpt2_dir):
-    core = GPT2Core(load_lm(gpt2_dir)[0])
-    vocab = core.lm_head.weight.shape[0]
+    core = Engine(load_lm(gpt2_dir)[0])
+    vocab = core.spec.head.weight.shape[0]
     ids, mask, P = _recorded_rollout(core, vocab)
 
     other = ids.clone()
@@ -159,12 +159,12 @@ def test_replay_only_for_the_recorded_tokens_and_weights(gpt2_dir):
 
 
 def test_record_reuses_its_buffers_and_survives_a_full_cache(gpt2_dir):
-    core = GPT2Core(load_lm(gpt2_dir)[0])
-    vocab = core.lm_head.weight.shape[0]
+    core = Engine(load_lm(gpt2_dir)[0])
+    vocab = core.spec.head.weight.shape[0]
     _recorded_rollout(core, vocab)
-    buffer = core._record.qkv[0]
+    buffer = next(iter(core._record.out.values()))
     ids, mask, P = _recorded_rollout(core, vocab)
-    assert core._record.qkv[0] is buffer  # same shapes: the same memory
+    assert next(iter(core._record.out.values())) is buffer  # same shapes: the same memory
     with torch.no_grad():  # decode into the last cache position: beyond what an update can use
         core.prefill(ids[:, :P], mask[:, :P], P + 2, record=True)
         core.decode(ids[:, P])
@@ -175,8 +175,8 @@ def test_record_reuses_its_buffers_and_survives_a_full_cache(gpt2_dir):
 
 def test_a_rollout_without_record_leaves_the_last_record_valid(gpt2_dir):
     """An evaluation or generate() between a training rollout and its update changes nothing for the replay."""
-    core = GPT2Core(load_lm(gpt2_dir)[0])
-    vocab = core.lm_head.weight.shape[0]
+    core = Engine(load_lm(gpt2_dir)[0])
+    vocab = core.spec.head.weight.shape[0]
     ids, mask, P = _recorded_rollout(core, vocab)
     with torch.no_grad():  # other prompts and tokens, not recorded
         core.prefill(ids[:, :P].flip(0), mask[:, :P].flip(0), P + 4)
@@ -198,8 +198,8 @@ def test_rows_with_the_same_prompt_compute_it_once(gpt2_dir, monkeypatch):
     """Prefill, decode, the record, the whole-sequence forward, its replay (all rows, and a minibatch) and
     their gradients are the same whether rows that share a prompt (groups of samples of one prompt, with left
     padding) compute it once or each."""
-    core = GPT2Core(load_lm(gpt2_dir)[0])
-    vocab = core.lm_head.weight.shape[0]
+    core = Engine(load_lm(gpt2_dir)[0])
+    vocab = core.spec.head.weight.shape[0]
     base_ids, base_mask = _batch(vocab)
     P, steps = 6, 4
     group = torch.tensor([0, 0, 1, 2, 1, 2, 2, 0])  # 3 prompts, each sampled two or three times
@@ -215,7 +215,7 @@ def test_rows_with_the_same_prompt_compute_it_once(gpt2_dir, monkeypatch):
             out += [core.decode(new[:, t]) for t in range(steps - 1)]
         core.release()
         rec = core._record
-        recorded = [b.clone() for b in rec.qkv + rec.proj + rec.fc + rec.mlp + [rec.logits]]
+        recorded = [b.clone() for b in [*rec.out.values(), rec.logits]]
         full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
         replays = core.replayed
         replayed = _loss_grads(core, full_ids, full_mask, P)[1]
@@ -232,7 +232,7 @@ def test_rows_with_the_same_prompt_compute_it_once(gpt2_dir, monkeypatch):
         return out, recorded, logits, grads
 
     shared = run()
-    monkeypatch.setattr(GPT2Core, "_shared_prefix", staticmethod(lambda ids, mask, n: None))
+    monkeypatch.setattr(Engine, "_shared_prefix", staticmethod(lambda ids, mask, n: None))
     each = run()
     for (la, ha), (lb, hb) in zip(shared[0], each[0], strict=True):
         torch.testing.assert_close(la, lb, atol=2e-5, rtol=1e-4)

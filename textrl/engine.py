@@ -15,8 +15,8 @@ wrapper) must never run as plain weights, so such a model takes the HF path (:cl
 The block is written once (:meth:`Engine._block`); the modes differ only in what attention reads and keeps:
 the whole-sequence ``forward`` (training, reference) attends under a causal + padding (+ window) mask,
 ``prefill`` also writes the static KV cache, and ``decode`` appends one column to it and attends over the
-cache. The interface is :class:`textrl.core.GPT2Core`'s (``prefill``, ``decode``, ``forward``,
-``release``); rows are left-padded.
+cache. The interface is :mod:`textrl.core`'s (``prefill``, ``decode``, ``forward``, ``release``); rows are
+left-padded.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from textrl.core import GPT2Core, KVCache, _Replayed, gelu, positions_from_mask
+from textrl.core import KVCache, _Replayed, gelu, positions_from_mask
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
 """``config.model_type`` values the engine runs."""
@@ -352,7 +352,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Engine(nn.Module):
-    """The model through the engine's own forward (see the module docstring); the interface of ``GPT2Core``."""
+    """The model through the engine's own forward (see the module docstring)."""
 
     @staticmethod
     def why_not(model: PreTrainedModel) -> str | None:
@@ -500,9 +500,54 @@ class Engine(nn.Module):
 
     # --- the modes -------------------------------------------------------------------------------------
 
-    _shared_prefix = staticmethod(GPT2Core._shared_prefix)
-    _weights_version = GPT2Core._weights_version
-    _replayable = GPT2Core._replayable
+    @staticmethod
+    def _shared_prefix(ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(first, inverse)`` when at most half the rows have distinct first ``n`` positions (tokens and
+        mask), as when each prompt is sampled several times (GRPO-style groups): ``ids[first]`` are the
+        distinct prefixes (U,) and ``inverse`` (B,) maps each row to its prefix. None: not worth sharing."""
+        B = ids.shape[0]
+        if n < 1 or B < 2:
+            return None
+        key = torch.cat([ids[:, :n], mask[:, :n].to(ids.dtype)], 1)  # (B, 2n)
+        distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+        if 2 * len(distinct) > B:
+            return None
+        first = torch.empty(len(distinct), dtype=torch.long, device=ids.device)
+        first.scatter_(0, inverse, torch.arange(B, device=ids.device))  # a row of each prefix (they are equal)
+        return first, inverse
+
+    def _weights_version(self) -> tuple[int, ...]:
+        """Changes whenever a parameter is updated in place (optimizer steps, ``load_state_dict``)."""
+        return tuple(p._version for p in self.model.parameters())
+
+    def _replayable(self, ids, mask, start, rows) -> tuple[Record | None, torch.Tensor | None]:
+        rec = self._record
+        if rec is None or torch.is_autocast_enabled(ids.device.type):
+            return None, rows
+        if rec.version != self._weights_version():  # stale; its buffers stay for the next rollout
+            return None, rows
+        if (
+            rows is not None
+            and len(rows) == rec.ids.shape[0]
+            and torch.equal(rows, torch.arange(len(rows), device=rows.device))
+        ):
+            rows = None  # all rows in order: slices of the record instead of gathered copies
+        S = ids.shape[1]
+        if rec.len < S or start < 0 or ids.dtype != torch.long:
+            return None, rows
+        recorded = rec.ids[:, :S] if rows is None else rec.ids[rows, :S]
+        if recorded.shape != ids.shape:
+            return None, rows
+        taken = mask.bool()  # positions after a row's end are masked out and carry other tokens
+        if not torch.equal(recorded.masked_fill(~taken, 0), ids.masked_fill(~taken, 0)):
+            return None, rows
+        prompt_mask = rec.prompt_mask if rows is None else rec.prompt_mask[rows]
+        if not torch.equal(taken[:, : rec.P], prompt_mask):  # the prompts' padding, as prefilled
+            return None, rows
+        generated = taken[:, rec.P :]  # the decode let every position see all earlier ones: no holes
+        if not torch.equal(generated, generated.cummin(1).values):
+            return None, rows
+        return rec, rows
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
         """The whole sequence: ``(logits (B, S - start, V), hidden (B, S - start, E))``.
