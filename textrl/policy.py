@@ -166,7 +166,7 @@ class ActorCritic(nn.Module):
         model: the HF causal LM to train (its parameters are trained in place).
         value_model: ``"shared"`` (value head on the policy trunk) or ``"separate"`` (own trunk copy).
         reference: keep a frozen copy of ``model`` for KL penalties.
-        fast: use the fast GPT-2 core when the architecture allows it.
+        fast: run the model on the engine (:mod:`textrl.engine`) when it describes the architecture.
     """
 
     def __init__(
@@ -199,7 +199,7 @@ class ActorCritic(nn.Module):
             self.ref_core = make_core(self.ref_model, fast)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.replay = True
-        """Record rollouts so the next update on them skips its forward matmuls (see :mod:`textrl.core`).
+        """Record rollouts so the next update on them skips its forward matmuls (see :mod:`textrl.engine`).
 
         A record is trusted while the parameters' autograd version counters are unchanged. torch's fused
         optimizers (``fused=True``) update in place without bumping them: the agents register a step hook
@@ -256,7 +256,7 @@ class ActorCritic(nn.Module):
         Args:
             ids, mask: prompt + completion, (B, S) with prompts left-padded to ``prompt_len``.
             rows: which rows of the last rollout these are (None: all of them, in order); with unchanged
-                weights the forward then replays the rollout's recorded activations (:mod:`textrl.core`),
+                weights the forward then replays the rollout's recorded activations (:mod:`textrl.engine`),
                 and the logits returned are views of that record: valid until the next rollout.
 
         Returns:
