@@ -6,17 +6,29 @@ E width, H query heads, G key/value heads (grouped-query attention: H is a multi
 An architecture is described by which HF module plays which role (:class:`Layer`): the norms (LayerNorm
 or RMSNorm), query/key/value projections (one fused GPT-2 ``Conv1D``, or three ``nn.Linear`` with or
 without bias), query/key norms (Qwen3), the attention output, the MLP (GELU ``fc -> proj``, or SwiGLU
-``down(silu(gate) * up)``), positions (learned, or rotary with the model's own rotary module, so every
-rotary variant whose angles depend on the position alone is exact), sliding-window layers (Mistral) and the
-LM head, tied or not. :func:`describe` reads that off a model and refuses anything it does not know, by
-name: a module that is not exactly the class a role needs (a peft LoRA layer, a quantised linear, any
-wrapper) must never run as plain weights, so such a model takes the HF path (:class:`textrl.core.HFCore`).
+``down(silu(gate) * up)``, or a sparse mixture of SwiGLU experts: Mixtral, Qwen2-MoE), positions (learned,
+or rotary with the model's own rotary module, so every rotary variant whose angles depend on the position
+alone is exact), sliding-window layers (Mistral, Mixtral) and the LM head, tied or not. :func:`describe`
+reads that off a model and refuses anything it does not know, by name: a module that is not exactly the
+class a role needs (a peft LoRA layer, a quantised linear, any wrapper) must never run as plain weights, so
+such a model takes the HF path (:class:`textrl.core.HFCore`).
 
-The block is written once (:meth:`Engine._block`); the modes differ only in what attention reads and keeps:
-the whole-sequence ``forward`` (training, reference) attends under a causal + padding (+ window) mask,
-``prefill`` also writes the static KV cache, and ``decode`` appends one column to it and attends over the
-cache. The interface is :mod:`textrl.core`'s (``prefill``, ``decode``, ``forward``, ``release``); rows are
-left-padded.
+The block is written once (:meth:`Engine._block`); the modes differ only in the two functions it is given:
+``attend`` (the whole-sequence ``forward`` attends under a causal + padding (+ window) mask, ``prefill`` also
+writes the static KV cache, ``decode`` appends one column to it and attends over the cache, shared prompts
+attend to their prompt's gathered keys, the SB3 prefix cache to each row's own columns) and ``lin`` (every
+linear layer computed, written into a rollout :class:`Record`, or replayed from one). The interface is
+:mod:`textrl.core`'s (``prefill``, ``decode``, ``forward``, ``release``); rows are left-padded.
+
+Rollout replay: a rollout started with ``prefill(..., record=True)`` keeps every linear layer's output and
+the logits, written by the very matmuls that sample the tokens. The update's first forward on those
+sequences (REINFORCE's only one, PPO's first minibatch), under unchanged weights and without autocast, takes
+them from the record (:class:`textrl.core._Replayed`) and recomputes only norms, rotary, attention and
+activations with autograd; the backward is the usual one. A mixture's routed experts are recomputed.
+
+Shared prompts: when at most half the rows are distinct over a prompt (the ``group_size`` samples that
+RLOO/GRPO-style baselines draw), the prefill runs each distinct prompt once and copies its keys/values and
+record to its rows, and ``forward`` runs the first ``start`` positions once per distinct prompt.
 """
 
 from __future__ import annotations
