@@ -337,3 +337,34 @@ def test_an_agent_trains_through_the_engine(llama_env, name):
     assert agent.policy.core.replayed >= 2  # evaluate() above and the update both replayed the rollout
     if name == "ppo":  # the update's first forward is the rollout's record: the ratio is exactly 1
         assert stats[0]["losses/approx_kl"] == 0.0
+
+
+def test_a_record_over_the_memory_budget_is_not_kept(request, llama_env):
+    """``record_bytes`` is what a record takes; over ``record_limit`` the rollout is not recorded (and the last
+    record is freed), and the update computes its forward: the same training up to float rounding."""
+    from agents import REINFORCE, REINFORCEConfig
+
+    model = _model(request, "llama_gqa_dir")
+    core = Engine(model)
+    ids, mask = _batch(_vocab(model), B=4)
+    P, S = 6, ids.shape[1]
+    with torch.no_grad():
+        core.prefill(ids[:, :P], mask[:, :P], S, record=True)
+        core.release()
+    rec = core._record
+    kept = sum(b.numel() * b.element_size() for b in [*rec.out.values(), rec.logits])
+    assert core.record_bytes(4, P, S) == kept
+    core.record_limit = kept - 1
+    with torch.no_grad():
+        core.prefill(ids[:, :P], mask[:, :P], S, record=True)
+        core.release()
+    assert core._record is None
+
+    agents = {}
+    for mb in (4096.0, 0.0):
+        config = REINFORCEConfig(batch_size=8, group_size=4, learning_rate=1e-3, replay_memory_mb=mb)
+        agents[mb] = REINFORCE(llama_env, config=config, seed=0)
+        agents[mb].learn(1)
+    assert agents[4096.0].policy.core.replayed == 1 and agents[0.0].policy.core.replayed == 0
+    for a, b in zip(agents[4096.0].policy.model.parameters(), agents[0.0].policy.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -74,6 +74,9 @@ class AgentConfig:
     suppress_tokens: list[int] = dataclasses.field(default_factory=list)
     """Token ids never sampled, in rollouts and generate() (e.g. eos: every completion runs to max_new_tokens);
     removed from the distribution trained on and from the reference's too."""
+    replay_memory_mb: float = 4096.0
+    """Largest rollout record (the activations kept so the update can skip its forward matmuls), in MB; a
+    rollout that needs more computes the update's forward instead (0 = never record)."""
     value_model: Literal["shared", "separate"] = "shared"
     """Value head on the policy trunk, or on a separate copy of the LM."""
     device: str = "auto"
@@ -118,6 +121,7 @@ class AgentConfig:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (all(isinstance(t, int) and t >= 0 for t in self.suppress_tokens), "suppress_tokens must be ids >= 0"),
+            (self.replay_memory_mb >= 0, "replay_memory_mb must be >= 0"),
             (self.value_model in ("shared", "separate"), "value_model must be 'shared' or 'separate'"),
             (self.autocast in ("none", "bf16", "fp16"), "autocast must be 'none', 'bf16' or 'fp16'"),
             (self.log_interval >= 1, "log_interval must be >= 1"),
@@ -213,6 +217,7 @@ class BaseAgent:
             raise ValueError(f"{type(self.config).__name__}: suppress_tokens: {what}")
         use_ref = self.config.kl_coef > 0 or self.config.kl_target is not None
         self.policy = ActorCritic(model, self.config.value_model, reference=use_ref).to(self.device)
+        self.policy.replay_memory_mb = self.config.replay_memory_mb
         # fused: one kernel over all parameters (3.5 ms a step instead of 15 ms for the per-tensor loop on CPU)
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(

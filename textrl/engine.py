@@ -396,6 +396,9 @@ class Engine(nn.Module):
         self._writing: Record | None = None  # the record the rollout in progress writes into
         self.replayed = 0
         """How many ``forward`` calls took their linear layers from a rollout record (tests, benchmarks)."""
+        self.record_limit: int | None = None
+        """Largest record in bytes (None: no limit): a rollout that would need more is not recorded, and the
+        update computes its forward instead (see :meth:`record_bytes`)."""
 
     @property
     def spec(self) -> Spec:
@@ -651,6 +654,14 @@ class Engine(nn.Module):
             x = self._block(layer, x, angles, lambda q, k, v, i=i, layer=layer: attend_cached(i, layer, q, k, v))
         return _norm(x[:, 0], self.spec.norm)
 
+    def record_bytes(self, B: int, P: int, max_len: int) -> int:
+        """Memory a record of B rows, P-token prompts and ``max_len`` positions takes: every linear layer's
+        output at every position but the last, and the logits from position P - 1 on."""
+        s = self.spec
+        widths = sum(_width(m) for layer in s.layers for m in layer.linears())
+        per_row = (max_len - 1) * widths + (max_len - P) * s.head.weight.shape[0]
+        return B * per_row * s.embed.weight.element_size()
+
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
         """Run the prompts (B, P), filling a static KV cache with room for ``max_len`` positions.
@@ -672,6 +683,9 @@ class Engine(nn.Module):
         self._len = P
         self._pos = positions_from_mask(mask)[:, -1].clone()  # (B,)
         rec = None
+        if record and self.record_limit is not None and self.record_bytes(B, P, max_len) > self.record_limit:
+            record = False
+            self._record = None  # over the budget: free the last record too (the memory is the point)
         if record and max_len > P and not torch.is_autocast_enabled(ids.device.type):
             rec = self._record
             if rec is None or rec.key != (B, P, max_len, s.embed.weight.dtype, ids.device):

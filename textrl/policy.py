@@ -205,6 +205,8 @@ class ActorCritic(nn.Module):
         optimizers (``fused=True``) update in place without bumping them: the agents register a step hook
         that does; a hand-written loop with a fused optimizer must call
         ``torch.autograd.graph.increment_version(params)`` after each step, or set this to False."""
+        self.replay_memory_mb: float | None = None
+        """Largest rollout record in MB (None: no limit); a rollout that needs more is not recorded."""
 
     def train(self, mode: bool = True):
         """Keep every HF module in eval mode (no dropout); only our own flag changes."""
@@ -220,6 +222,10 @@ class ActorCritic(nn.Module):
         ``record``: keep this rollout's activations for the update that follows (if :attr:`replay`).
         """
         record = record and self.replay
+        limit = None if self.replay_memory_mb is None else int(self.replay_memory_mb * 2**20)
+        for core in (self.core, getattr(self, "value_core", None)):
+            if hasattr(core, "record_limit"):
+                core.record_limit = limit
         logits, hidden = self.core.prefill(ids, mask, max_len, record=record)
         if self.value_model is not None:
             _, vhidden = self.value_core.prefill(ids, mask, max_len, record=record)
