@@ -139,6 +139,7 @@ class Engine(nn.Module):
         self._spec = [spec]  # in a list: the spec's modules are the model's, not submodules of the engine
         self.arch = spec.arch
         """The architecture family it runs as (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
+        self._windows = {layer.window for layer in spec.layers}  # the attention windows in use (None: full)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) by position, (N, D)
         self._cache: KVCache | None = None
         self._live: KVCache | None = None
@@ -176,13 +177,13 @@ class Engine(nn.Module):
             return x + s.positions(positions), None
         return x, self._angles(positions, x.dtype)
 
-    @staticmethod
-    def _masks(mask: torch.Tensor, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
-        """(B, 1, S, S) bool per window: causal, key padding, and the window; a pad query sees itself."""
+    def _masks(self, mask: torch.Tensor) -> dict[int | None, torch.Tensor]:
+        """(B, 1, S, S) bool per window the layers use: causal, key padding, and the window; a pad query
+        sees itself."""
         S = mask.shape[1]
         i = torch.arange(S, device=mask.device)
         out = {}
-        for window in windows:
+        for window in self._windows:
             allowed = i[None, :] <= i[:, None]
             if window is not None:
                 allowed = allowed & (i[:, None] - i[None, :] < window)
@@ -255,10 +256,6 @@ class Engine(nn.Module):
             out = out + (torch.sigmoid(lin(h, moe.shared_gate)) * shared).reshape(out.shape)
         return out.view(h.shape)
 
-    def _head(self, x: torch.Tensor):
-        hidden = _norm(x, self.spec.norm)
-        return F.linear(hidden, self.spec.head.weight), hidden
-
     def _sdpa(self, q, k, v, mask):
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
@@ -330,7 +327,7 @@ class Engine(nn.Module):
         if rec is not None:
             self.replayed += 1
         positions = positions_from_mask(mask)
-        masks = self._masks(mask, {layer.window for layer in self.spec.layers})
+        masks = self._masks(mask)
         S = ids.shape[1]
         shared = self._shared_prefix(ids, mask, start)
         if shared is None:
@@ -383,7 +380,7 @@ class Engine(nn.Module):
         """The blocks and the final norm over ``ids`` (N, S): hidden (N, S, E) and, with ``keep_kv``, every
         layer's ``(keys, values)`` (N, G, S, D) (what :class:`textrl.prefix_cache.PrefixCache` stores)."""
         x, angles = self._embed(ids, positions_from_mask(mask))
-        masks = self._masks(mask, {layer.window for layer in self.spec.layers})
+        masks = self._masks(mask)
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in self.spec.layers:
 
@@ -460,7 +457,7 @@ class Engine(nn.Module):
             return y
 
         x, angles = self._embed(ids, positions_from_mask(mask))
-        masks = self._masks(mask, {layer.window for layer in s.layers})
+        masks = self._masks(mask)
         for i, layer in enumerate(s.layers):
 
             def attend(q, k, v, i=i, m=masks[layer.window]):
