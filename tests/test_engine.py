@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from textrl.core import HFCore, make_core
 from textrl.lm import load_lm
@@ -368,3 +369,42 @@ def test_a_record_over_the_memory_budget_is_not_kept(request, llama_env):
     assert agents[4096.0].policy.core.replayed == 1 and agents[0.0].policy.core.replayed == 0
     for a, b in zip(agents[4096.0].policy.model.parameters(), agents[0.0].policy.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_weights_are_stored_input_major_and_gradients_keep_that_layout(request, tmp_path):
+    """On CPU the engine re-strides the blocks' ``nn.Linear`` weights in place (same values, same
+    Parameter objects); gradients, computed or replayed, arrive in that layout (nothing is transposed per
+    step), and the model still saves and reloads as a plain HF folder."""
+    model = _model(request, "llama_gqa_dir")
+    params = {n: p for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    core = Engine(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    assert len(linears) == 2 * 7
+    for n in linears:
+        w = model.get_submodule(n).weight
+        assert w is params[f"{n}.weight"] and w.stride() == (1, w.shape[0]), n
+    assert model.lm_head.weight.is_contiguous()  # the head keeps (V, E): its decode product is (V, E) @ (E, B)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    ids, mask = _batch(_vocab(model), B=4)
+    P, S = 6, ids.shape[1]
+    for replay in (False, True):
+        if replay:
+            with torch.no_grad():
+                core.prefill(ids[:, :P], mask[:, :P], S, record=True)
+                for t in range(P, S - 1):
+                    core.decode(ids[:, t])
+                core.release()
+        replayed = core.replayed
+        model.zero_grad(set_to_none=True)
+        logits, hidden = core.forward(ids[:, :-1], mask[:, :-1], P - 1)
+        _loss(logits, hidden, mask[:, P:].bool()).backward()
+        assert core.replayed == replayed + replay
+        for n in linears:
+            w = model.get_submodule(n).weight
+            assert w.grad.stride() == w.stride(), (n, replay)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for n, p in reloaded.named_parameters():
+        assert torch.equal(p, params[n]), n

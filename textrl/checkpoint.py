@@ -197,8 +197,9 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def save_module(path: Path, module: torch.nn.Module) -> None:
-    """Save a module's weights (tied weights stored once) as safetensors."""
-    save_model(module, str(path))
+    """Save a module's weights (tied weights stored once) as safetensors; strided weights (the engine
+    stores linear layers input-major, :func:`textrl.engine.input_major`) are written in the usual order."""
+    save_model(module, str(path), force_contiguous=True)
 
 
 def load_module(path: Path, module: torch.nn.Module) -> None:

@@ -89,7 +89,12 @@ class _Replayed(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = (g @ (weight if ctx.transposed else weight.t())).view(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = g.t() @ x2 if ctx.transposed else x2.t() @ g
+            if not ctx.transposed:
+                dw = x2.t() @ g
+            elif weight.stride(0) == 1 and weight.dim() == 2:  # input-major storage: the gradient in its layout
+                dw = (x2.t() @ g).t()
+            else:
+                dw = g.t() @ x2
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
         return dx, dw, db, None, None

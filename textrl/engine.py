@@ -62,6 +62,28 @@ def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def input_major(spec: Spec) -> int:
+    """Store every block ``nn.Linear`` weight input-major (its (in, out) transpose contiguous, the logical
+    (out, in) tensor a strided view of it), in place; returns how many were changed.
+
+    Values, shapes and the ``Parameter`` objects are unchanged; only the memory order is. On CPU a matmul of a
+    few rows (a decode step: B rows) against an (out, in)-contiguous weight runs well below the speed of the
+    same product against (in, out)-contiguous memory (GPT-2's ``Conv1D`` layout); with many rows (prefill, the
+    update) the two are alike. Gradients arrive in the same layout (autograd's ``mm`` backward and
+    :class:`textrl.core._Replayed` follow the weight's strides), so nothing is transposed per step. Done on
+    CPU only: GPU matmul libraries take either order at full speed.
+    """
+    changed = 0
+    for layer in spec.layers:
+        for module in layer.linears():
+            w = module.weight
+            if isinstance(module, nn.Linear) and w.device.type == "cpu" and w.stride() == (w.shape[1], 1):
+                with torch.no_grad():
+                    w.data = w.data.t().contiguous().t()
+                changed += 1
+    return changed
+
+
 def _width(module: nn.Module) -> int:
     """Output features of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
     return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
@@ -136,6 +158,7 @@ class Engine(nn.Module):
         except Unsupported as e:
             raise ValueError(f"the engine cannot run this model: {e}") from None
         self.model = model
+        input_major(spec)  # in place, on CPU: decode steps of few rows run faster (see input_major)
         self._spec = [spec]  # in a list: the spec's modules are the model's, not submodules of the engine
         self.arch = spec.arch
         """The architecture family it runs as (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
