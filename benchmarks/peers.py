@@ -10,13 +10,15 @@ Systems (``--systems``), all on the same model, prompts, reward and sampling:
   reward function wrapped as a parameter-free "reward model", a separate value model, one epoch of one
   minibatch;
 - ``sb3-policy``: stable-baselines3 PPO with ``agents.sb3.TransformerActorCriticPolicy`` over B ``TextGenEnv``;
-- ``sb3``: SB3 PPO with a naive features extractor (the full GPT-2 trunk over every prefix, no KV cache);
+- ``sb3``: SB3 PPO with a naive features extractor (the full model trunk over every prefix, no KV cache);
 - ``plain``: a plain PyTorch loop: HF ``generate`` (KV cache) + one REINFORCE step.
 
 The textrl, plain-loop and SB3 systems are ``rl_speed.py``'s runners; see its docstring for their details.
 
-Workload: the embedded ``tiny`` (4-layer GPT-2, 4.27M parameters; ``--tiny-random`` for a 2-layer toy),
-exported once as an HF folder with every dropout probability 0 and loaded from there by every system;
+Workload: the embedded ``tiny`` (4-layer GPT-2, 4.27M parameters; ``--tiny-random`` for a 2-layer toy; ``--arch``
+for a random model of another family with the embedded tokenizer; ``--lm FOLDER`` for any HF causal LM with its
+own tokenizer, which then makes the prompts and gives the eos id suppressed), exported once as an HF folder
+with every dropout probability 0 and loaded from there by every system;
 64 prompts of exactly 8 tokens; exactly 32 new tokens per prompt (eos suppressed everywhere: textrl's
 ``suppress_tokens``, SB3's logits, ``min_new_tokens`` for ``generate``/GRPO/RLOO, an LM-head hook for TRL PPO),
 temperature 1, no top-k/top-p; the reward is the fraction of the completion's words that are "the"; Adam(W) at lr 5e-5.
@@ -40,6 +42,7 @@ the issue's speed targets ticked. The report is printed and written to ``--out``
     python benchmarks/peers.py --batch-sizes 16 --systems ppo grpo --rounds 1 --iters 2   # a quick look
     python benchmarks/peers.py --learning                        # wall-clock to a reward: textrl PPO vs GRPO
     python benchmarks/peers.py --arch llama --size small         # a random Llama, 8 layers x 512 (engine_decode.py)
+    python benchmarks/peers.py --lm ~/models/Qwen2.5-0.5B --batch-sizes 16 --systems ppo grpo   # any HF causal LM
 
 TRL PPO needs its own venv (TRL 1.12; install torch first, or pip pulls a CUDA build):
 ``python3 -m venv ../.venv-trl112 && ../.venv-trl112/bin/pip install torch==2.13.0 &&
@@ -87,17 +90,58 @@ DEFAULT_TRL_PPO_PYTHON = HERE.parents[1] / ".venv-trl112" / "bin" / "python"
 # --- the workload ---------------------------------------------------------------------------------------
 
 
-def export_lm(source: str, folder: Path) -> str:
-    """Save ``source`` as a plain HF folder (model + tokenizer, pad and eos set) with all dropout at 0."""
+def export_lm(source: str, folder: Path):
+    """Save ``source`` as a plain HF folder (model + tokenizer, pad and eos set) with all dropout at 0:
+    ``(model, tokenizer)`` as saved."""
+    from transformers.utils import logging
+
     from textrl.lm import load_lm
 
+    logging.disable_progress_bar()  # "Writing model shards"
     model, tokenizer = load_lm(source)
-    for name in ("attn_pdrop", "embd_pdrop", "resid_pdrop", "summary_first_dropout"):
-        if hasattr(model.config, name):
+    for name, value in model.config.to_dict().items():  # GPT-2's attn_pdrop ..., Llama's attention_dropout, ...
+        if name.endswith(("pdrop", "dropout")) and isinstance(value, float):
             setattr(model.config, name, 0.0)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return str(folder)
+    return model, tokenizer
+
+
+def describe(model) -> str:
+    """``"llama, 2 layers x 64, 0.1M parameters"``: the model type, its shape and size."""
+    config = model.config
+    layers, width = getattr(config, "num_hidden_layers", "?"), getattr(config, "hidden_size", "?")
+    n = sum(p.numel() for p in model.parameters())  # a tied LM head counted once
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    return f"{config.model_type}, {layers} layers x {width}, {size} parameters"
+
+
+def folder_workload(lm: str, folder: Path, prompt_tokens: int, new_tokens: int, seed: int) -> rl_speed.Workload:
+    """The HF causal LM in ``lm`` with its own tokenizer, exported to ``folder``; prompts of exactly
+    ``prompt_tokens`` tokens of that tokenizer. A folder that is not a causal LM with a tokenizer: SystemExit."""
+    from textrl import corpus
+    from textrl.checkpoint import CheckpointError
+    from textrl.lm import LMNotFoundError, NotACausalLMError, load_tokenizer
+
+    def fail(error: Exception) -> SystemExit:
+        message = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(" :")
+        unloadable = "cannot load a tokenizer from "  # transformers' own error, often many lines
+        if message.startswith(unloadable):
+            message = f"no tokenizer in it that loads ({message.split(': ', 1)[-1]}); save the tokenizer there too"
+        return SystemExit(f"peers.py: error: --lm {lm}: {message}")
+
+    try:
+        load_tokenizer(lm)  # before the weights: a folder without a tokenizer fails at once
+        model, tokenizer = export_lm(lm, folder)
+    except (LMNotFoundError, NotACausalLMError, CheckpointError) as e:
+        raise fail(e) from None
+    try:
+        docs = corpus.load_documents()
+    except corpus.CorpusError:
+        docs = rl_speed._pseudo_english(2000, seed)
+    prompts = rl_speed.make_prompts(tokenizer, docs, 64, prompt_tokens, seed)
+    source = f"`{lm}` ({describe(model)}; its own {len(tokenizer)}-token tokenizer)"
+    return rl_speed.Workload(str(folder), source, prompts, prompt_tokens, new_tokens)
 
 
 def random_model(arch: str, size: str, folder: Path) -> tuple[str, str]:
@@ -120,10 +164,14 @@ def random_model(arch: str, size: str, folder: Path) -> tuple[str, str]:
 
 
 def build(workdir: Path, args) -> rl_speed.Workload:
-    work = rl_speed.build_workload(workdir, args.tiny_random, args.prompt_tokens, args.new_tokens, args.seed)
-    if args.arch:  # the prompts are made with the embedded tokenizer, which the random model shares
-        work.lm, work.source = random_model(args.arch, args.size, workdir / "arch-model")
-    work.lm = export_lm(work.lm, workdir / "hf-model")
+    if args.lm:  # the prompts are made with the folder's own tokenizer
+        work = folder_workload(args.lm, workdir / "hf-model", args.prompt_tokens, args.new_tokens, args.seed)
+    else:
+        work = rl_speed.build_workload(workdir, args.tiny_random, args.prompt_tokens, args.new_tokens, args.seed)
+        if args.arch:  # the prompts are made with the embedded tokenizer, which the random model shares
+            work.lm, work.source = random_model(args.arch, args.size, workdir / "arch-model")
+        export_lm(work.lm, workdir / "hf-model")
+        work.lm = str(workdir / "hf-model")
     (workdir / "workload.json").write_text(json.dumps(asdict(work)))
     return work
 
@@ -295,8 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=8, help="P, tokens per prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling")
     parser.add_argument("--tiny-random", action="store_true", help="a tiny random model instead (for tests)")
-    parser.add_argument(
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument(
         "--arch", choices=["gpt2", "llama", "mistral", "qwen2", "qwen3"], help="a random model of this family instead"
+    )
+    model.add_argument(
+        "--lm", metavar="FOLDER", help="an HF causal-LM folder with its tokenizer instead (makes the prompts too)"
     )
     parser.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny", help="its size (with --arch)")
     parser.add_argument("--in-process", action="store_true", help="run every system in this process (tests)")
@@ -311,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.lm and args.tiny_random:
+        parser.error("argument --lm: not allowed with argument --tiny-random")
 
     if args.worker:  # a subprocess: one measurement, printed as JSON on the last line
         trl_systems.quiet(logs=True)
@@ -346,14 +400,15 @@ def main(argv: list[str] | None = None) -> None:
     if "sb3" in systems and any(b > args.sb3_max_batch for b in args.batch_sizes):
         skipped.append(f"naive SB3 run only up to B = {args.sb3_max_batch} (--sb3-max-batch): its update re-reads")
         skipped[-1] += " every prefix (B x T full forwards), ~4x the time and memory per 4x B"
-    if args.arch not in (None, "gpt2") and not args.no_flops:  # flop_bound.py counts GPT-2's matmuls
-        args.no_flops = True
-        skipped.append(f"FLOP bound skipped: it models GPT-2's matmuls, not {args.arch}'s")
-    if not args.no_flops:
-        jobs += [("flops", b) for b in args.batch_sizes]
-    runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
     with tempfile.TemporaryDirectory(prefix="textrl-peers-") as tmp:
         work = build(Path(tmp), args)
+        model_type = json.loads((Path(work.lm) / "config.json").read_text()).get("model_type")
+        if model_type != "gpt2" and not args.no_flops:  # flop_bound.py counts GPT-2's matmuls (--arch, --lm)
+            args.no_flops = True
+            skipped.append(f"FLOP bound skipped: it models GPT-2's matmuls, not {model_type}'s")
+        if not args.no_flops:
+            jobs += [("flops", b) for b in args.batch_sizes]
+        runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
         for i in range(args.rounds):  # interleaved, so drifts in machine load hit every system alike
             for job in jobs:
                 t0 = time.perf_counter()

@@ -10,8 +10,8 @@ Systems (``--systems``), all on the same model, prompts and reward:
   decoded text, then one REINFORCE update (log-probs from a full forward with grad, ``-(logp * (R - mean
   R)).mean()``, one Adam step);
 - ``sb3``: stable-baselines3 PPO run naively over the token env: ``DummyVecEnv`` of B ``TextGenEnv``, a
-  features extractor that runs the GPT-2 trunk over the whole observation at every step (no KV cache),
-  ``net_arch=[]`` so the action net is a ``Linear(E, V)`` head (initialised from the LM head), one
+  features extractor that runs the model's trunk (GPT-2's ``transformer``) over the whole observation at every
+  step (no KV cache), ``net_arch=[]`` so the action net is a ``Linear(E, V)`` head (initialised from the LM head), one
   rollout of ``n_steps=T`` and one epoch of one minibatch per ``learn()``;
 - ``sb3-policy``: the same SB3 PPO set-up with :class:`agents.sb3.TransformerActorCriticPolicy`: the LM head
   is the action net, and during rollouts the trunk runs through the prefix KV cache (one token per row and
@@ -129,13 +129,15 @@ def _pseudo_english(n_docs: int, seed: int = 0) -> list[str]:
 
 
 def make_prompts(tokenizer, docs: list[str], n: int, length: int, seed: int = 0) -> list[str]:
-    """``n`` distinct lines cut to exactly ``length`` tokens (checked to re-encode to the same tokens)."""
+    """``n`` distinct lines cut to exactly ``length`` tokens (checked to re-encode to the same tokens).
+
+    Tokens that the tokenizer adds itself (a Llama tokenizer's bos) count, and are left out of the text."""
     lines = [line.strip() for doc in docs for line in doc.splitlines() if len(line.strip()) > 20]
     random.Random(seed).shuffle(lines)
     prompts: list[str] = []
     for line in lines:
         ids = tokenizer(line)["input_ids"][:length]
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         if len(ids) == length and tokenizer(text)["input_ids"] == ids and text not in prompts:
             prompts.append(text)
             if len(prompts) == n:
@@ -294,14 +296,16 @@ class SB3Runner:
         from envs import TextGenEnv
         from textrl.lm import load_lm, load_tokenizer
 
-        class GPT2Trunk(BaseFeaturesExtractor):
-            """The HF GPT-2 trunk over the full (right-padded) observation; the last valid position's state."""
+        class Trunk(BaseFeaturesExtractor):
+            """The HF trunk (GPT-2's ``transformer``, Llama's ``model``, ...) over the full (right-padded)
+            observation; the last valid position's state."""
 
             def __init__(self, observation_space, lm: str):
                 model, _ = load_lm(lm)
-                super().__init__(observation_space, features_dim=model.config.n_embd)
-                self.trunk = model.transformer
-                self.lm_head_weight = model.lm_head.weight.detach().clone()  # (V, E), to initialise the action net
+                super().__init__(observation_space, features_dim=model.config.hidden_size)
+                self.trunk = model.base_model
+                head = model.get_output_embeddings().weight
+                self.lm_head_weight = head.detach().clone()  # (V, E), to initialise the action net
 
             def forward(self, obs):
                 ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()  # SB3 hands Box obs as floats
@@ -325,7 +329,7 @@ class SB3Runner:
         else:
             policy_class = "MultiInputPolicy"
             policy_kwargs = {
-                "features_extractor_class": GPT2Trunk,
+                "features_extractor_class": Trunk,
                 "features_extractor_kwargs": {"lm": work.lm},
                 "net_arch": [],
                 "ortho_init": False,

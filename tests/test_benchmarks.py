@@ -160,3 +160,45 @@ def test_peers_benchmark_runs_a_random_model_of_another_family(tmp_path, capsys)
     (speed,) = re.findall(rf"^\| {label} \| ([\d,]+) ±\d+% \| - \|", text, re.M)  # no PPO row: no ratios
     assert float(speed.replace(",", "")) > 0
     assert "FLOP bound skipped: it models GPT-2's matmuls, not qwen3's" in text
+
+
+def test_peers_benchmark_runs_any_hf_causal_lm_folder(tmp_path, capsys, monkeypatch, llama_gqa_dir, tokenizer):
+    """``--lm FOLDER``: a Llama with its own 300-token tokenizer, which makes the prompts; the report names the
+    folder, the model type and its shape; the GPT-2 FLOP bound is skipped with a reason."""
+    module = _load("peers", "peers_benchmark")
+    built = []
+    folder_workload = module.folder_workload
+    monkeypatch.setattr(module, "folder_workload", lambda *a: built.append(folder_workload(*a)) or built[-1])
+    report = tmp_path / "peers.md"
+    args = ["--lm", str(llama_gqa_dir), "--in-process", "--batch-sizes", "4", "--new-tokens", "4", "--iters", "1"]
+    module.main([*args, "--warmup", "1", "--rounds", "1", "--systems", "reinforce", "--out", str(report)])
+    text = report.read_text()
+    assert f"Model: `{llama_gqa_dir}` (llama, 2 layers x 32, " in text and "its own 300-token tokenizer" in text
+    (work,) = built
+    assert len(work.prompts) == 64 and all(len(tokenizer(p)["input_ids"]) == 8 for p in work.prompts)
+    label = re.escape(module.SYSTEMS["reinforce"])
+    (speed,) = re.findall(rf"^\| {label} \| ([\d,]+) ±\d+% \| - \|", text, re.M)
+    assert float(speed.replace(",", "")) > 0
+    assert "FLOP bound skipped: it models GPT-2's matmuls, not llama's" in text
+
+
+def test_peers_benchmark_rejects_an_lm_folder_it_cannot_run(tmp_path, capsys, llama_gqa_dir, bert_dir):
+    """A folder without a tokenizer, or not a causal LM: one line naming the folder and what is wrong; ``--lm``
+    with ``--arch``: an argparse error."""
+    module = _load("peers", "peers_benchmark")
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((llama_gqa_dir / name).read_bytes())
+    common = ["--in-process", "--batch-sizes", "4", "--rounds", "1", "--systems", "reinforce"]
+    for folder, problem in ((bare, "no tokenizer"), (bert_dir, "not a causal language model")):
+        with pytest.raises(SystemExit) as raised:
+            module.main(["--lm", str(folder), *common, "--out", str(tmp_path / "peers.md")])
+        message = str(raised.value.code)
+        assert message.startswith(f"peers.py: error: --lm {folder}: ") and problem in message
+        assert "\n" not in message
+    assert not (tmp_path / "peers.md").exists()
+    with pytest.raises(SystemExit):
+        module.main(["--lm", str(llama_gqa_dir), "--arch", "llama"])
+    err = capsys.readouterr().err
+    assert re.search(r"error: argument --(arch|lm): not allowed with argument --(lm|arch)$", err, re.M), err
