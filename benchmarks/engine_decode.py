@@ -64,24 +64,25 @@ def rollout_generate(model, ids, mask, new_tokens: int, eos: int) -> None:
 
 
 def rollout_core(core, ids, mask, new_tokens: int) -> None:
-    logits, _ = core.prefill(ids, mask, ids.shape[1] + new_tokens)
-    for t in range(new_tokens):
-        token = torch.multinomial(logits.softmax(-1), 1)[:, 0]
-        if t < new_tokens - 1:
-            logits, _ = core.decode(token)
-    core.release()
+    with core.start(ids, mask, ids.shape[1] + new_tokens) as session:
+        logits = session.logits
+        for t in range(new_tokens):
+            token = torch.multinomial(logits.softmax(-1), 1)[:, 0]
+            if t < new_tokens - 1:
+                logits, _ = session.step(token)
 
 
 def max_difference(core, reference, ids, mask, new_tokens: int) -> float:
     """Largest |logit difference| of two cores over a prefill and the decode steps, fed the same tokens."""
-    a, b = (c.prefill(ids, mask, ids.shape[1] + new_tokens)[0] for c in (core, reference))
+    sessions = [c.start(ids, mask, ids.shape[1] + new_tokens) for c in (core, reference)]
+    a, b = (s.logits for s in sessions)
     worst = (a - b).abs().max().item()
     for _ in range(new_tokens - 1):
         token = b.argmax(-1)
-        a, b = core.decode(token)[0], reference.decode(token)[0]
+        a, b = (s.step(token)[0] for s in sessions)
         worst = max(worst, (a - b).abs().max().item())
-    core.release()
-    reference.release()
+    for s in sessions:
+        s.close()
     return worst
 
 

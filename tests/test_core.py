@@ -46,12 +46,12 @@ def test_core_matches_hf_forward(request, arch, core_cls):
         torch.testing.assert_close(tail_hidden, full_hidden[:, 7:])
 
         P = 6
-        step_logits = [core.prefill(ids[:, :P], mask[:, :P], 12)[0]]
+        step_logits = [(session := core.start(ids[:, :P], mask[:, :P], 12)).logits]
         for t in range(P, 10):
-            step_logits.append(core.decode(ids[:, t])[0])
+            step_logits.append(session.step(ids[:, t])[0])
         cached = torch.stack(step_logits[:-1], 1)  # predictions at positions P-1 .. 8
         torch.testing.assert_close(cached, logits[:, P - 1 : 9], atol=2e-5, rtol=1e-4)
-        core.release()
+        session.close()
 
 
 def test_make_core_picks_the_engine(gpt2_dir, llama_dir):
@@ -64,10 +64,10 @@ def test_make_core_picks_the_engine(gpt2_dir, llama_dir):
 def test_decode_past_cache_raises(gpt2_dir):
     core = Engine(load_lm(gpt2_dir)[0])
     ids = torch.zeros(1, 2, dtype=torch.long)
-    core.prefill(ids, torch.ones_like(ids), 3)
-    core.decode(torch.zeros(1, dtype=torch.long))
+    session = core.start(ids, torch.ones_like(ids), 3)
+    session.step(torch.zeros(1, dtype=torch.long))
     with pytest.raises(RuntimeError, match="KV cache full"):
-        core.decode(torch.zeros(1, dtype=torch.long))
+        session.step(torch.zeros(1, dtype=torch.long))
 
 
 # --- rollout replay: the update's forward takes the linear layers' outputs from the rollout's record ----------
@@ -81,10 +81,10 @@ def _recorded_rollout(core: Engine, vocab: int, steps: int = 6):
     torch.manual_seed(2)
     new = torch.randint(0, vocab, (3, steps))
     with torch.no_grad():
-        core.prefill(ids, mask, P + steps, record=True)
+        session = core.start(ids, mask, P + steps, record=True)
         for t in range(steps - 1):  # the last token is never fed: nothing predicts past it
-            core.decode(new[:, t])
-    core.release()
+            session.step(new[:, t])
+    session.close()
     return torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1), P
 
 
@@ -166,9 +166,9 @@ def test_record_reuses_its_buffers_and_survives_a_full_cache(gpt2_dir):
     ids, mask, P = _recorded_rollout(core, vocab)
     assert next(iter(core._record.out.values())) is buffer  # same shapes: the same memory
     with torch.no_grad():  # decode into the last cache position: beyond what an update can use
-        core.prefill(ids[:, :P], mask[:, :P], P + 2, record=True)
-        core.decode(ids[:, P])
-        core.decode(ids[:, P + 1])
+        session = core.start(ids[:, :P], mask[:, :P], P + 2, record=True)
+        session.step(ids[:, P])
+        session.step(ids[:, P + 1])
     _loss_grads(core, ids[:, : P + 2], mask[:, : P + 2], P)
     assert core.replayed == 1
 
@@ -179,10 +179,10 @@ def test_a_rollout_without_record_leaves_the_last_record_valid(gpt2_dir):
     vocab = core.spec.head.weight.shape[0]
     ids, mask, P = _recorded_rollout(core, vocab)
     with torch.no_grad():  # other prompts and tokens, not recorded
-        core.prefill(ids[:, :P].flip(0), mask[:, :P].flip(0), P + 4)
+        session = core.start(ids[:, :P].flip(0), mask[:, :P].flip(0), P + 4)
         for t in range(3):
-            core.decode((ids[:, P + t] + 1) % vocab)
-    core.release()
+            session.step((ids[:, P + t] + 1) % vocab)
+    session.close()
     replayed_logits, replayed = _loss_grads(core, ids, mask, P)
     assert core.replayed == 1
     core._record = None
@@ -211,9 +211,10 @@ def test_rows_with_the_same_prompt_compute_it_once(gpt2_dir, monkeypatch):
 
     def run():
         with torch.no_grad():
-            out = [core.prefill(ids, mask, P + steps, record=True)]
-            out += [core.decode(new[:, t]) for t in range(steps - 1)]
-        core.release()
+            session = core.start(ids, mask, P + steps, record=True)
+            out = [(session.logits, session.hidden)]
+            out += [session.step(new[:, t]) for t in range(steps - 1)]
+        session.close()
         rec = core._record
         recorded = [b.clone() for b in [*rec.out.values(), rec.logits]]
         full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)

@@ -149,9 +149,10 @@ def test_prefill_and_decode_match_the_forward(request, arch, record):
     P, S = 5, ids.shape[1]
     with torch.no_grad():
         logits, hidden = core.forward(ids, mask)
-        first = core.prefill(ids[:, :P], mask[:, :P], S, record=record)
-        steps = [first] + [core.decode(ids[:, t]) for t in range(P, S)]
-        core.release()
+        session = core.start(ids[:, :P], mask[:, :P], S, record=record)
+        first = (session.logits, session.hidden)
+        steps = [first] + [session.step(ids[:, t]) for t in range(P, S)]
+        session.close()
     cached = torch.stack([step[0] for step in steps[:-1]], 1)  # predictions at positions P-1 .. S-2
     torch.testing.assert_close(cached, logits[:, P - 1 : S - 1], **TOL)
     torch.testing.assert_close(steps[-1][0], logits[:, -1], **TOL)  # past the last: position S-1, cache full
@@ -201,10 +202,10 @@ def test_forward_after_a_recorded_rollout_matches_the_hf_forward(request, arch):
     P, S = 6, ids.shape[1]
     mask[3, -2:] = 0  # row 3 ended early: its last two positions are pads in the update
     with torch.no_grad():
-        core.prefill(ids[:, :P], mask[:, :P], S, record=True)
+        session = core.start(ids[:, :P], mask[:, :P], S, record=True)
         for t in range(P, S - 1):
-            core.decode(ids[:, t])
-        core.release()
+            session.step(ids[:, t])
+        session.close()
     ids = ids.masked_fill(~mask.bool(), 0)
     for rows in (None, torch.tensor([1, 3])):
         sub_ids, sub_mask = (ids, mask) if rows is None else (ids[rows], mask[rows])
@@ -240,9 +241,9 @@ def test_rows_sharing_a_prompt(request, arch):
     if hasattr(core, "_shared_prefix"):  # the engine's own test of "enough rows share": this batch passes it
         assert core._shared_prefix(ids, mask, P - 1) is not None
     with torch.no_grad():
-        steps = [core.prefill(ids[:, :P], mask[:, :P], P + T, record=True)[0]]
-        steps += [core.decode(ids[:, t])[0] for t in range(P, P + T - 1)]
-        core.release()
+        steps = [(session := core.start(ids[:, :P], mask[:, :P], P + T, record=True)).logits]
+        steps += [session.step(ids[:, t])[0] for t in range(P, P + T - 1)]
+        session.close()
         each = torch.cat([core.forward(ids[b : b + 1], mask[b : b + 1])[0] for b in range(len(group))])
         for b in (0, 3, 5):
             real = mask[b].bool()
@@ -350,15 +351,15 @@ def test_a_record_over_the_memory_budget_is_not_kept(request, llama_env):
     ids, mask = _batch(_vocab(model), B=4)
     P, S = 6, ids.shape[1]
     with torch.no_grad():
-        core.prefill(ids[:, :P], mask[:, :P], S, record=True)
-        core.release()
+        session = core.start(ids[:, :P], mask[:, :P], S, record=True)
+        session.close()
     rec = core._record
     kept = sum(b.numel() * b.element_size() for b in [*rec.out.values(), rec.logits])
     assert core.record_bytes(4, P, S) == kept
     core.record_limit = kept - 1
     with torch.no_grad():
-        core.prefill(ids[:, :P], mask[:, :P], S, record=True)
-        core.release()
+        session = core.start(ids[:, :P], mask[:, :P], S, record=True)
+        session.close()
     assert core._record is None
 
     agents = {}
@@ -392,10 +393,10 @@ def test_linear_weights_are_stored_input_major_and_gradients_keep_that_layout(re
     for replay in (False, True):
         if replay:
             with torch.no_grad():
-                core.prefill(ids[:, :P], mask[:, :P], S, record=True)
+                session = core.start(ids[:, :P], mask[:, :P], S, record=True)
                 for t in range(P, S - 1):
-                    core.decode(ids[:, t])
-                core.release()
+                    session.step(ids[:, t])
+                session.close()
         replayed = core.replayed
         model.zero_grad(set_to_none=True)
         logits, hidden = core.forward(ids[:, :-1], mask[:, :-1], P - 1)
@@ -408,3 +409,29 @@ def test_linear_weights_are_stored_input_major_and_gradients_keep_that_layout(re
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for n, p in reloaded.named_parameters():
         assert torch.equal(p, params[n]), n
+
+
+@pytest.mark.parametrize("kind", ["engine", "hf"])
+def test_decode_sessions_are_independent(request, kind):
+    """The decode state lives in the session: two open sessions on one core (e.g. an evaluation while a
+    rollout is open) give each exactly what it gives alone; a closed session refuses to step."""
+    model = _model(request, "llama_gqa_dir")
+    core = Engine(model) if kind == "engine" else HFCore(model)
+    ids, mask = _batch(_vocab(model), B=3, S=10)
+    P, S = 5, ids.shape[1]
+    with core.start(ids[:, :P], mask[:, :P], S) as alone:
+        expected = [alone.logits] + [alone.step(ids[:, t])[0] for t in range(P, S - 1)]
+    a = core.start(ids[:, :P], mask[:, :P], S, record=True)
+    b = core.start(ids[:, :P].flip(0), mask[:, :P].flip(0), S)  # same shape: must not share a's cache
+    got_a, got_b = [a.logits], [b.logits]
+    for t in range(P, S - 1):
+        got_a.append(a.step(ids[:, t])[0])
+        got_b.append(b.step(ids[:, t].flip(0))[0])
+    a.close()
+    b.close()
+    for x, y, z in zip(expected, got_a, got_b, strict=True):
+        torch.testing.assert_close(y, x, **TOL)
+        torch.testing.assert_close(z, x.flip(0), **TOL)
+    with pytest.raises(RuntimeError, match="closed"):
+        a.step(ids[:, P])
+    a.close()  # closing twice is harmless

@@ -47,3 +47,35 @@ def test_rollout_logprobs_values_and_rewards_are_consistent(request, lm, samplin
         assert rollout.terminated[i] == (ended_by_stop or tok.eos_token_id in taken)
     assert (kl[~valid] == 0).all() and torch.isfinite(kl).all()
     torch.testing.assert_close(rewards, rollout.rewards - agent.kl_ctl.coef * kl)
+
+
+def test_one_decode_loop_serves_rollouts_and_generate(monkeypatch, llama_dir):
+    """``agent.generate`` and training rollouts both run :func:`textrl.rollout.decode`, and the loop closes
+    its session even when the step function raises."""
+    import textrl.agent
+    import textrl.rollout
+
+    calls = []
+    real = textrl.rollout.decode
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(textrl.rollout, "decode", counting)
+    monkeypatch.setattr(textrl.agent, "decode", counting)
+    env = TextGenEnv(lm=str(llama_dir), prompts=["The king"], reward=keyword_reward(include=["the"]), max_new_tokens=5)
+    agent = PPO(env, config=PPOConfig(batch_size=4, minibatch_size=4), seed=0)
+    agent.generate(["the cat"], max_new_tokens=3)
+    assert calls == [3]
+    agent.learn(4 * 5)
+    assert calls == [3, 5]  # the training rollout: the same loop
+    policy = agent.policy
+    ids = torch.zeros(2, 3, dtype=torch.long)
+
+    def boom(t, logits, values):
+        raise ValueError("reward exploded")
+
+    with pytest.raises(ValueError, match="exploded"):
+        real(policy, ids, torch.ones_like(ids), 4, boom)
+    assert policy.core._cache is None or not policy.core._cache.in_use

@@ -38,7 +38,7 @@ from textrl.device import resolve_device
 from textrl.interrupt import StopRequest, TrainingInterrupted
 from textrl.logger import RunLogger, new_run_dir, run_name
 from textrl.policy import ActorCritic, action_logprobs, sample, shape_logits
-from textrl.rollout import Rollout, Sampling, collect_rollout, left_pad
+from textrl.rollout import Rollout, Sampling, collect_rollout, decode, left_pad
 
 
 @dataclass
@@ -626,21 +626,20 @@ class BaseAgent:
         mask = torch.zeros(len(prompts), P, dtype=torch.long)
         for i, e in enumerate(encoded):
             ids[i, P - len(e) :], mask[i, P - len(e) :] = torch.tensor(e), 1
-        logits, _ = self.policy.start(ids.to(self.device), mask.to(self.device), P + max_new_tokens)
         out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
+
+        def choose(t: int, logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
             token = torch.where(done, tok.pad_token_id, self._choose(logits, deterministic, sampling, generator))
             out.append(token)
-            done |= token == tok.eos_token_id
+            done.logical_or_(token == tok.eos_token_id)
             if stops:  # the env's rule: an episode ends once its completion's text contains a stop string
                 so_far = torch.stack(out, 1).tolist()
                 for i in torch.nonzero(~done).flatten().tolist():
                     text = tok.decode(so_far[i], skip_special_tokens=True)
                     done[i] = any(s in text for s in stops)
-            if done.all():
-                break
-            logits, _ = self.policy.step(token)
-        self.policy.release()
+            return None if done.all() else token
+
+        decode(self.policy, ids.to(self.device), mask.to(self.device), max_new_tokens, choose)
         return tok.batch_decode(torch.stack(out, 1).tolist(), skip_special_tokens=True)
 
     # --- persistence -----------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ Shape legend: B batch, P prompt length (left-padded), S = P + T sequence length,
 V vocabulary, E width, H heads, D head size, L layers.
 
 A core offers
-- ``prefill(ids (B, P), mask (B, P), max_len, record=False)``: run the prompts, fill a KV cache with room
-  for ``max_len`` positions, return the last position's ``(logits (B, V), hidden (B, E))``;
-- ``decode(tokens (B,))``: one token per row through the cache, same return;
+- ``start(ids (B, P), mask (B, P), max_len, record=False)``: run the prompts into a KV cache with room for
+  ``max_len`` positions; returns a decode session (the rollout's state: cache, positions, record) holding
+  the last position's ``logits`` (B, V) and ``hidden`` (B, E). ``session.step(tokens (B,))`` feeds one
+  token per row and returns the next ``(logits, hidden)``; ``session.close()`` ends the rollout;
 - ``forward(ids (B, S), mask (B, S), start=0, rows=None)``: the whole sequence (training / reference
   pass), returning ``(logits (B, S - start, V), hidden (B, S - start, E))`` for positions ``start..S-1``
-  (the LM head is only run where its logits are used);
-- ``release()``: end the rollout.
+  (the LM head is only run where its logits are used).
 
 Rows are **left-padded** inside the cores (the env's observations are right-padded; the rollout converts),
 so in a synchronous rollout every row writes its next key/value into the same cache column and the decode
@@ -110,6 +110,7 @@ class KVCache:
 
     def __init__(self, L: int, B: int, H: int, max_len: int, D: int, like: torch.Tensor):
         self.key = (L, B, H, max_len, D, like.dtype, like.device)
+        self.in_use = False  # an open decode session holds it
         self.k = torch.zeros(L, B, H, max_len, D, dtype=like.dtype, device=like.device)
         self.v = torch.zeros_like(self.k)
         self.keymask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=like.device)
@@ -133,7 +134,6 @@ class HFCore(nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
-        self._cache = None
         # the cache keyword is `cache` in recent transformers (which warn on `past_key_values`), earlier
         # `past_key_values`; the cache object is filled in place, so it is what _run returns either way
         params = inspect.signature(model.forward).parameters
@@ -152,27 +152,51 @@ class HFCore(nn.Module):
         hidden = out.hidden_states[-1]
         return out.logits, hidden[:, -keep:] if keep else hidden, cache
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
-        """As :meth:`textrl.engine.Engine.prefill`; ``record`` is accepted and ignored (no replay here)."""
+    @torch.no_grad()
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False) -> HFSession:
+        """As :meth:`textrl.engine.Engine.start` (``max_len`` and ``record`` are accepted and unused: the
+        ``DynamicCache`` grows, and there is no replay here)."""
         from transformers import DynamicCache
 
-        self._mask = mask.long()
-        self._pos = positions_from_mask(mask)[:, -1]  # (B,)
-        logits, hidden, self._cache = self._run(ids, self._mask, positions_from_mask(mask), DynamicCache())
-        return logits[:, -1], hidden[:, -1]
-
-    def decode(self, tokens: torch.Tensor):
-        self._pos = self._pos + 1
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(tokens), 1)], dim=1)
-        logits, hidden, self._cache = self._run(tokens[:, None], self._mask, self._pos[:, None], self._cache)
-        return logits[:, -1], hidden[:, -1]
+        session = HFSession(self, mask.long(), positions_from_mask(mask)[:, -1])
+        logits, hidden, session.cache = self._run(ids, session.mask, positions_from_mask(mask), DynamicCache())
+        session.logits, session.hidden = logits[:, -1], hidden[:, -1]
+        return session
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
         logits, hidden, _ = self._run(ids, mask.long(), positions_from_mask(mask), keep=ids.shape[1] - start)
         return logits, hidden
 
-    def release(self) -> None:
-        self._cache = None
+
+class HFSession:
+    """One rollout in progress on an :class:`HFCore`: its ``DynamicCache``, attention mask and positions
+    (the counterpart of :class:`textrl.engine.Session`)."""
+
+    def __init__(self, core: HFCore, mask: torch.Tensor, pos: torch.Tensor):
+        self.core, self.mask, self.pos = core, mask, pos
+        self.cache = None
+        self.logits: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (B,): the next ``(logits (B, V), hidden (B, E))``."""
+        if self.cache is None:
+            raise RuntimeError("this decode session is closed; start a new one")
+        self.pos = self.pos + 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        logits, hidden, self.cache = self.core._run(tokens[:, None], self.mask, self.pos[:, None], self.cache)
+        self.logits, self.hidden = logits[:, -1], hidden[:, -1]
+        return self.logits, self.hidden
+
+    def close(self) -> None:
+        self.cache = None
+
+    def __enter__(self) -> HFSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def make_core(model: PreTrainedModel, fast: bool = True) -> nn.Module:

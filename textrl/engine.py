@@ -14,13 +14,14 @@ class a role needs (a peft LoRA layer, a quantised linear, any wrapper) must nev
 such a model takes the HF path (:class:`textrl.core.HFCore`).
 
 The block is written once (:meth:`Engine._block`); the modes differ only in the two functions it is given:
-``attend`` (the whole-sequence ``forward`` attends under a causal + padding (+ window) mask, ``prefill`` also
-writes the static KV cache, ``decode`` appends one column to it and attends over the cache, shared prompts
-attend to their prompt's gathered keys, the SB3 prefix cache to each row's own columns) and ``lin`` (every
-linear layer computed, written into a rollout :class:`Record`, or replayed from one). The interface is
-:mod:`textrl.core`'s (``prefill``, ``decode``, ``forward``, ``release``); rows are left-padded.
+``attend`` (the whole-sequence ``forward`` attends under a causal + padding (+ window) mask, ``start`` (the
+prefill) also writes the static KV cache, a decode step appends one column to it and attends over the cache,
+shared prompts attend to their prompt's gathered keys, the SB3 prefix cache to each row's own columns) and
+``lin`` (every linear layer computed, written into a rollout :class:`Record`, or replayed from one). The
+interface is :mod:`textrl.core`'s (``start`` -> a :class:`Session` with ``step``/``close``, and ``forward``);
+rows are left-padded.
 
-Rollout replay: a rollout started with ``prefill(..., record=True)`` keeps every linear layer's output and
+Rollout replay: a rollout started with ``start(..., record=True)`` keeps every linear layer's output and
 the logits, written by the very matmuls that sample the tokens. The update's first forward on those
 sequences (REINFORCE's only one, PPO's first minibatch), under unchanged weights and without autocast, takes
 them from the record (:class:`textrl.core._Replayed`) and recomputes only norms, rotary, attention and
@@ -117,6 +118,7 @@ class Record:
         self.key = (B, P, max_len, like.dtype, like.device)
         self.ids = torch.empty(B, max_len, dtype=torch.long, device=like.device)
         self.capacity = max_len - 1  # positions recorded; the last one never feeds an update
+        self.in_use = False  # an open Session writes into it
         modules = [m for layer in spec.layers for m in layer.linears()]
         self.out = {m: like.new_empty(B, self.capacity, _width(m)) for m in modules}
         self.logits = like.new_empty(B, max_len - P, spec.head.weight.shape[0])
@@ -164,10 +166,8 @@ class Engine(nn.Module):
         """The architecture family it runs as (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
         self._windows = {layer.window for layer in spec.layers}  # the attention windows in use (None: full)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) by position, (N, D)
-        self._cache: KVCache | None = None
-        self._live: KVCache | None = None
+        self._cache: KVCache | None = None  # the last session's cache buffers, reused by the next of its shape
         self._record: Record | None = None  # the last recorded rollout (replay)
-        self._writing: Record | None = None  # the record the rollout in progress writes into
         self.replayed = 0
         """How many ``forward`` calls took their linear layers from a rollout record (tests, benchmarks)."""
         self.record_limit: int | None = None
@@ -433,8 +433,10 @@ class Engine(nn.Module):
         return B * per_row * s.embed.weight.element_size()
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
-        """Run the prompts (B, P), filling a static KV cache with room for ``max_len`` positions.
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False) -> Session:
+        """Run the prompts (B, P) into a static KV cache with room for ``max_len`` positions: a
+        :class:`Session` holding the last prompt position's ``logits`` (B, V) and ``hidden`` (B, E), whose
+        :meth:`Session.step` feeds one token per row.
 
         ``record``: keep every linear layer's output of this rollout for the update (replay); without it the
         last record stays valid (an evaluation may run in between).
@@ -444,27 +446,28 @@ class Engine(nn.Module):
         if max_len > s.context:
             raise ValueError(f"{max_len} positions exceed the model's context of {s.context}")
         key = (len(s.layers), B, s.n_kv_head, max_len, s.head_dim, s.embed.weight.dtype, ids.device)
-        if self._cache is None or self._cache.key != key:
-            self._cache = None
-            self._cache = KVCache(*key[:5], s.embed.weight)
-        cache = self._live = self._cache
+        cache = self._cache
+        if cache is None or cache.key != key or cache.in_use:
+            if cache is not None and not cache.in_use:
+                self._cache = None  # free the old buffers first
+            cache = KVCache(*key[:5], s.embed.weight)
+            if self._cache is None:
+                self._cache = cache  # kept for the next session of this shape
         cache.keymask.zero_()
         cache.keymask[:, 0, 0, :P] = mask.bool()
-        self._len = P
-        self._pos = positions_from_mask(mask)[:, -1].clone()  # (B,)
         rec = None
         if record and self.record_limit is not None and self.record_bytes(B, P, max_len) > self.record_limit:
             record = False
             self._record = None  # over the budget: free the last record too (the memory is the point)
         if record and max_len > P and not torch.is_autocast_enabled(ids.device.type):
             rec = self._record
-            if rec is None or rec.key != (B, P, max_len, s.embed.weight.dtype, ids.device):
+            if rec is None or rec.key != (B, P, max_len, s.embed.weight.dtype, ids.device) or rec.in_use:
                 self._record = rec = None  # free the old buffers before allocating new ones
                 rec = Record(s, B, P, max_len, s.embed.weight)
             rec.reset(self._weights_version())
             rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
             self._record = rec
-        self._writing = rec  # what decode writes into
+        session = Session(self, cache, rec, positions_from_mask(mask)[:, -1].clone(), P)
         # rows with the same prompt (GRPO-style groups) are computed once, then copied to each row
         shared = self._shared_prefix(ids, mask, P)
         if shared is not None:
@@ -488,27 +491,23 @@ class Engine(nn.Module):
                 return self._sdpa(q, k, v, m)
 
             x = self._block(layer, x, angles, attend, lin)
-        logits, hidden = (spread(t[:, 0]) for t in self._head(x[:, -1:]))
+        session.logits, session.hidden = (spread(t[:, 0]) for t in self._head(x[:, -1:]))
         if rec is not None:
-            rec.logits[:, 0] = logits
+            rec.logits[:, 0] = session.logits
             rec.len = P
-        return logits, hidden
+        return session
 
-    @torch.no_grad()
-    def decode(self, tokens: torch.Tensor):
-        """One token per row (B,) through the cache: ``(logits (B, V), hidden (B, E))``."""
-        cache, rec = self._live, self._writing
-        if cache is None:
-            raise RuntimeError("decode needs a prefill first (none yet, or the rollout was released)")
-        t = self._len
+    def _step(self, session: Session, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row (B,) through the session's cache: ``(logits (B, V), hidden (B, E))``."""
+        cache, rec, t = session.cache, session.record, session.length
         if t >= cache.k.shape[3]:
-            raise RuntimeError(f"KV cache full ({t} positions); prefill with a larger max_len")
+            raise RuntimeError(f"KV cache full ({t} positions); start with a larger max_len")
         if rec is not None and t >= rec.capacity:
             rec = None  # the last position never feeds an update: not recorded
         B = len(tokens)
-        self._pos += 1
+        session.pos += 1
         cache.mask_col[t].fill_(True)
-        x, angles = self._embed(tokens[:, None], self._pos[:, None])  # (B, 1, E)
+        x, angles = self._embed(tokens[:, None], session.pos[:, None])  # (B, 1, E)
         lin = _linear
         if rec is not None:  # each matmul writes straight into the record's column t
             lin = lambda x, module: _linear_into(x.reshape(B, -1), module, rec.out[module][:, t]).unsqueeze(1)  # noqa: E731
@@ -522,7 +521,7 @@ class Engine(nn.Module):
                 return self._sdpa(q, keys, values, cache.mask_upto[t][..., first:])
 
             x = self._block(layer, x, angles, attend, lin)
-        self._len = t + 1
+        session.length = t + 1
         hidden = _norm(x[:, 0], self.spec.norm)  # (B, E)
         # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
         logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
@@ -532,7 +531,44 @@ class Engine(nn.Module):
         rec.len = t + 1
         return rec.logits[:, t - rec.P + 1].copy_(logits_t.t()), hidden
 
-    def release(self) -> None:
-        """End the rollout: the cache and the record stay allocated for the next rollout of the same shape
-        (the record until the weights change); ``decode`` needs a new ``prefill``."""
-        self._live = self._writing = None
+
+class Session:
+    """One rollout in progress on an :class:`Engine` (made by :meth:`Engine.start`): its KV cache, each
+    row's position, the length so far and the record it writes (replay); ``logits`` and ``hidden`` are the
+    latest step's outputs. The decode state lives here, not in the engine, so sessions are independent:
+    the engine lends its cache and record buffers to one open session at a time and allocates fresh ones
+    for another.
+    """
+
+    def __init__(self, engine: Engine, cache: KVCache, record: Record | None, pos: torch.Tensor, length: int):
+        self.engine, self.cache, self.record = engine, cache, record
+        self.pos = pos  # (B,) position of each row's latest token
+        self.length = length  # cache columns filled
+        self.logits: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+        cache.in_use = True
+        if record is not None:
+            record.in_use = True
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row (B,): the next ``(logits (B, V), hidden (B, E))``."""
+        if self.cache is None:
+            raise RuntimeError("this decode session is closed; start a new one")
+        self.logits, self.hidden = self.engine._step(self, tokens)
+        return self.logits, self.hidden
+
+    def close(self) -> None:
+        """End the rollout: the cache (and the record, valid until the weights change) go back to the engine
+        for the next session of the same shape. Closing twice is harmless."""
+        if self.cache is not None:
+            self.cache.in_use = False
+            if self.record is not None:
+                self.record.in_use = False
+            self.cache = self.record = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

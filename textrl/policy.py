@@ -159,6 +159,39 @@ def action_logprobs(
     return _ActionLogProbs.apply(logits, actions, entropy, index)
 
 
+class PolicySession:
+    """A rollout in progress on an :class:`ActorCritic`: the policy core's decode session (and the separate
+    value trunk's), with the latest ``logits`` (B, V) and ``values`` (B,). A context manager; ``close`` ends
+    the rollout."""
+
+    def __init__(self, policy: ActorCritic, main, value=None):
+        self.policy, self.main, self.value = policy, main, value
+        self.logits, self.values = main.logits, self._values(main.hidden, value and value.hidden)
+
+    def _values(self, hidden: torch.Tensor, value_hidden: torch.Tensor | None) -> torch.Tensor:
+        return self.policy.value_head(hidden if value_hidden is None else value_hidden).squeeze(-1)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the sampled tokens (B,); returns the next logits (B, V) and values (B,)."""
+        logits, hidden = self.main.step(tokens)
+        value_hidden = self.value.step(tokens)[1] if self.value is not None else None
+        self.logits, self.values = logits, self._values(hidden, value_hidden)
+        return self.logits, self.values
+
+    def close(self) -> None:
+        """Free the KV caches (they go back to the cores for the next rollout)."""
+        self.main.close()
+        if self.value is not None:
+            self.value.close()
+
+    def __enter__(self) -> PolicySession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class ActorCritic(nn.Module):
     """LM policy + value head (+ frozen reference), over one :mod:`textrl.core` core each.
 
@@ -216,8 +249,9 @@ class ActorCritic(nn.Module):
     # --- rollout ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False):
-        """Prefill prompts (B, P); returns logits (B, V) and values (B,) for the first action.
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_len: int, record: bool = False) -> PolicySession:
+        """Prefill prompts (B, P) with room for ``max_len`` positions: a :class:`PolicySession` holding the
+        first action's ``logits`` (B, V) and ``values`` (B,); its ``step`` feeds the sampled tokens.
 
         ``record``: keep this rollout's activations for the update that follows (if :attr:`replay`).
         """
@@ -226,26 +260,9 @@ class ActorCritic(nn.Module):
         for core in (self.core, getattr(self, "value_core", None)):
             if hasattr(core, "record_limit"):
                 core.record_limit = limit
-        logits, hidden = self.core.prefill(ids, mask, max_len, record=record)
-        if self.value_model is not None:
-            _, vhidden = self.value_core.prefill(ids, mask, max_len, record=record)
-            return logits, self.value_head(vhidden).squeeze(-1)
-        return logits, self.value_head(hidden).squeeze(-1)
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor):
-        """Feed the sampled tokens (B,); returns the next logits (B, V) and values (B,)."""
-        logits, hidden = self.core.decode(tokens)
-        if self.value_model is not None:
-            _, vhidden = self.value_core.decode(tokens)
-            return logits, self.value_head(vhidden).squeeze(-1)
-        return logits, self.value_head(hidden).squeeze(-1)
-
-    def release(self) -> None:
-        """Free the KV caches after a rollout."""
-        self.core.release()
-        if self.value_model is not None:
-            self.value_core.release()
+        main = self.core.start(ids, mask, max_len, record=record)
+        value = self.value_core.start(ids, mask, max_len, record=record) if self.value_model is not None else None
+        return PolicySession(self, main, value)
 
     # --- training --------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ repeated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -81,6 +82,31 @@ def left_pad(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
+def decode(
+    policy: ActorCritic,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    choose: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None],
+    record: bool = False,
+) -> None:
+    """The decode loop of every generation in textrl: training rollouts, evaluation and ``agent.generate``.
+
+    Prefills the left-padded prompts ``ids``/``mask`` (B, P), then for t = 0, 1, ... calls
+    ``choose(t, logits (B, V), values (B,))``, which returns the tokens (B,) taken at step t, or None once
+    every row has ended; the tokens are fed back through the KV cache unless that was the last step
+    (``max_new_tokens``). ``record``: a training rollout (the policy keeps its activations for the update).
+    The decode session is closed however the loop ends (an error in ``choose`` included).
+    """
+    with policy.start(ids, mask, ids.shape[1] + max_new_tokens, record=record) as session:
+        logits, values = session.logits, session.values
+        for t in range(max_new_tokens):
+            tokens = choose(t, logits, values)
+            if tokens is None or t + 1 == max_new_tokens:
+                return
+            logits, values = session.step(tokens)
+
+
 def collect_rollout(
     policy: ActorCritic,
     env,
@@ -118,9 +144,10 @@ def collect_rollout(
     # the suppressed ids as one index tensor for the whole rollout, not a new one at every step
     suppressed = torch.as_tensor(sampling.suppress_tokens, dtype=torch.long, device=device)
     shaping = {**vars(sampling), "suppress_tokens": suppressed}
-    logits, value = policy.start(ids, mask, P + T, record=record)
     steps = 0
-    for t in range(T):
+
+    def choose(t: int, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
+        nonlocal steps
         probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
         action = probs.argmax(-1) if greedy else sample(probs, generator)  # (B,)
         actions[:, t] = action
@@ -140,12 +167,11 @@ def collect_rollout(
         for i in np.flatnonzero(ended):
             completions[i] = info["completion"][i]
             terminated_rows[i] = term[i]
-        alive &= ~ended
+        alive[ended] = False
         steps = t + 1
-        if not alive.any():
-            break
-        logits, value = policy.step(action)
-    policy.release()
+        return action if alive.any() else None
+
+    decode(policy, ids, mask, T, choose, record=record)
 
     valid_t = torch.from_numpy(valid[:, :steps]).to(device)  # (B, T)
     actions = actions[:, :steps].masked_fill(~valid_t, engine.pad_id)
