@@ -1,7 +1,7 @@
 """PPO on a Transformer policy (Schulman et al. 2017; the RLHF recipe of Ziegler et al. 2019).
 
 Reads top to bottom like CleanRL's ``ppo.py``; rollout collection, the per-token KL penalty to the
-reference and the loop live in :class:`textrl.agent.BaseAgent`.
+reference and the loop live in :class:`agents.base.BaseAgent`.
 
 1. advantages: GAE(gamma, lambda) over the KL-penalised per-token rewards, with the rollout's values;
 2. ``n_epochs`` passes over shuffled minibatches of whole episodes:
@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from agents.base import AgentConfig, BaseAgent
 from textrl.advantages import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -31,13 +32,12 @@ from textrl.advantages import (
     masked_mean,
     masked_whiten,
 )
-from textrl.agent import AgentConfig, BaseAgent
 from textrl.rollout import Rollout
 
 
 @dataclass
 class PPOConfig(AgentConfig):
-    """PPO settings (plus the shared :class:`textrl.agent.AgentConfig`)."""
+    """PPO settings (plus the shared :class:`agents.base.AgentConfig`)."""
 
     n_epochs: int = 4
     """Passes over each rollout."""

@@ -1,7 +1,7 @@
 """REINFORCE with baselines: ``loss = -log pi(a_t | s_t) * (G_t - b) - ent_coef * H``, token-averaged.
 
 Reads top to bottom like a CleanRL script; rollout collection, the KL penalty and the loop live in
-:class:`textrl.agent.BaseAgent`.
+:class:`agents.base.BaseAgent`.
 
 Baselines (``baseline=``):
 - ``"none"``: ``b = 0``.
@@ -25,14 +25,14 @@ from typing import ClassVar, Literal
 
 import torch
 
+from agents.base import AgentConfig, BaseAgent
 from textrl.advantages import discounted_returns, group_baseline, masked_mean
-from textrl.agent import AgentConfig, BaseAgent
 from textrl.rollout import Rollout
 
 
 @dataclass
 class REINFORCEConfig(AgentConfig):
-    """REINFORCE settings (plus the shared :class:`textrl.agent.AgentConfig`)."""
+    """REINFORCE settings (plus the shared :class:`agents.base.AgentConfig`)."""
 
     baseline: Literal["none", "moving_average", "rloo", "grpo"] = "rloo"
     """Variance-reduction baseline (rloo and grpo need group_size >= 2)."""

@@ -208,7 +208,7 @@ def test_predict_single_and_batched(env):
 
 
 def test_cli_train_writes_logs_and_resumes(gpt2_dir, tmp_path, capsys):
-    from textrl.cli import main
+    from agents.cli import main
 
     factory = tmp_path / "my_env.py"
     factory.write_text(

@@ -16,10 +16,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import agents.cli
 import textrl
-import textrl.cli
+from agents.cli import _join_negative_values, main
 from textrl import generate, load_lm
-from textrl.cli import _join_negative_values, main
 from textrl.device import resolve_device
 from textrl.lm import cut_at_stop
 
@@ -320,7 +320,7 @@ def test_an_unexpected_error_is_one_line_naming_its_type(monkeypatch, capsys):
     def lost(args):
         raise KeyError("lost")
 
-    monkeypatch.setattr(textrl.cli, "_generate", lost)
+    monkeypatch.setattr(agents.cli, "_generate", lost)
     monkeypatch.delenv("TEXTRL_DEBUG", raising=False)
     assert main(["generate"]) == 2
     err = capsys.readouterr().err

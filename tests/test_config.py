@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from textrl.cli import ExportConfig, GenerateConfig
+from agents.cli import ExportConfig, GenerateConfig
 from textrl.config import (
     ConfigFileError,
     add_dataclass_args,

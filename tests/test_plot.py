@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from textrl.cli import main
+from agents.cli import main
 from textrl.logger import RunLogger
 from textrl.plot import (
     PlotConfig,

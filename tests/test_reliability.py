@@ -20,16 +20,16 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import textrl.agent
+import agents.base
 from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
+from agents.base import BaseAgent, NonFiniteError
+from agents.cli import main
+from agents.train import resolve_resume
 from envs import TextGenEnv, TextGenVectorEnv
 from textrl import checkpoint as ckpt
-from textrl.agent import BaseAgent, NonFiniteError
 from textrl.checkpoint import CheckpointError
-from textrl.cli import main
 from textrl.pretrain import train_tokenizer
 from textrl.rewards import RewardError, immediate
-from textrl.train import resolve_resume
 
 PROMPTS = ["The old king", "The young queen", "The brave knight", "The quiet river"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def _rewrite_manifest(folder: Path) -> None:
 # --- crash safety: kill -9 a real training process, resume, compare with an uninterrupted run -----------------
 
 CHILD = r'''
-"""`textrl train` (the textrl.cli entry point) with two test hooks set by environment variables:
+"""`textrl train` (the agents.cli entry point) with two test hooks set by environment variables:
 TEXTRL_TEST_STATS: append every iteration's stats as a JSON line to this file;
 TEXTRL_TEST_KILL_IN_CHECKPOINT=k: SIGKILL this process inside the k-th checkpoint write, right after the policy
 weights and the first of textrl's own tensor files were written (the checkpoint has no manifest yet);
@@ -82,7 +82,8 @@ TEXTRL_TEST_SIGINT_AT=k: send this process SIGINT while it logs iteration k (TEX
 TEXTRL_TEST_SIGNAL=SIGTERM: SIGTERM instead)."""
 import json, os, signal, sys
 
-from textrl import agent, checkpoint, cli
+from agents import base as agent, cli
+from textrl import checkpoint
 
 stats_file = os.environ["TEXTRL_TEST_STATS"]
 kill_at = int(os.environ.get("TEXTRL_TEST_KILL_IN_CHECKPOINT", "0"))
@@ -186,7 +187,7 @@ def _complete(run: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> tuple[dict[int, dict], Path]:
-    """The run of KILL_ARGS without interruption, in this process (the same code path: textrl.cli.main):
+    """The run of KILL_ARGS without interruption, in this process (the same code path: agents.cli.main):
     iteration -> stats, and its run folder."""
     stats: dict[int, dict] = {}
     log = BaseAgent._log
@@ -429,7 +430,7 @@ def test_checkpoint_of_a_different_model_is_a_clear_error(two_checkpoints, tmp_p
 
 
 def _inject_env_rewards(agent, monkeypatch, on):
-    collect = textrl.agent.collect_rollout
+    collect = agents.base.collect_rollout
 
     def patched(*args, **kwargs):
         rollout = collect(*args, **kwargs)
@@ -439,7 +440,7 @@ def _inject_env_rewards(agent, monkeypatch, on):
             rollout = rollout._replace(rewards=rewards)
         return rollout
 
-    monkeypatch.setattr(textrl.agent, "collect_rollout", patched)
+    monkeypatch.setattr(agents.base, "collect_rollout", patched)
 
 
 def _inject_kl(agent, monkeypatch, on):

@@ -13,8 +13,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
+from agents.cli import main
 from envs import TextGenEnv
-from textrl.cli import main
 from textrl.rewards import keyword_reward
 
 PROMPTS = ["The old king", "The young queen", "The brave knight", "The quiet river"]

@@ -1,7 +1,8 @@
 """textrl: reinforcement learning for text generation.
 
-The shared core: language-model loading and pre-training, configs, rewards, the policy and logging.
-Environments live in the ``envs`` package, algorithms in ``agents``.
+The shared core: language-model loading and pre-training, the engine, configs, rewards, the policy,
+rollouts and logging. Environments live in the ``envs`` package, algorithms and the command line in
+``agents``; the core imports neither (layers point one way: ``agents`` -> ``envs`` -> ``textrl``).
 """
 
 from textrl.lm import EMBEDDED_MODELS, LMNotFoundError, NotACausalLMError, generate, load_lm

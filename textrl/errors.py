@@ -19,11 +19,13 @@ from pathlib import Path
 @cache
 def _library_roots() -> tuple[str, ...]:
     """Folders whose files are never the user's: textrl's packages, site-packages and the standard library."""
-    import agents
-    import envs
-    import textrl
+    import importlib.util
 
-    roots = {str(Path(m.__file__).resolve().parent) for m in (textrl, envs, agents)}
+    roots = set()
+    for package in ("textrl", "envs", "agents"):  # located without importing envs/agents (layers point down)
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            roots |= {str(Path(folder).resolve()) for folder in spec.submodule_search_locations}
     paths = [sysconfig.get_paths().get(key) for key in ("stdlib", "platstdlib", "purelib", "platlib")]
     paths += [*site.getsitepackages(), site.getusersitepackages()]
     roots |= {str(Path(path).resolve()) for path in paths if path}

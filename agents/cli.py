@@ -5,6 +5,11 @@ once, next to its field. ``--config FILE`` (YAML or TOML) gives the same setting
 become flags placed before the command line's own, so a flag given there wins and every value goes through
 the same parsing and checks. An error is one line on stderr and exit code 2 (``--debug`` or
 ``TEXTRL_DEBUG=1`` show the traceback); an error raised in the user's own code names its file and line.
+
+Where it lives: the command line is the one module that wires every layer together (env ids from ``envs``,
+agents from ``agents``, models, configs and checkpoints from ``textrl``). The layers point one way,
+``agents`` -> ``envs`` -> ``textrl``, so it sits in the top layer and nothing below imports it (the
+import contract in pyproject.toml, checked by tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -96,8 +101,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import shlex
 
+    from agents.train import TrainConfig, train
     from textrl.interrupt import TrainingInterrupted
-    from textrl.train import TrainConfig, train
 
     given = vars(args)  # flags absent from the command line are absent here (their default is SUPPRESS)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -191,9 +196,9 @@ def _command_configs(command: str, agent: str | None) -> list[tuple[type, tuple[
     The fields set apart are positional arguments, or the switch ``--force``; config files cannot set them.
     """
     from agents import AGENTS
+    from agents.train import TrainConfig
     from textrl.plot import PlotConfig
     from textrl.pretrain import PretrainConfig
-    from textrl.train import TrainConfig
 
     configs: dict[str, list[tuple[type, tuple[str, ...]]]] = {
         "train": [(TrainConfig, ()), (AGENTS.get(agent or "ppo", AGENTS["ppo"]).config_class, ())],
@@ -388,7 +393,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from textrl.corpus import CorpusError
 
     # errors whose message is written for users: OSError covers LMNotFoundError, ValueError NotACausalLMError,
-    # ConfigFileError and RewardError; FloatingPointError is textrl.agent.NonFiniteError (NaN/inf in training)
+    # ConfigFileError and RewardError; FloatingPointError is agents.base.NonFiniteError (NaN/inf in training)
     return (ValueError, TypeError, OSError, CorpusError, CheckpointError, FloatingPointError)
 
 
