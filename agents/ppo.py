@@ -23,7 +23,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from agents.base import AgentConfig, BaseAgent
+from agents.base import BaseAgent
+from agents.config import AgentConfig
 from textrl.advantages import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -37,7 +38,7 @@ from textrl.rollout import Rollout
 
 @dataclass
 class PPOConfig(AgentConfig):
-    """PPO settings (plus the shared :class:`agents.base.AgentConfig`)."""
+    """PPO settings (plus the shared :class:`agents.config.AgentConfig`)."""
 
     n_epochs: int = 4
     """Passes over each rollout."""

@@ -25,14 +25,15 @@ from typing import ClassVar, Literal
 
 import torch
 
-from agents.base import AgentConfig, BaseAgent
+from agents.base import BaseAgent
+from agents.config import AgentConfig
 from textrl.advantages import discounted_returns, group_baseline, masked_mean
 from textrl.rollout import Rollout
 
 
 @dataclass
 class REINFORCEConfig(AgentConfig):
-    """REINFORCE settings (plus the shared :class:`agents.base.AgentConfig`)."""
+    """REINFORCE settings (plus the shared :class:`agents.config.AgentConfig`)."""
 
     baseline: Literal["none", "moving_average", "rloo", "grpo"] = "rloo"
     """Variance-reduction baseline (rloo and grpo need group_size >= 2)."""

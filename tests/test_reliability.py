@@ -22,8 +22,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import agents.base
 from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
-from agents.base import BaseAgent, NonFiniteError
+from agents.base import BaseAgent
 from agents.cli import main
+from agents.guards import NonFiniteError
 from agents.train import resolve_resume
 from envs import TextGenEnv, TextGenVectorEnv
 from textrl import checkpoint as ckpt

@@ -52,7 +52,7 @@ def test_rollout_logprobs_values_and_rewards_are_consistent(request, lm, samplin
 def test_one_decode_loop_serves_rollouts_and_generate(monkeypatch, llama_dir):
     """``agent.generate`` and training rollouts both run :func:`textrl.rollout.decode`, and the loop closes
     its session even when the step function raises."""
-    import agents.base
+    import agents.inference
     import textrl.rollout
 
     calls = []
@@ -63,7 +63,7 @@ def test_one_decode_loop_serves_rollouts_and_generate(monkeypatch, llama_dir):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(textrl.rollout, "decode", counting)
-    monkeypatch.setattr(agents.base, "decode", counting)
+    monkeypatch.setattr(agents.inference, "decode", counting)
     env = TextGenEnv(lm=str(llama_dir), prompts=["The king"], reward=keyword_reward(include=["the"]), max_new_tokens=5)
     agent = PPO(env, config=PPOConfig(batch_size=4, minibatch_size=4), seed=0)
     agent.generate(["the cat"], max_new_tokens=3)

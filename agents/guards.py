@@ -1,0 +1,64 @@
+"""Guarded training: what an agent does when NaN/inf turns up in the numbers of an update.
+
+NaN/inf in the KL penalty, the rewards, values, advantages/returns, a loss or the gradients stops the run with a
+:class:`NonFiniteError` naming what was non-finite and where, before that update is applied and before anything
+is saved (``nonfinite="raise"``), or discards the batch and counts it in ``charts/skipped_batches``
+(``nonfinite="skip"``). Separate from the loop in :mod:`agents.base` (which only catches :class:`SkipBatch`)
+because subclasses' ``train`` call these checks at every step of an update.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import torch
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN/inf in rewards, values, advantages, a loss or gradients; the message says which and where."""
+
+
+class SkipBatch(Exception):
+    """Raised inside an iteration to discard its batch (``nonfinite="skip"``); caught by ``learn``."""
+
+
+class GuardMixin:
+    """Non-finite checks, guarded optimizer step; expects ``config``, ``optimizer``, ``policy``, ``iteration``."""
+
+    def nonfinite(self, message: str) -> NoReturn:
+        """Stop (``nonfinite="raise"``: :class:`NonFiniteError`) or discard this batch (``"skip"``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.nonfinite == "skip":
+            raise SkipBatch(message)
+        raise NonFiniteError(
+            f"{message}; stopped before applying it (no checkpoint was written for this iteration; "
+            "nonfinite='skip' discards such batches instead)"
+        )
+
+    def check_finite(self, what: str, x: torch.Tensor) -> None:
+        """Call :meth:`nonfinite` when ``x`` holds NaN or inf, naming ``what`` and how many values."""
+        bad = ~torch.isfinite(x.detach())
+        if bad.any():
+            self.nonfinite(
+                f"non-finite {what} at iteration {self.iteration + 1} ({int(bad.sum())} of {x.numel()} values)"
+            )
+
+    def clip_and_step(self) -> float:
+        """Clip gradients, take an optimizer step; return the pre-clip gradient norm.
+
+        A non-finite gradient is not applied: :meth:`nonfinite` names the first parameter that has one.
+        """
+        params = self.policy.trainable_parameters()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not torch.isfinite(norm):  # checked before clipping, which would spread the NaN to every tensor
+            names = [
+                name
+                for name, p in self.policy.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            where = f" (first in {names[0]}; {len(names)} tensors affected)" if names else ""
+            self.nonfinite(f"non-finite gradient norm ({norm.item()}) at iteration {self.iteration + 1}{where}")
+        torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm or float("inf"), norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
