@@ -393,7 +393,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from textrl.corpus import CorpusError
 
     # errors whose message is written for users: OSError covers LMNotFoundError, ValueError NotACausalLMError,
-    # ConfigFileError and RewardError; FloatingPointError is agents.base.NonFiniteError (NaN/inf in training)
+    # ConfigFileError and RewardError; FloatingPointError is agents.guards.NonFiniteError (NaN/inf in training)
     return (ValueError, TypeError, OSError, CorpusError, CheckpointError, FloatingPointError)
 
 

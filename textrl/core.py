@@ -16,111 +16,18 @@ Rows are **left-padded** inside the cores (the env's observations are right-padd
 so in a synchronous rollout every row writes its next key/value into the same cache column and the decode
 mask is one shared slice. :func:`make_core` picks :class:`textrl.engine.Engine` (our own forward, one block
 for every architecture it describes, with a static cache, rollout replay and shared prompts) and falls back
-to :class:`HFCore` (any HF causal LM through its own forward with a ``DynamicCache``). This module holds what
-they share: the static :class:`KVCache`, the replayed linear layer (:class:`_Replayed`), the fast GELU.
+to :class:`HFCore` (any HF causal LM through its own forward with a ``DynamicCache``). The engine's parts
+live beside it: :mod:`textrl.ops` (blocks' functions), :mod:`textrl.replay` (rollout replay),
+:mod:`textrl.session` (the static KV cache and the decode session).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-
-_GELU_K = 2 * math.sqrt(2 / math.pi)
-
-
-class _TanhGELU(torch.autograd.Function):
-    """GPT-2's tanh GELU written as ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))``.
-
-    The same function (``0.5 (1 + tanh z) = sigmoid(2 z)``; it differs from ``F.gelu(approximate="tanh")``
-    by float rounding, at most ~5e-7), but torch's CPU ``tanh`` kernel is ~3.5x slower than its ``sigmoid``:
-    the forward takes 108 instead of 235 us on a (64, 1024) decode activation. The backward is torch's own
-    tanh-GELU derivative.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _tanh_gelu(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
-
-
-def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
-    y = x * x  # the only new tensor: every later step is in place
-    return torch.addcmul(x, y, x, value=0.044715, out=y).mul_(_GELU_K).sigmoid_().mul_(x)
-
-
-def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    """GELU (``approximate``: ``"tanh"`` or ``"none"``); the tanh one through :class:`_TanhGELU`."""
-    if approximate != "tanh":
-        return F.gelu(x, approximate=approximate)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _TanhGELU.apply(x)
-    return _tanh_gelu(x)
-
-
-class _Replayed(torch.autograd.Function):
-    """A linear layer whose output was recorded during the rollout: the forward returns the record.
-
-    ``y = x @ weight + bias`` (HF ``Conv1D`` layout, weight (in, out)) or, with ``transposed``,
-    ``y = x @ weight.T`` (an ``nn.Linear`` / tied LM head, weight (out, in)). The backward is the one
-    autograd runs for ``addmm`` / ``linear``: ``dx = g W^T``, ``dW = x^T g`` (or ``g^T x``), ``db = sum g``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, recorded, transposed: bool):
-        ctx.save_for_backward(x, weight)
-        ctx.transposed, ctx.has_bias = transposed, bias is not None
-        return recorded.view_as(recorded)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = (g @ (weight if ctx.transposed else weight.t())).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            if not ctx.transposed:
-                dw = x2.t() @ g
-            elif weight.stride(0) == 1 and weight.dim() == 2:  # input-major storage: the gradient in its layout
-                dw = (x2.t() @ g).t()
-            else:
-                dw = g.t() @ x2
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g.sum(0)
-        return dx, dw, db, None, None
-
-
-class KVCache:
-    """A static KV cache (L, B, H, max_len, D) with the per-step views a decode step needs, made once.
-
-    Python-level indexing costs a few microseconds per view, and a decode step at this model size is
-    ~100 small ops: the per-position column views (written by step t) and prefix views (read by step t)
-    are built once per shape and the cache is reused by the next rollout of the same shape.
-    """
-
-    def __init__(self, L: int, B: int, H: int, max_len: int, D: int, like: torch.Tensor):
-        self.key = (L, B, H, max_len, D, like.dtype, like.device)
-        self.in_use = False  # an open decode session holds it
-        self.k = torch.zeros(L, B, H, max_len, D, dtype=like.dtype, device=like.device)
-        self.v = torch.zeros_like(self.k)
-        self.keymask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=like.device)
-        layers = range(L)
-        self.k_col = [[self.k[i, :, :, t] for t in range(max_len)] for i in layers]  # (B, H, D)
-        self.v_col = [[self.v[i, :, :, t] for t in range(max_len)] for i in layers]
-        self.k_upto = [[self.k[i, :, :, : t + 1] for t in range(max_len)] for i in layers]  # (B, H, t+1, D)
-        self.v_upto = [[self.v[i, :, :, : t + 1] for t in range(max_len)] for i in layers]
-        self.mask_col = [self.keymask[:, 0, 0, t] for t in range(max_len)]  # (B,)
-        self.mask_upto = [self.keymask[..., : t + 1] for t in range(max_len)]  # (B, 1, 1, t+1)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ rows are left-padded.
 Rollout replay: a rollout started with ``start(..., record=True)`` keeps every linear layer's output and
 the logits, written by the very matmuls that sample the tokens. The update's first forward on those
 sequences (REINFORCE's only one, PPO's first minibatch), under unchanged weights and without autocast, takes
-them from the record (:class:`textrl.core._Replayed`) and recomputes only norms, rotary, attention and
+them from the record (:class:`textrl.replay._Replayed`) and recomputes only norms, rotary, attention and
 activations with autograd; the backward is the usual one. A mixture's routed experts are recomputed.
 
 Shared prompts: when at most half the rows are distinct over a prompt (the ``group_size`` samples that
@@ -39,102 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from textrl.arch import Layer, Moe, Spec, Unsupported, describe
-from textrl.core import KVCache, _Replayed, gelu, positions_from_mask
-
-
-def _norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    if isinstance(module, nn.LayerNorm):
-        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
-    return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
-
-
-def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``module(x)`` for an ``nn.Linear`` (weight (out, in)) or a GPT-2 ``Conv1D`` (weight (in, out)).
-
-    Always as one 2-D matmul over the flattened rows: on CPU a (B, 1, E) input through ``F.linear`` costs
-    about a quarter more than the same rows as (B, E), which is every decode step.
-    """
-    flat = x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Linear):
-        y = F.linear(flat, module.weight, module.bias)
-    else:
-        y = torch.addmm(module.bias, flat, module.weight)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def input_major(spec: Spec) -> int:
-    """Store every block ``nn.Linear`` weight input-major (its (in, out) transpose contiguous, the logical
-    (out, in) tensor a strided view of it), in place; returns how many were changed.
-
-    Values, shapes and the ``Parameter`` objects are unchanged; only the memory order is. On CPU a matmul of a
-    few rows (a decode step: B rows) against an (out, in)-contiguous weight runs well below the speed of the
-    same product against (in, out)-contiguous memory (GPT-2's ``Conv1D`` layout); with many rows (prefill, the
-    update) the two are alike. Gradients arrive in the same layout (autograd's ``mm`` backward and
-    :class:`textrl.core._Replayed` follow the weight's strides), so nothing is transposed per step. Done on
-    CPU only: GPU matmul libraries take either order at full speed.
-    """
-    changed = 0
-    for layer in spec.layers:
-        for module in layer.linears():
-            w = module.weight
-            if isinstance(module, nn.Linear) and w.device.type == "cpu" and w.stride() == (w.shape[1], 1):
-                with torch.no_grad():
-                    w.data = w.data.t().contiguous().t()
-                changed += 1
-    return changed
-
-
-def _width(module: nn.Module) -> int:
-    """Output features of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
-    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
-
-
-def _linear_into(x: torch.Tensor, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for rows x (B, in), written into ``out`` (B, width), a column of a record."""
-    if isinstance(module, nn.Linear):
-        if module.bias is None:
-            return torch.mm(x, module.weight.t(), out=out)
-        return torch.addmm(module.bias, x, module.weight.t(), out=out)
-    return torch.addmm(module.bias, x, module.weight, out=out)
-
-
-def _replayed(x: torch.Tensor, module: nn.Module, recorded: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` whose value is ``recorded`` (a rollout's record): the forward skips the matmul, the
-    backward is the linear layer's own (:class:`textrl.core._Replayed`)."""
-    return _Replayed.apply(x, module.weight, module.bias, recorded, isinstance(module, nn.Linear))
-
-
-class Record:
-    """A recorded rollout: the fed tokens and every linear layer's output (and the logits), per position.
-
-    Buffers are (B, max_len - 1, width), one per linear module of the model (keyed by the module): a decode
-    step writes its matmul output straight into column t, and the update's sequences (all but the last
-    token) are then whole buffers. ``logits`` is (B, max_len - P, V), from position P - 1 on. Reused by the
-    next rollout of the same shape.
-    """
-
-    def __init__(self, spec: Spec, B: int, P: int, max_len: int, like: torch.Tensor):
-        self.key = (B, P, max_len, like.dtype, like.device)
-        self.ids = torch.empty(B, max_len, dtype=torch.long, device=like.device)
-        self.capacity = max_len - 1  # positions recorded; the last one never feeds an update
-        self.in_use = False  # an open Session writes into it
-        modules = [m for layer in spec.layers for m in layer.linears()]
-        self.out = {m: like.new_empty(B, self.capacity, _width(m)) for m in modules}
-        self.logits = like.new_empty(B, max_len - P, spec.head.weight.shape[0])
-        self.P = P
-        self.reset(None)
-
-    def reset(self, version) -> None:
-        self.len, self.version = 0, version
-        self.prompt_mask: torch.Tensor | None = None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as HF applies it (``x * cos + rotate_half(x) * sin``); x (B, h, S, D), cos/sin (B, 1, S, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+from textrl.arch import Layer, Spec, Unsupported, describe
+from textrl.core import positions_from_mask
+from textrl.ops import gelu, input_major, linear, moe, norm, rotate
+from textrl.replay import Record, _Replayed, linear_into, replayed, width
+from textrl.session import KVCache, Session
 
 
 class Engine(nn.Module):
@@ -216,7 +125,7 @@ class Engine(nn.Module):
 
     # --- the block, once -------------------------------------------------------------------------------
 
-    def _qkv(self, layer: Layer, h: torch.Tensor, angles, lin=_linear):
+    def _qkv(self, layer: Layer, h: torch.Tensor, angles, lin=linear):
         """Queries (B, H, S, D), keys and values (B, G, S, D) of normed inputs h (B, S, E)."""
         s = self.spec
         B, S, _ = h.shape
@@ -228,13 +137,13 @@ class Engine(nn.Module):
             k = lin(h, layer.k).view(B, S, G, D)
             v = lin(h, layer.v).view(B, S, G, D)
         if layer.q_norm is not None:
-            q, k = _norm(q, layer.q_norm), _norm(k, layer.k_norm)
+            q, k = norm(q, layer.q_norm), norm(k, layer.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if angles is not None:
-            q, k = _rotate(q, *angles), _rotate(k, *angles)
+            q, k = rotate(q, *angles), rotate(k, *angles)
         return q, k, v
 
-    def _block(self, layer: Layer, x: torch.Tensor, angles, attend, lin=_linear) -> torch.Tensor | None:
+    def _block(self, layer: Layer, x: torch.Tensor, angles, attend, lin=linear) -> torch.Tensor | None:
         """One Transformer block.
 
         The modes differ in two functions: ``attend(q, k, v) -> (B, H, S, D)`` (the attention; None when only
@@ -242,42 +151,19 @@ class Engine(nn.Module):
         computed, computed into a rollout record, or replayed from one).
         """
         B, S, _ = x.shape
-        q, k, v = self._qkv(layer, _norm(x, layer.norm1), angles, lin)
+        q, k, v = self._qkv(layer, norm(x, layer.norm1), angles, lin)
         att = attend(q, k, v)
         if att is None:
             return None
         x = x + lin(att.transpose(1, 2).reshape(B, S, -1), layer.out)
-        h = _norm(x, layer.norm2)
+        h = norm(x, layer.norm2)
         if layer.moe is not None:
-            return x + self._moe(layer.moe, h, lin)
+            return x + moe(layer.moe, h, lin)
         if layer.gate is not None:
             h = F.silu(lin(h, layer.gate)) * lin(h, layer.up)
         else:
             h = gelu(lin(h, layer.up), self.spec.act)
         return x + lin(h, layer.down)
-
-    @staticmethod
-    def _moe(moe: Moe, h: torch.Tensor, lin) -> torch.Tensor:
-        """A sparse mixture of experts on h (B, S, E), as the HF block computes it: router softmax, top-k,
-        each chosen expert on its tokens weighted by its probability, plus the gated shared expert."""
-        flat = h.reshape(-1, h.shape[-1])  # (N, E)
-        probs = F.softmax(F.linear(flat, moe.router.weight), dim=-1, dtype=torch.float)  # (N, n_experts)
-        top, chosen = torch.topk(probs, moe.top_k, dim=-1)  # (N, k)
-        if moe.normalize:
-            top = top / top.sum(dim=-1, keepdim=True)
-        top = top.to(flat.dtype)
-        out = torch.zeros_like(flat)
-        experts = moe.experts
-        for e in torch.unique(chosen).tolist():
-            rows, slot = torch.where(chosen == e)
-            gate, up = F.linear(flat[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * top[rows, slot, None]
-            out = out.index_add(0, rows, y)
-        if moe.shared_proj is not None:
-            gate, up, down = moe.shared_proj
-            shared = lin(F.silu(lin(h, gate)) * lin(h, up), down)
-            out = out + (torch.sigmoid(lin(h, moe.shared_gate)) * shared).reshape(out.shape)
-        return out.view(h.shape)
 
     def _sdpa(self, q, k, v, mask):
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
@@ -354,7 +240,7 @@ class Engine(nn.Module):
         S = ids.shape[1]
         shared = self._shared_prefix(ids, mask, start)
         if shared is None:
-            lin = _linear if rec is None else self._replaying(rec, rows, 0, S)
+            lin = linear if rec is None else self._replaying(rec, rows, 0, S)
             x, angles = self._embed(ids, positions)
             for layer in self.spec.layers:
                 attend = lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m)  # noqa: E731
@@ -362,7 +248,7 @@ class Engine(nn.Module):
             return self._head(x[:, start:], rec, rows, start)
         first, inverse = shared
         n, last = start, self.spec.layers[-1]
-        lin_x, lin_y = _linear, _linear
+        lin_x, lin_y = linear, linear
         if rec is not None:  # the record's row of each distinct prompt, and every row's own positions
             lin_x = self._replaying(rec, first if rows is None else rows[first], 0, n)
             lin_y = self._replaying(rec, rows, n, S)
@@ -386,13 +272,13 @@ class Engine(nn.Module):
     def _replaying(rec: Record, rows: torch.Tensor | None, begin: int, end: int):
         """``lin`` taking positions ``begin:end`` of ``rows`` (all rows when None) from the record."""
         if rows is None:
-            return lambda x, module: _replayed(x, module, rec.out[module][:, begin:end])
-        return lambda x, module: _replayed(x, module, rec.out[module][rows, begin:end])
+            return lambda x, module: replayed(x, module, rec.out[module][:, begin:end])
+        return lambda x, module: replayed(x, module, rec.out[module][rows, begin:end])
 
     def _head(self, x: torch.Tensor, rec: Record | None = None, rows: torch.Tensor | None = None, start: int = 0):
         """Logits (B, S', V) and final hidden states of x (B, S', E) at positions ``start:``; replayed when
         the record holds the logits there (from position P - 1 on)."""
-        hidden = _norm(x, self.spec.norm)
+        hidden = norm(x, self.spec.norm)
         j = start - rec.P + 1 if rec is not None else -1  # column of the logits record for position start
         if j < 0:
             return F.linear(hidden, self.spec.head.weight), hidden
@@ -413,7 +299,7 @@ class Engine(nn.Module):
                 return self._sdpa(q, k, v, m)
 
             x = self._block(layer, x, angles, attend)
-        return _norm(x, self.spec.norm), kv
+        return norm(x, self.spec.norm), kv
 
     def step_rows(self, token: torch.Tensor, pos: torch.Tensor, attend_cached) -> torch.Tensor:
         """One new token per row (n,) at its own position ``pos`` (n,), through the blocks: the final hidden
@@ -422,13 +308,13 @@ class Engine(nn.Module):
         x, angles = self._embed(token[:, None], pos[:, None])  # (n, 1, E)
         for i, layer in enumerate(self.spec.layers):
             x = self._block(layer, x, angles, lambda q, k, v, i=i, layer=layer: attend_cached(i, layer, q, k, v))
-        return _norm(x[:, 0], self.spec.norm)
+        return norm(x[:, 0], self.spec.norm)
 
     def record_bytes(self, B: int, P: int, max_len: int) -> int:
         """Memory a record of B rows, P-token prompts and ``max_len`` positions takes: every linear layer's
         output at every position but the last, and the logits from position P - 1 on."""
         s = self.spec
-        widths = sum(_width(m) for layer in s.layers for m in layer.linears())
+        widths = sum(width(m) for layer in s.layers for m in layer.linears())
         per_row = (max_len - 1) * widths + (max_len - P) * s.head.weight.shape[0]
         return B * per_row * s.embed.weight.element_size()
 
@@ -477,7 +363,7 @@ class Engine(nn.Module):
             return t if shared is None else t.index_select(0, shared[1])
 
         def lin(x, module):
-            y = _linear(x, module)
+            y = linear(x, module)
             if rec is not None:
                 rec.out[module][:, :P] = spread(y)
             return y
@@ -508,9 +394,9 @@ class Engine(nn.Module):
         session.pos += 1
         cache.mask_col[t].fill_(True)
         x, angles = self._embed(tokens[:, None], session.pos[:, None])  # (B, 1, E)
-        lin = _linear
+        lin = linear
         if rec is not None:  # each matmul writes straight into the record's column t
-            lin = lambda x, module: _linear_into(x.reshape(B, -1), module, rec.out[module][:, t]).unsqueeze(1)  # noqa: E731
+            lin = lambda x, module: linear_into(x.reshape(B, -1), module, rec.out[module][:, t]).unsqueeze(1)  # noqa: E731
         for i, layer in enumerate(self.spec.layers):
             first = 0 if layer.window is None else max(0, t + 1 - layer.window)
 
@@ -522,7 +408,7 @@ class Engine(nn.Module):
 
             x = self._block(layer, x, angles, attend, lin)
         session.length = t + 1
-        hidden = _norm(x[:, 0], self.spec.norm)  # (B, E)
+        hidden = norm(x[:, 0], self.spec.norm)  # (B, E)
         # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
         logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
         if rec is None:
@@ -530,45 +416,3 @@ class Engine(nn.Module):
         rec.ids[:, t] = tokens
         rec.len = t + 1
         return rec.logits[:, t - rec.P + 1].copy_(logits_t.t()), hidden
-
-
-class Session:
-    """One rollout in progress on an :class:`Engine` (made by :meth:`Engine.start`): its KV cache, each
-    row's position, the length so far and the record it writes (replay); ``logits`` and ``hidden`` are the
-    latest step's outputs. The decode state lives here, not in the engine, so sessions are independent:
-    the engine lends its cache and record buffers to one open session at a time and allocates fresh ones
-    for another.
-    """
-
-    def __init__(self, engine: Engine, cache: KVCache, record: Record | None, pos: torch.Tensor, length: int):
-        self.engine, self.cache, self.record = engine, cache, record
-        self.pos = pos  # (B,) position of each row's latest token
-        self.length = length  # cache columns filled
-        self.logits: torch.Tensor | None = None
-        self.hidden: torch.Tensor | None = None
-        cache.in_use = True
-        if record is not None:
-            record.in_use = True
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per row (B,): the next ``(logits (B, V), hidden (B, E))``."""
-        if self.cache is None:
-            raise RuntimeError("this decode session is closed; start a new one")
-        self.logits, self.hidden = self.engine._step(self, tokens)
-        return self.logits, self.hidden
-
-    def close(self) -> None:
-        """End the rollout: the cache (and the record, valid until the weights change) go back to the engine
-        for the next session of the same shape. Closing twice is harmless."""
-        if self.cache is not None:
-            self.cache.in_use = False
-            if self.record is not None:
-                self.record.in_use = False
-            self.cache = self.record = None
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -1,0 +1,120 @@
+"""The engine's building blocks as plain functions on HF modules' own parameters: norms, linear layers,
+rotary embedding, the fast GELU, a sparse mixture of experts, and the CPU weight layout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textrl.arch import Moe, Spec
+
+_GELU_K = 2 * math.sqrt(2 / math.pi)
+
+
+class _TanhGELU(torch.autograd.Function):
+    """GPT-2's tanh GELU written as ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))``.
+
+    The same function (``0.5 (1 + tanh z) = sigmoid(2 z)``; it differs from ``F.gelu(approximate="tanh")``
+    by float rounding, at most ~5e-7), but torch's CPU ``tanh`` kernel is ~3.5x slower than its ``sigmoid``:
+    the forward takes 108 instead of 235 us on a (64, 1024) decode activation. The backward is torch's own
+    tanh-GELU derivative.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _tanh_gelu(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    y = x * x  # the only new tensor: every later step is in place
+    return torch.addcmul(x, y, x, value=0.044715, out=y).mul_(_GELU_K).sigmoid_().mul_(x)
+
+
+def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU (``approximate``: ``"tanh"`` or ``"none"``); the tanh one through :class:`_TanhGELU`."""
+    if approximate != "tanh":
+        return F.gelu(x, approximate=approximate)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _TanhGELU.apply(x)
+    return _tanh_gelu(x)
+
+
+def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+
+
+def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``module(x)`` for an ``nn.Linear`` (weight (out, in)) or a GPT-2 ``Conv1D`` (weight (in, out)).
+
+    Always as one 2-D matmul over the flattened rows: on CPU a (B, 1, E) input through ``F.linear`` costs
+    about a quarter more than the same rows as (B, E), which is every decode step.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Linear):
+        y = F.linear(flat, module.weight, module.bias)
+    else:
+        y = torch.addmm(module.bias, flat, module.weight)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def input_major(spec: Spec) -> int:
+    """Store every block ``nn.Linear`` weight input-major (its (in, out) transpose contiguous, the logical
+    (out, in) tensor a strided view of it), in place; returns how many were changed.
+
+    Values, shapes and the ``Parameter`` objects are unchanged; only the memory order is. On CPU a matmul of a
+    few rows (a decode step: B rows) against an (out, in)-contiguous weight runs well below the speed of the
+    same product against (in, out)-contiguous memory (GPT-2's ``Conv1D`` layout); with many rows (prefill, the
+    update) the two are alike. Gradients arrive in the same layout (autograd's ``mm`` backward and
+    :class:`textrl.replay._Replayed` follow the weight's strides), so nothing is transposed per step. Done on
+    CPU only: GPU matmul libraries take either order at full speed.
+    """
+    changed = 0
+    for layer in spec.layers:
+        for module in layer.linears():
+            w = module.weight
+            if isinstance(module, nn.Linear) and w.device.type == "cpu" and w.stride() == (w.shape[1], 1):
+                with torch.no_grad():
+                    w.data = w.data.t().contiguous().t()
+                changed += 1
+    return changed
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as HF applies it (``x * cos + rotate_half(x) * sin``); x (B, h, S, D), cos/sin (B, 1, S, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def moe(moe: Moe, h: torch.Tensor, lin) -> torch.Tensor:
+    """A sparse mixture of experts on h (B, S, E), as the HF block computes it: router softmax, top-k,
+    each chosen expert on its tokens weighted by its probability, plus the gated shared expert."""
+    flat = h.reshape(-1, h.shape[-1])  # (N, E)
+    probs = F.softmax(F.linear(flat, moe.router.weight), dim=-1, dtype=torch.float)  # (N, n_experts)
+    top, chosen = torch.topk(probs, moe.top_k, dim=-1)  # (N, k)
+    if moe.normalize:
+        top = top / top.sum(dim=-1, keepdim=True)
+    top = top.to(flat.dtype)
+    out = torch.zeros_like(flat)
+    experts = moe.experts
+    for e in torch.unique(chosen).tolist():
+        rows, slot = torch.where(chosen == e)
+        gate, up = F.linear(flat[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * top[rows, slot, None]
+        out = out.index_add(0, rows, y)
+    if moe.shared_proj is not None:
+        gate, up, down = moe.shared_proj
+        shared = lin(F.silu(lin(h, gate)) * lin(h, up), down)
+        out = out + (torch.sigmoid(lin(h, moe.shared_gate)) * shared).reshape(out.shape)
+    return out.view(h.shape)
