@@ -22,6 +22,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 
 from agents.config import AgentConfig
 from agents.guards import GuardMixin, SkipBatch
@@ -30,15 +31,17 @@ from agents.persistence import PersistenceMixin, _step_name
 from agents.reporting import ReportingMixin
 from textrl import checkpoint as ckpt
 from textrl.advantages import KLController, kl_penalty
-from textrl.device import resolve_device
 from textrl.interrupt import StopRequest, TrainingInterrupted
 from textrl.logger import RunLogger, new_run_dir, run_name
 from textrl.policy import ActorCritic, action_logprobs, shape_logits
+from textrl.protocol import TextVectorEnv
 from textrl.rollout import Rollout, Sampling, collect_rollout
+from textrl.runtime import Runtime
 
 
-def make_vector_env(env, batch_size: int):
-    """A :class:`envs.TextGenVectorEnv` with ``batch_size`` rows from an env, a vector env or an id."""
+def make_vector_env(env, batch_size: int) -> TextVectorEnv:
+    """The vector env an agent trains on, from an id, a :class:`envs.TextGenEnv` (``batch_size`` copies), or
+    a vector env that implements :class:`textrl.protocol.TextVectorEnv` (taken as it is)."""
     import envs  # noqa: F401  (registers the ids)
     from envs import TextGenEnv, TextGenVectorEnv
 
@@ -48,11 +51,14 @@ def make_vector_env(env, batch_size: int):
         except gym.error.Error as e:
             raise ValueError(f"cannot make a textrl vector env from {env!r}: {e}") from None
     base = env.unwrapped if isinstance(env, gym.Env) else env
-    if isinstance(base, TextGenVectorEnv):
-        return base
     if isinstance(base, TextGenEnv):
         return TextGenVectorEnv(num_envs=batch_size, **base.init_kwargs)
-    raise TypeError(f"env must be a TextGenEnv, a TextGenVectorEnv or a registered id, got {type(env).__name__}")
+    if isinstance(base, TextVectorEnv):
+        return base
+    raise TypeError(
+        f"env must be a registered id, a TextGenEnv, or a vector env with textrl's env protocol "
+        f"(textrl.protocol.TextVectorEnv, e.g. TextGenVectorEnv), got {type(env).__name__}"
+    )
 
 
 def _bump_versions(optimizer: torch.optim.Optimizer, *_) -> None:
@@ -69,12 +75,17 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
     def __init__(
         self,
         env,
-        lm: str | Path | None = None,
+        lm: str | Path | PreTrainedModel | None = None,
         config: AgentConfig | None = None,
         tensorboard_log: str | Path | None = None,
         seed: int | None = None,
         verbose: int = 1,
+        runtime: Runtime | None = None,
     ):
+        """``env``: a textrl env (id, single or vector env); ``lm``: the policy's language model, as a name
+        or folder (default: the env's own LM) or a ready ``PreTrainedModel`` (trained in place; the env's
+        tokenizer goes with it, and its vocabulary must cover the env's actions); ``runtime``: device and
+        process layout (default: one process on ``config.device``, :meth:`textrl.runtime.Runtime.local`)."""
         from textrl.lm import load_lm
 
         self.config = config if config is not None else self.config_class()
@@ -86,9 +97,14 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         if self.env.num_envs != self.config.batch_size:  # a vector env passed in sets the batch size
             self.config = dataclasses.replace(self.config, batch_size=self.env.num_envs)
             self.config.validate()
-        self.lm = str(lm if lm is not None else self.env.init_kwargs.get("lm", "tiny"))
-        self.device = resolve_device(self.config.device)
-        model, self.tokenizer = load_lm(self.lm, device=self.device)
+        self.runtime = runtime if runtime is not None else Runtime.local(self.config.device)
+        self.device = self.runtime.device
+        if isinstance(lm, PreTrainedModel):
+            model, self.tokenizer = lm.to(self.device), self.env.tokenizer
+            self.lm = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        else:
+            self.lm = str(lm if lm is not None else self.env.init_kwargs.get("lm", "tiny"))
+            model, self.tokenizer = load_lm(self.lm, device=self.device, dtype=self.runtime.dtype)
         n_actions = self.env.single_action_space.n
         model_vocab = model.get_output_embeddings().weight.shape[0]
         if model_vocab < n_actions:
@@ -103,7 +119,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         use_ref = self.config.kl_coef > 0 or self.config.kl_target is not None
         self.policy = ActorCritic(model, self.config.value_model, reference=use_ref).to(self.device)
         self.policy.replay_memory_mb = self.config.replay_memory_mb
-        # fused: one kernel over all parameters (3.5 ms a step instead of 15 ms for the per-tensor loop on CPU)
+        # fused: one kernel over all parameters instead of a loop of small kernels per tensor
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(
             self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5, fused=fused
@@ -116,9 +132,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         self.np_rng = np.random.default_rng(seed)
         self.kl_ctl = KLController(self.config.kl_coef, self.config.kl_target, self.config.kl_horizon)
-        self.sampling = Sampling(
-            self.config.temperature, self.config.top_k, self.config.top_p, tuple(self.config.suppress_tokens)
-        )
+        self.sampling = Sampling.of(self.config)
         self.num_timesteps = 0
         self.iteration = 0
         self.skipped_batches = 0
@@ -132,7 +146,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         self._saved: tuple[Path, int] | None = None  # (folder, num_timesteps) of the last checkpoint written
         self._log_interval = self.config.log_interval  # learn(log_interval=) overrides it for one call
         self._eval_env = None  # built on the first evaluation
-        if not self.env.engine.rewards.names:
+        if not self.env.reward_names:
             warnings.warn(
                 "the env has no reward: every episode scores 0, so training has nothing to learn from; give the "
                 "env a reward (e.g. reward='keyword_reward', or --env-kwargs '{\"reward\": \"keyword_reward\"}')",
@@ -180,7 +194,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
     # --- the loop --------------------------------------------------------------------------------------
 
     def _draw_prompts(self) -> np.ndarray:
-        n_prompts = len(self.env.engine.prompts)
+        n_prompts = len(self.env.prompts)
         groups = self.config.batch_size // self.config.group_size
         return np.repeat(self.np_rng.integers(n_prompts, size=groups), self.config.group_size)
 
@@ -195,7 +209,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         if self.logger is not None:
             return
         if self.run_dir is None:  # a resumed agent keeps writing into its own run folder
-            if self.tensorboard_log is None:
+            if self.tensorboard_log is None or not self.runtime.is_main:  # one process writes the logs
                 return
             name = tb_log_name or run_name(self.env_id, self.name, self.seed)
             self.run_dir = new_run_dir(Path(self.tensorboard_log), name, numbered=tb_log_name is not None, new=reset)
@@ -214,9 +228,13 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         if self.policy.ref_model is not None:
             with self.autocast():
                 ref = self.policy.reference_logprobs(
-                    rollout.ids, rollout.mask, rollout.prompt_len, rollout.actions, self.sampling.suppress_tokens
+                    rollout.ids,
+                    rollout.attention_mask,
+                    rollout.prompt_len,
+                    rollout.actions,
+                    self.sampling.suppress_tokens,
                 )
-            kl = kl_penalty(rollout.logprobs, ref, self.config.kl_estimator) * rollout.valid
+            kl = kl_penalty(rollout.logprobs, ref, self.config.kl_estimator) * rollout.action_mask
             rewards = rewards - self.kl_ctl.coef * kl
         return rollout, rewards, kl
 
@@ -316,7 +334,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         t_rollout = time.perf_counter() - t0
         stats = self._guarded_train(rollout, rewards, kl)
         elapsed = time.perf_counter() - t0
-        tokens = int(rollout.valid.sum())
+        tokens = int(rollout.action_mask.sum())
         self.num_timesteps += tokens
         self.iteration += 1
         episode_kl = float((kl.sum(1)).mean()) if kl is not None else 0.0
@@ -326,7 +344,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         if self.config.eval_interval and self.iteration % self.config.eval_interval == 0:
             stats.update(self.evaluate_and_log())
         interval = self.config.checkpoint_interval
-        if checkpoint_dir is not None and interval and self.iteration % interval == 0:
+        if checkpoint_dir is not None and interval and self.iteration % interval == 0 and self.runtime.is_main:
             if self.logger is not None:
                 self.logger.flush()  # the logs up to a checkpoint survive a crash after it
             self.save_checkpoint(checkpoint_dir)

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from textrl.config import add_dataclass_args, from_args
+from textrl.rollout import Sampling
 
 
 @dataclass
-class GenerateConfig:
-    """Settings of `textrl generate`."""
+class GenerateConfig(Sampling):
+    """Settings of `textrl generate` (after the sampling settings, :class:`textrl.rollout.Sampling`)."""
 
     lm: str = "tiny"
     """Embedded model name, local Hugging Face model folder, or textrl run or checkpoint folder (its policy)."""
@@ -37,12 +38,6 @@ class GenerateConfig:
     """Text to continue (empty: start from the eos token)."""
     max_new_tokens: int = 48
     """Most tokens to generate per continuation."""
-    temperature: float = 1.0
-    """Sampling temperature (0 = greedy)."""
-    top_k: int = 50
-    """Sample among the k most likely tokens (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling probability mass (1.0 = off)."""
     num_samples: int = 3
     """Continuations to print."""
     seed: int = 0
@@ -76,6 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
+        suppress_tokens=cfg.suppress_tokens,
         num_return_sequences=cfg.num_samples,
         seed=cfg.seed,
         stop=cfg.stop,
@@ -101,13 +97,13 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import shlex
 
-    from agents.train import TrainConfig, train
+    from agents.runner import TrainConfig, run_training
     from textrl.interrupt import TrainingInterrupted
 
     given = vars(args)  # flags absent from the command line are absent here (their default is SUPPRESS)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        s = train(
+        s = run_training(
             {k: v for k, v in given.items() if k in train_fields},
             {k: v for k, v in given.items() if k in args.agent_fields},
         )
@@ -196,7 +192,7 @@ def _command_configs(command: str, agent: str | None) -> list[tuple[type, tuple[
     The fields set apart are positional arguments, or the switch ``--force``; config files cannot set them.
     """
     from agents import AGENTS
-    from agents.train import TrainConfig
+    from agents.runner import TrainConfig
     from textrl.plot import PlotConfig
     from textrl.pretrain import PretrainConfig
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from textrl.device import resolve_device
+from textrl.rollout import Sampling
 
 
 @dataclass
-class AgentConfig:
-    """Settings shared by all agents."""
+class AgentConfig(Sampling):
+    """Settings shared by all agents (the sampling settings, :class:`textrl.rollout.Sampling`, first)."""
 
     batch_size: int = 16
     """Episodes per iteration (the vector env's sub-envs)."""
@@ -38,15 +39,6 @@ class AgentConfig:
     """Target KL per episode for the adaptive controller (Ziegler et al.); None = fixed coefficient."""
     kl_horizon: int = 10000
     """Horizon (in episodes) of the adaptive KL controller."""
-    temperature: float = 1.0
-    """Sampling temperature during rollouts."""
-    top_k: int = 0
-    """Top-k sampling during rollouts (0 = off)."""
-    top_p: float = 1.0
-    """Top-p sampling during rollouts (1.0 = off)."""
-    suppress_tokens: list[int] = dataclasses.field(default_factory=list)
-    """Token ids never sampled, in rollouts and generate() (e.g. eos: every completion runs to max_new_tokens);
-    removed from the distribution trained on and from the reference's too."""
     replay_memory_mb: float = 4096.0
     """Largest rollout record (the activations kept so the update can skip its forward matmuls), in MB; a
     rollout that needs more computes the update's forward instead (0 = never record)."""
@@ -90,10 +82,6 @@ class AgentConfig:
             (self.kl_estimator in ("k1", "k3"), "kl_estimator must be 'k1' or 'k3'"),
             (self.kl_target is None or self.kl_target > 0, "kl_target must be > 0 (or None)"),
             (self.kl_horizon >= 1, "kl_horizon must be >= 1"),
-            (self.temperature > 0, "temperature must be > 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (all(isinstance(t, int) and t >= 0 for t in self.suppress_tokens), "suppress_tokens must be ids >= 0"),
             (self.replay_memory_mb >= 0, "replay_memory_mb must be >= 0"),
             (self.value_model in ("shared", "separate"), "value_model must be 'shared' or 'separate'"),
             (self.autocast in ("none", "bf16", "fp16"), "autocast must be 'none', 'bf16' or 'fp16'"),
@@ -105,7 +93,6 @@ class AgentConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.nonfinite in ("raise", "skip"), "nonfinite must be 'raise' or 'skip'"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"{type(self).__name__}: {message}")
+        for message in [message for ok, message in checks if not ok] + self.sampling_errors():
+            raise ValueError(f"{type(self).__name__}: {message}")
         resolve_device(self.device)  # an unknown device, or one this machine lacks, fails before anything loads

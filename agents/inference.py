@@ -2,7 +2,7 @@
 free text continuation (:meth:`InferenceMixin.generate`).
 
 Separate from the training loop in :mod:`agents.base`: nothing here changes the policy, and it runs the same
-KV-cached decode loop (:func:`textrl.rollout.decode`) as the training rollouts.
+KV-cached decode loop (:func:`textrl.generation.decode`) as the training rollouts.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from textrl.generation import continue_texts
 from textrl.policy import sample, shape_logits
-from textrl.rollout import Sampling, decode, left_pad
+from textrl.rollout import Sampling, left_pad
 
 
 class InferenceMixin:
@@ -77,8 +78,8 @@ class InferenceMixin:
                 training draws from, is left untouched); default: the agent's generator.
         """
         tok = self.tokenizer
-        max_new_tokens = max_new_tokens or self.env.engine.max_new_tokens
-        stops = self.env.engine.stop if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
+        max_new_tokens = max_new_tokens or self.env.max_new_tokens
+        stops = self.env.stop if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
         sampling = dataclasses.replace(
             self.sampling,
             **{k: v for k, v in {"temperature": temperature, "top_k": top_k, "top_p": top_p}.items() if v is not None},
@@ -89,25 +90,12 @@ class InferenceMixin:
                 f"greedy), top_k={sampling.top_k} (>= 0), top_p={sampling.top_p} (in (0, 1])"
             )
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        encoded = [tok(p)["input_ids"] or [start] for p in prompts]
-        P = max(map(len, encoded))
-        ids = torch.full((len(prompts), P), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(prompts), P, dtype=torch.long)
-        for i, e in enumerate(encoded):
-            ids[i, P - len(e) :], mask[i, P - len(e) :] = torch.tensor(e), 1
-        out, done = [], torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-
-        def choose(t: int, logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
-            token = torch.where(done, tok.pad_token_id, self._choose(logits, deterministic, sampling, generator))
-            out.append(token)
-            done.logical_or_(token == tok.eos_token_id)
-            if stops:  # the env's rule: an episode ends once its completion's text contains a stop string
-                so_far = torch.stack(out, 1).tolist()
-                for i in torch.nonzero(~done).flatten().tolist():
-                    text = tok.decode(so_far[i], skip_special_tokens=True)
-                    done[i] = any(s in text for s in stops)
-            return None if done.all() else token
-
-        decode(self.policy, ids.to(self.device), mask.to(self.device), max_new_tokens, choose)
-        return tok.batch_decode(torch.stack(out, 1).tolist(), skip_special_tokens=True)
+        return continue_texts(
+            self.policy,
+            tok,
+            prompts,
+            max_new_tokens,
+            lambda logits: self._choose(logits, deterministic, sampling, generator),
+            stops,
+            self.device,
+        )

@@ -77,7 +77,7 @@ class PersistenceMixin:
 
     def _tokenizer_sha256(self) -> str:
         if getattr(self, "_tokenizer_sha", None) is None:  # computed once: a large vocabulary takes a moment
-            self._tokenizer_sha = tokenizer_fingerprint(self.env.engine.tokenizer)
+            self._tokenizer_sha = tokenizer_fingerprint(self.env.tokenizer)
         return self._tokenizer_sha
 
     def save(self, path: str | Path) -> Path:
@@ -191,7 +191,7 @@ def _check_tokenizer(folder: Path, state: dict, env) -> None:
             f"{folder} was trained on a vocabulary of {state['vocab_size']} tokens (lm {state.get('lm')!r}) "
             f"but this env has {n}: it comes from a different model; use the env it was trained on"
         )
-    if "tokenizer_sha256" in state and state["tokenizer_sha256"] != tokenizer_fingerprint(env.engine.tokenizer):
+    if "tokenizer_sha256" in state and state["tokenizer_sha256"] != tokenizer_fingerprint(env.tokenizer):
         raise ckpt.CheckpointError(
             f"{folder} was trained with a different tokenizer than this env's (same size, different tokens; "
             f"lm {state.get('lm')!r}): it comes from a different model; use the env it was trained on"

@@ -82,7 +82,7 @@ class PPO(BaseAgent):
 
     def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.config
-        valid = rollout.valid
+        valid = rollout.action_mask
         self.check_finite("values (critic)", rollout.values)
         advantages, returns = gae(rewards, rollout.values, valid, cfg.gamma, cfg.gae_lambda)  # (B, T) each
         if cfg.normalize_advantage:
@@ -99,8 +99,8 @@ class PPO(BaseAgent):
                 mb = order[start : start + cfg.minibatch_size].sort().values  # in rollout order: replay slices
                 m = valid[mb]
                 with self.autocast():
-                    logits, values = self.policy.evaluate(
-                        rollout.ids[mb], rollout.mask[mb], rollout.prompt_len, rows=mb
+                    logits, values = self.policy.logits_and_values(
+                        rollout.ids[mb], rollout.attention_mask[mb], rollout.prompt_len, rows=mb
                     )
                 logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions[mb])  # (b, T)
                 values = values.float()

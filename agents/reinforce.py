@@ -66,7 +66,7 @@ class REINFORCE(BaseAgent):
     def advantages(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(G_t - b) / scale`` per token (B, T), zero on padding, and the episode returns (B,)."""
         cfg = self.config
-        returns = discounted_returns(rewards, rollout.valid, cfg.gamma)  # (B, T)
+        returns = discounted_returns(rewards, rollout.action_mask, cfg.gamma)  # (B, T)
         self.check_finite("returns", returns)
         scores = returns[:, 0]  # (B,) each sample's episode return
         if cfg.baseline == "none":
@@ -76,16 +76,18 @@ class REINFORCE(BaseAgent):
             scale = torch.ones_like(scores)
         else:
             base, scale = group_baseline(scores, cfg.group_size, cfg.baseline)
-        return (returns - base[:, None]) / scale[:, None] * rollout.valid, scores
+        return (returns - base[:, None]) / scale[:, None] * rollout.action_mask, scores
 
     def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         adv, scores = self.advantages(rollout, rewards)  # (B, T), (B,)
         self.check_finite("advantages", adv)
         with self.autocast():
-            logits, _ = self.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len, need_values=False)
+            logits, _ = self.policy.logits_and_values(
+                rollout.ids, rollout.attention_mask, rollout.prompt_len, need_values=False
+            )
         logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions)  # (B, T) each
-        pg_loss = -masked_mean(logprobs * adv, rollout.valid)
-        entropy_mean = masked_mean(entropy, rollout.valid)
+        pg_loss = -masked_mean(logprobs * adv, rollout.action_mask)
+        entropy_mean = masked_mean(entropy, rollout.action_mask)
         loss = pg_loss - self.config.ent_coef * entropy_mean
         if not torch.isfinite(loss):
             self.nonfinite(
@@ -97,13 +99,13 @@ class REINFORCE(BaseAgent):
         if self.config.baseline == "moving_average":  # only a batch that was applied moves the baseline
             mean, d = float(scores.mean()), self.config.baseline_decay
             self.moving_average = mean if self.moving_average is None else d * self.moving_average + (1 - d) * mean
-        approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), rollout.valid)
+        approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), rollout.action_mask)
         return {
             "losses/policy_loss": float(pg_loss.detach()),
             "losses/entropy": float(entropy_mean.detach()),
             "losses/approx_kl": float(approx_kl),
             "losses/grad_norm": grad_norm,
-            "losses/advantage_std": float(adv[rollout.valid].std()) if rollout.valid.sum() > 1 else 0.0,
+            "losses/advantage_std": float(adv[rollout.action_mask].std()) if rollout.action_mask.sum() > 1 else 0.0,
         }
 
     def extra_state(self):

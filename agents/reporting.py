@@ -23,7 +23,7 @@ class ReportingMixin:
         from textrl.evaluation import evaluate_agent
 
         env = self._evaluation_env()
-        episodes = min(self.config.eval_episodes, len(env.engine.prompts))
+        episodes = min(self.config.eval_episodes, len(env.prompts))
         stats: dict[str, float] = {}
         results = {}
         for mode in ("greedy", "sampled"):

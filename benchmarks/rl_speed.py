@@ -216,7 +216,7 @@ class TextRLRunner:
 
     def rollout(self) -> int:
         rollout, _, _ = self.agent.collect()
-        return int(rollout.valid.sum())
+        return int(rollout.action_mask.sum())
 
 
 class PlainRunner:

@@ -22,7 +22,8 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.prompts import PromptError, PromptSet, PromptSource
-from textrl.rewards import RewardSet, RewardSpec
+from textrl.reward_set import RewardSet
+from textrl.rewards import RewardSpec
 
 DEFAULT_PROMPTS = [
     "ROMEO:\n",

@@ -70,7 +70,7 @@ class TaskEnv(TextGenEnv):
         built = cls.build(**options)
         if fluency and "reward" not in overrides:
             from textrl.reward_library import misspelling_rate
-            from textrl.rewards import RewardSet
+            from textrl.reward_set import RewardSet
 
             terms = RewardSet(built["reward"]).terms
             built["reward"] = {t.fn: t.weight for t in terms} | {misspelling_rate(): float(fluency)}

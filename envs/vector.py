@@ -20,6 +20,8 @@ from textrl.rewards import RewardSpec
 class TextGenVectorEnv(VectorEnv):
     """``num_envs`` text-generation episodes stepped together as arrays (natively batched).
 
+    It implements :class:`textrl.protocol.TextVectorEnv`, the interface agents train through.
+
     Behaves exactly like ``gymnasium.vector.SyncVectorEnv`` over ``num_envs`` :class:`TextGenEnv` with
     the same keywords and seeds (same observations, rewards, episode boundaries and infos), but keeps all
     sub-envs in one :class:`TokenBatch` and calls each sequence reward once per batch of finished episodes.
@@ -88,6 +90,33 @@ class TextGenVectorEnv(VectorEnv):
         self._rngs: list[np.random.Generator | None] = [None] * self.num_envs
         self._needs_reset = np.ones(self.num_envs, dtype=bool)  # finished, awaiting (auto)reset
         self._all = np.arange(self.num_envs)
+
+    # --- the env protocol (textrl.protocol.TextVectorEnv): what agents read ------------------------------
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompt texts, indexed by ``options["prompt_index"]``."""
+        return self.engine.prompts.texts
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.engine.max_new_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.engine.stop
+
+    @property
+    def pad_id(self) -> int:
+        return self.engine.pad_id
+
+    @property
+    def reward_names(self) -> tuple[str, ...]:
+        return tuple(self.engine.rewards.names)
+
+    def prompt_text(self, row: int) -> str:
+        """The prompt text that ``row`` started its current episode on."""
+        return self.engine.row_text[row]
 
     # --- helpers -------------------------------------------------------------------------------------
 

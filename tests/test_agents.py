@@ -83,7 +83,7 @@ def test_save_load_gives_identical_predictions(cls, env, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(agent.policy.core.forward(li, lm)[0], loaded.policy.core.forward(li, lm)[0])
     assert loaded.num_timesteps == agent.num_timesteps and loaded.iteration == agent.iteration
-    assert loaded.sampling == agent.sampling and loaded.sampling.suppress_tokens == (1,)
+    assert loaded.sampling == agent.sampling and loaded.sampling.suppress_tokens == [1]
     assert agent.generate(PROMPTS[:2], deterministic=True) == loaded.generate(PROMPTS[:2], deterministic=True)
 
 
@@ -278,9 +278,11 @@ def test_suppressed_eos_gives_full_length_completions_and_a_consistent_distribut
         agent.policy.model.transformer.ln_f.bias.fill_(1.0)
     torch.autograd.graph.increment_version(list(agent.policy.model.parameters()))
     rollout, _, kl = agent.collect()
-    assert rollout.valid.all() and (rollout.actions != eos).all()
+    assert rollout.action_mask.all() and (rollout.actions != eos).all()
     assert torch.isfinite(kl).all()
-    logits, _ = agent.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len, need_values=False)
+    logits, _ = agent.policy.logits_and_values(
+        rollout.ids, rollout.attention_mask, rollout.prompt_len, need_values=False
+    )
     logprobs, _ = agent.logprobs_and_entropy(logits, rollout.actions)
     torch.testing.assert_close(logprobs, rollout.logprobs, atol=1e-5, rtol=1e-5)
     unsuppressed = torch.log_softmax(logits.float(), -1).gather(-1, rollout.actions[..., None]).squeeze(-1)

@@ -326,9 +326,11 @@ def test_an_agent_trains_through_the_engine(llama_env, name):
     assert type(agent.policy.core) is Engine and type(agent.policy.ref_core) is Engine
     rollout, _, kl = agent.collect()
     assert torch.isfinite(kl).all() and kl.abs().max() < 1e-5  # the reference is the policy still
-    logits, _ = agent.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len, need_values=False)
+    logits, _ = agent.policy.logits_and_values(
+        rollout.ids, rollout.attention_mask, rollout.prompt_len, need_values=False
+    )
     logprobs, _ = agent.logprobs_and_entropy(logits, rollout.actions)
-    valid = rollout.valid
+    valid = rollout.action_mask
     torch.testing.assert_close(logprobs[valid], rollout.logprobs[valid], atol=1e-5, rtol=1e-5)
 
     before = [p.detach().clone() for p in agent.policy.model.parameters()]

@@ -30,9 +30,10 @@ def test_custom_reward_example_trains_saves_and_generates(tmp_path):
     assert any(run.glob("events.out.tfevents.*"))
 
 
-def test_readme_example_is_the_example_file():
-    """The README shows examples/custom_reward.py; keep the two in step (budget line aside)."""
-    readme = (EXAMPLES.parent / "README.md").read_text()
+def test_the_guides_example_is_the_example_file():
+    """The user guide (docs/guide/training.md) shows examples/custom_reward.py; keep the two in step (budget
+    line aside)."""
+    readme = (EXAMPLES.parent / "docs" / "guide" / "training.md").read_text()
     body = [
         line
         for line in (EXAMPLES / "custom_reward.py").read_text().splitlines()

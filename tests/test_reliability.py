@@ -25,7 +25,7 @@ from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
 from agents.base import BaseAgent
 from agents.cli import main
 from agents.guards import NonFiniteError
-from agents.train import resolve_resume
+from agents.runner import resolve_resume
 from envs import TextGenEnv, TextGenVectorEnv
 from textrl import checkpoint as ckpt
 from textrl.checkpoint import CheckpointError

@@ -5,10 +5,10 @@ import pytest
 
 from envs import TextGenEnv, TextGenVectorEnv
 from textrl.pretrain import train_tokenizer
+from textrl.reward_set import RewardSet
 from textrl.rewards import (
     REWARDS,
     ImmediateReward,
-    RewardSet,
     SequenceReward,
     conversational,
     immediate,

@@ -22,11 +22,13 @@ def test_rollout_logprobs_values_and_rewards_are_consistent(request, lm, samplin
     )
     agent = PPO(env, config=PPOConfig(batch_size=8, minibatch_size=8, **sampling), seed=3)
     rollout, rewards, kl = agent.collect()
-    valid = rollout.valid
+    valid = rollout.action_mask
+    # single-turn: every token the episode appended is an action, so the two masks coincide after the prompt
+    assert valid.dtype == torch.bool and torch.equal(valid, rollout.attention_mask[:, rollout.prompt_len :].bool())
 
     # the update's full forward reproduces the rollout's cached log-probs and values: PPO's first ratio is 1
     with torch.no_grad():
-        logits, values = agent.policy.evaluate(rollout.ids, rollout.mask, rollout.prompt_len)
+        logits, values = agent.policy.logits_and_values(rollout.ids, rollout.attention_mask, rollout.prompt_len)
         logprobs, _ = agent.logprobs_and_entropy(logits, rollout.actions)
     torch.testing.assert_close(logprobs[valid], rollout.logprobs[valid], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(values[valid], rollout.values[valid], atol=1e-5, rtol=1e-4)
@@ -38,7 +40,7 @@ def test_rollout_logprobs_values_and_rewards_are_consistent(request, lm, samplin
         taken = rollout.actions[i, :n].tolist()
         assert rollout.completions[i] == tok.decode(taken, skip_special_tokens=True)
         assert (rollout.actions[i, n:] == tok.pad_token_id).all()
-        assert rollout.mask[i, rollout.prompt_len :].sum() == n
+        assert rollout.attention_mask[i, rollout.prompt_len :].sum() == n
         expected = keyword_reward(include=["the"])(completions=[rollout.completions[i]])[0]
         assert rollout.episode_returns[i].item() == pytest.approx(expected)  # paid once, at the last step
         assert rollout.rewards[i, n - 1].item() == pytest.approx(expected)
@@ -49,31 +51,35 @@ def test_rollout_logprobs_values_and_rewards_are_consistent(request, lm, samplin
     torch.testing.assert_close(rewards, rollout.rewards - agent.kl_ctl.coef * kl)
 
 
-def test_one_decode_loop_serves_rollouts_and_generate(monkeypatch, llama_dir):
-    """``agent.generate`` and training rollouts both run :func:`textrl.rollout.decode`, and the loop closes
-    its session even when the step function raises."""
-    import agents.inference
+def test_one_decode_loop_serves_rollouts_generate_and_textrl_generate(monkeypatch, llama_dir):
+    """``agent.generate``, training rollouts and ``textrl.generate`` all run :func:`textrl.generation.decode`
+    (the latter on the engine), and the loop closes its session even when the step function raises."""
+    import textrl.generation
     import textrl.rollout
+    from textrl.lm import generate, load_lm
 
     calls = []
-    real = textrl.rollout.decode
+    real = textrl.generation.decode
 
-    def counting(*args, **kwargs):
-        calls.append(args[3])
-        return real(*args, **kwargs)
+    def counting(source, *args, **kwargs):
+        calls.append((type(source).__name__, args[2]))
+        return real(source, *args, **kwargs)
 
+    monkeypatch.setattr(textrl.generation, "decode", counting)
     monkeypatch.setattr(textrl.rollout, "decode", counting)
-    monkeypatch.setattr(agents.inference, "decode", counting)
     env = TextGenEnv(lm=str(llama_dir), prompts=["The king"], reward=keyword_reward(include=["the"]), max_new_tokens=5)
     agent = PPO(env, config=PPOConfig(batch_size=4, minibatch_size=4), seed=0)
     agent.generate(["the cat"], max_new_tokens=3)
-    assert calls == [3]
+    assert calls == [("ActorCritic", 3)]
     agent.learn(4 * 5)
-    assert calls == [3, 5]  # the training rollout: the same loop
+    assert calls[1:] == [("ActorCritic", 5)]  # the training rollout: the same loop
+    model, tokenizer = load_lm(llama_dir)
+    generate(model, tokenizer, ["the cat"], max_new_tokens=2, seed=0)
+    assert calls[2:] == [("Engine", 2)]
     policy = agent.policy
     ids = torch.zeros(2, 3, dtype=torch.long)
 
-    def boom(t, logits, values):
+    def boom(t, session):
         raise ValueError("reward exploded")
 
     with pytest.raises(ValueError, match="exploded"):

@@ -14,7 +14,8 @@ import envs
 from envs.arithmetic import digit_match, exact_match
 from envs.task import corpus_lines, line_openings, line_splits
 from textrl import reward_library as lib
-from textrl.rewards import REWARDS, RewardSet
+from textrl.reward_set import RewardSet
+from textrl.rewards import REWARDS
 
 TASK_IDS = list(envs.TASKS)
 

@@ -35,7 +35,7 @@ def evaluate_agent(agent, episodes: int = 128, seed: int = 1234, greedy: bool = 
     tokenizer, e.g. on held-out prompts (default: the agent's own env).
     """
     env, B = env if env is not None else agent.env, agent.config.batch_size
-    n_prompts = len(env.engine.prompts)
+    n_prompts = len(env.prompts)
     generator = torch.Generator(device=agent.device).manual_seed(seed)
     returns: list[float] = []
     samples: list[tuple[str, str, float]] = []

@@ -10,10 +10,9 @@ already in the local Hugging Face cache is a clear :class:`LMNotFoundError`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -115,26 +114,6 @@ def quiet_transformers() -> Iterator[None]:
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
-@contextlib.contextmanager
-def _without_log_message(logger: str, prefix: str) -> Iterator[None]:
-    """Drop the log records of ``logger`` whose message starts with ``prefix``, for the calls inside."""
-    dropper = _DropMessages(prefix)
-    logging.getLogger(logger).addFilter(dropper)
-    try:
-        yield
-    finally:
-        logging.getLogger(logger).removeFilter(dropper)
 
 
 def _hub_error(name: str, cause: Exception) -> LMNotFoundError:
@@ -275,27 +254,39 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    suppress_tokens: Sequence[int] = (),
     num_return_sequences: int = 1,
     seed: int | None = None,
     stop: str | list[str] | None = None,
 ) -> list[str]:
-    """Sample continuations of ``prompts`` (KV-cached ``model.generate``) and return the new text only.
+    """Sample continuations of ``prompts`` through textrl's decode loop and return the new text only.
+
+    The model runs on the engine when its architecture is one the engine describes (the HF forward
+    otherwise, :func:`textrl.core.make_core`), through the same loop as training rollouts
+    (:func:`textrl.generation.decode`), sampling as they do.
 
     Args:
         model, tokenizer: as returned by :func:`load_lm`.
-        prompts: the prompts; the empty string starts from the eos token.
+        prompts: the prompts; the empty string starts from the bos (or eos) token.
         max_new_tokens: upper bound on generated tokens (generation stops early at eos).
         temperature: softmax temperature; 0 means greedy decoding.
         top_k: keep only the k most likely tokens (0 = off).
         top_p: nucleus sampling mass (1.0 = off).
+        suppress_tokens: token ids never chosen (greedy decoding included).
         num_return_sequences: continuations per prompt, returned prompt-major.
-        seed: seeds torch's RNG for reproducible samples.
+        seed: seeds the sampling generator for reproducible samples.
         stop: strings that end a continuation; each text is cut right after the first one it contains
             (kept), as the env ends an episode once the completion contains one.
 
     Returns:
         ``len(prompts) * num_return_sequences`` completions.
     """
+    import torch.nn.functional as F
+
+    from textrl.core import make_core
+    from textrl.generation import continue_texts
+    from textrl.policy import sample, shape_logits
+
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
@@ -303,44 +294,34 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    if seed is not None:
-        torch.manual_seed(seed)
     device = next(model.parameters()).device
-    texts = [p if p else tokenizer.eos_token for p in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts are left-padded
-    try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
+    longest = max((len(tokenizer(p)["input_ids"]) for p in prompts), default=0)
     limit = context_length_of(model.config)
-    if limit is not None and batch.input_ids.shape[1] + max_new_tokens > limit:
+    if limit is not None and max(longest, 1) + max_new_tokens > limit:
         raise ValueError(
-            f"prompt ({batch.input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"prompt ({max(longest, 1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's context of {limit} tokens"
         )
-    sample = temperature > 0
-    # model.generate drops an all-ones attention mask itself, then the model warns that a mask is missing
-    # whenever the pad id (= eos here) is among the ids, e.g. for an empty prompt: a false alarm
-    false_alarm = "We strongly recommend passing in an `attention_mask`"
-    with _without_log_message("transformers.modeling_utils", false_alarm):
-        out = model.generate(
-            **batch,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=top_k if sample and top_k else None,
-            top_p=top_p if sample else None,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_return_sequences if sample else 1,  # HF refuses several greedy sequences
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            stop_strings=stops or None,
-            tokenizer=tokenizer if stops else None,  # stop_strings needs it
-        )  # (B * num_return_sequences, P + T)
-    if not sample:
-        out = out.repeat_interleave(num_return_sequences, dim=0)  # greedy: identical copies, prompt-major
-    new = out[:, batch.input_ids.shape[1] :]
-    return [cut_at_stop(text, stops) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+
+    suppressed = torch.as_tensor(list(suppress_tokens), dtype=torch.long, device=device)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return shape_logits(logits.float(), suppress_tokens=suppressed).argmax(-1)
+        shaped = shape_logits(logits.float(), temperature, top_k, top_p, suppressed)
+        return sample(F.softmax(shaped, dim=-1), generator)
+
+    rows = [p for p in prompts for _ in range(num_return_sequences)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            texts = continue_texts(make_core(model), tokenizer, rows, max_new_tokens, pick, stops, device)
+    finally:
+        model.train(was_training)
+    return [cut_at_stop(text, stops) for text in texts]
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:

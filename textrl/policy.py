@@ -9,7 +9,7 @@ Shape legend: B batch, P prompt length (left-padded), T generated tokens, S = P 
 - The **reference** is a frozen copy of the starting LM, kept only when a KL penalty is used
   (``kl_coef > 0``), for the reference log-probs. So two model copies by default, three at most.
 
-Rollouts are synchronous (DESIGN-NOTES option 1): every row is reset at the start of a rollout, all rows
+Rollouts are synchronous: every row is reset at the start of a rollout, all rows
 decode together through one KV cache (one token's forward per step, not the whole prefix), and rows that
 finish early are masked out of training. The env never sees the cache.
 
@@ -266,7 +266,7 @@ class ActorCritic(nn.Module):
 
     # --- training --------------------------------------------------------------------------------------
 
-    def evaluate(
+    def logits_and_values(
         self,
         ids: torch.Tensor,
         mask: torch.Tensor,
@@ -309,7 +309,7 @@ class ActorCritic(nn.Module):
         too, so the KL compares two distributions over the same tokens.
 
         One pass over the finished sequences is cheaper than a second cached forward at every rollout step
-        (one large matmul instead of T small ones; see DESIGN-NOTES §3).
+        (one large matmul instead of T small ones).
         """
         if self.ref_model is None:
             raise RuntimeError("this policy was built without a reference model (reference=False)")

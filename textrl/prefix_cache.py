@@ -6,8 +6,8 @@ E width, H heads, D head size.
 Policies that are handed only observations (stable-baselines3 calls its policy on the full token
 sequence of every sub-env at every step) would rerun the whole prefix per token. The env's observations
 are right-padded, so token ``t`` of a row always sits at column ``t``; :class:`PrefixCache` keeps, per
-row, the tokens already run and their keys/values in the same columns (DESIGN-NOTES §2, "continuous
-rows"), and on each call compares every row with what it holds:
+row, the tokens already run and their keys/values in the same columns (each row continues in place, so
+rows of different lengths never need re-packing), and on each call compares every row with what it holds:
 
 - the same tokens: reuse the stored final hidden state (SB3 asks for the values of the observation it
   will act on next, then acts on it);

@@ -1,4 +1,5 @@
-"""Rollout collection and storage: the policy steps a :class:`envs.TextGenVectorEnv` with a KV cache.
+"""Rollout collection and storage: the policy steps a text env (:class:`textrl.protocol.TextVectorEnv`,
+e.g. :class:`envs.TextGenVectorEnv`) with a KV cache.
 
 Shape legend: B rows (= the vector env's sub-envs), P prompt length (left-padded), T generated steps,
 S = P + T, V vocabulary.
@@ -7,49 +8,77 @@ Synchronous rollouts: all rows are reset at the start (each on the prompt the ag
 samples of one prompt sit in consecutive rows), the policy prefills the prompts once and then feeds one
 token per step through its KV cache, and the rollout stops when every row's episode has ended. A row that
 ends early is autoreset by the env (Gymnasium's NEXT_STEP mode); its later steps are discarded
-(``valid`` is False), exactly as batched ``generate()`` pads finished rows. Everything the update needs
+(``action_mask`` is False), exactly as batched ``generate()`` pads finished rows. Everything the update needs
 from the rollout — actions, their log-probs, the values — is stored here, so no rollout forward is
 repeated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from textrl.generation import decode
 from textrl.policy import ActorCritic, sample, shape_logits
+from textrl.protocol import TextVectorEnv
 
 
 @dataclass
 class Sampling:
-    """How actions are drawn during rollouts."""
+    """How tokens are drawn from the policy's logits: the one set of sampling settings.
+
+    Agents' configs extend it (their rollouts, evaluation and ``generate`` sample with it), and so does the
+    ``textrl generate`` command's; a rollout takes a plain instance (:meth:`of`).
+    """
 
     temperature: float = 1.0
-    """Softmax temperature of the sampling distribution."""
+    """Softmax temperature of the sampling distribution (> 0; `textrl generate` takes 0 for greedy)."""
     top_k: int = 0
     """Sample among the k most likely tokens (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling probability mass (1.0 = off)."""
-    suppress_tokens: tuple[int, ...] = ()
-    """Token ids that are never sampled (e.g. eos, for completions of exactly ``max_new_tokens``)."""
+    suppress_tokens: list[int] = field(default_factory=list)
+    """Token ids never sampled (e.g. eos: every completion runs to max_new_tokens); agents also remove them
+    from the distribution trained on and from the reference's."""
+
+    @classmethod
+    def of(cls, settings: Sampling) -> Sampling:
+        """The sampling settings alone, from any config that extends this class."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+    def sampling_errors(self) -> list[str]:
+        """What is wrong with these settings (empty: nothing)."""
+        checks = [
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (all(isinstance(t, int) and t >= 0 for t in self.suppress_tokens), "suppress_tokens must be ids >= 0"),
+        ]
+        return [message for ok, message in checks if not ok]
 
 
 class Rollout(NamedTuple):
-    """One synchronous rollout of B episodes."""
+    """One synchronous rollout of B episodes.
+
+    Two masks, kept apart: ``attention_mask`` says which tokens the model sees (the update's forward runs
+    under it), ``action_mask`` which positions after the prompt are the policy's own actions (where
+    log-probs, values, KL, advantages and losses live). In a single-turn env every token the episode
+    appended is an action, so ``action_mask == attention_mask[:, P:]``; an env that answers back inserts
+    tokens that are seen but were never acted.
+    """
 
     ids: torch.Tensor  # (B, S) prompt (left-padded to P) + completion; pad after each episode's end
-    mask: torch.Tensor  # (B, S) 1 on prompt tokens and on the completion tokens actually taken
+    attention_mask: torch.Tensor  # (B, S) 1 on every token the model sees: the prompt and the episode's tokens
     prompt_len: int  # P
-    actions: torch.Tensor  # (B, T)
+    actions: torch.Tensor  # (B, T) the tokens at positions P..S-1 (pad where action_mask is False)
     logprobs: torch.Tensor  # (B, T) under the sampling distribution
     values: torch.Tensor  # (B, T)
     rewards: torch.Tensor  # (B, T) env rewards: immediate ones each step, plus sequence ones at the end
-    valid: torch.Tensor  # (B, T) bool: the step belongs to the row's episode
+    action_mask: torch.Tensor  # (B, T) bool: position P + t is an action of the row's episode
     prompt_index: np.ndarray  # (B,)
     prompts: list[str]
     completions: list[str]
@@ -58,11 +87,12 @@ class Rollout(NamedTuple):
 
     @property
     def lengths(self) -> torch.Tensor:
-        return self.valid.sum(1)  # (B,)
+        """Actions per row (B,)."""
+        return self.action_mask.sum(1)
 
     @property
     def episode_returns(self) -> torch.Tensor:
-        return (self.rewards * self.valid).sum(1)  # (B,)
+        return (self.rewards * self.action_mask).sum(1)  # (B,)
 
 
 def left_pad(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,34 +112,9 @@ def left_pad(ids: np.ndarray, mask: np.ndarray, pad_id: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def decode(
-    policy: ActorCritic,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    max_new_tokens: int,
-    choose: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None],
-    record: bool = False,
-) -> None:
-    """The decode loop of every generation in textrl: training rollouts, evaluation and ``agent.generate``.
-
-    Prefills the left-padded prompts ``ids``/``mask`` (B, P), then for t = 0, 1, ... calls
-    ``choose(t, logits (B, V), values (B,))``, which returns the tokens (B,) taken at step t, or None once
-    every row has ended; the tokens are fed back through the KV cache unless that was the last step
-    (``max_new_tokens``). ``record``: a training rollout (the policy keeps its activations for the update).
-    The decode session is closed however the loop ends (an error in ``choose`` included).
-    """
-    with policy.start(ids, mask, ids.shape[1] + max_new_tokens, record=record) as session:
-        logits, values = session.logits, session.values
-        for t in range(max_new_tokens):
-            tokens = choose(t, logits, values)
-            if tokens is None or t + 1 == max_new_tokens:
-                return
-            logits, values = session.step(tokens)
-
-
 def collect_rollout(
     policy: ActorCritic,
-    env,
+    env: TextVectorEnv,
     prompt_index: np.ndarray,
     sampling: Sampling,
     generator: torch.Generator,
@@ -122,13 +127,12 @@ def collect_rollout(
     ``record``: a training rollout; the policy keeps its activations for the update (rollout replay).
     ``greedy``: take the most likely token that may be sampled at all (evaluation) instead of sampling.
     """
-    engine = env.engine
     obs, _ = env.reset(options={"prompt_index": prompt_index})
-    ids, mask = left_pad(obs["input_ids"], obs["attention_mask"], engine.pad_id)
+    ids, mask = left_pad(obs["input_ids"], obs["attention_mask"], env.pad_id)
     ids, mask = ids.to(device), mask.to(device)
     B, P = ids.shape
-    T = engine.max_new_tokens
-    n_actions = engine.vocab_size
+    T = env.max_new_tokens
+    n_actions = env.single_action_space.n
 
     actions = torch.empty(B, T, dtype=torch.long, device=device)
     logprobs = torch.empty(B, T, device=device)
@@ -136,8 +140,8 @@ def collect_rollout(
     rewards = np.zeros((B, T))  # host-side until the end: the only per-step copy is the action ids
     valid = np.zeros((B, T), dtype=bool)
     alive = np.ones(B, dtype=bool)
-    components = {name: np.zeros(B) for name in engine.rewards.names}
-    prompts = [engine.row_text[i] for i in range(B)]
+    components = {name: np.zeros(B) for name in env.reward_names}
+    prompts = [env.prompt_text(i) for i in range(B)]
     completions = [""] * B
     terminated_rows = np.zeros(B, dtype=bool)
 
@@ -146,8 +150,9 @@ def collect_rollout(
     shaping = {**vars(sampling), "suppress_tokens": suppressed}
     steps = 0
 
-    def choose(t: int, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor | None:
+    def choose(t: int, session) -> torch.Tensor | None:
         nonlocal steps
+        logits, value = session.logits, session.values
         probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
         action = probs.argmax(-1) if greedy else sample(probs, generator)  # (B,)
         actions[:, t] = action
@@ -174,18 +179,18 @@ def collect_rollout(
     decode(policy, ids, mask, T, choose, record=record)
 
     valid_t = torch.from_numpy(valid[:, :steps]).to(device)  # (B, T)
-    actions = actions[:, :steps].masked_fill(~valid_t, engine.pad_id)
+    actions = actions[:, :steps].masked_fill(~valid_t, env.pad_id)
     logprobs, values = logprobs[:, :steps] * valid_t, values[:, :steps] * valid_t
     rewards_t = torch.from_numpy(rewards[:, :steps]).to(device, torch.float32)
     return Rollout(
         ids=torch.cat([ids, actions], dim=1),
-        mask=torch.cat([mask, valid_t.long()], dim=1),
+        attention_mask=torch.cat([mask, valid_t.long()], dim=1),
         prompt_len=P,
         actions=actions,
         logprobs=logprobs,
         values=values,
         rewards=rewards_t,
-        valid=valid_t,
+        action_mask=valid_t,
         prompt_index=np.asarray(prompt_index),
         prompts=prompts,
         completions=completions,

@@ -158,7 +158,7 @@ def resume_settings(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def train(train_flags: dict[str, Any], agent_flags: dict[str, Any]) -> dict:
+def run_training(train_flags: dict[str, Any], agent_flags: dict[str, Any]) -> dict:
     """Run ``textrl train`` from the flags given on the command line (absent ones are not in the dicts).
 
     A new run takes the defaults for absent flags. A resumed run (``resume``) is rebuilt from its checkpoint:
