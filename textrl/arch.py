@@ -98,6 +98,21 @@ def _exactly(module: nn.Module | None, cls: type, name: str) -> nn.Module:
     return module
 
 
+def _linear(module: nn.Module | None, cls: type, name: str) -> nn.Module:
+    """A linear role: exactly ``cls``, or a peft LoRA layer (plain LoRA: no DoRA or other variant) over
+    exactly ``cls``, which the engine runs as base output plus the adapters' low-rank term."""
+    if module is not None and hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+        _exactly(module.base_layer, cls, f"{name}.base_layer")
+        if getattr(module, "lora_variant", None) or any(getattr(module, "use_dora", {}).values()):
+            raise Unsupported(f"{name} is a LoRA variant (e.g. DoRA); the engine runs plain LoRA layers")
+        if any(
+            type(m) is not nn.Linear or m.bias is not None for m in (*module.lora_A.values(), *module.lora_B.values())
+        ):
+            raise Unsupported(f"{name} has LoRA matrices that are not bias-free torch.nn.Linear layers")
+        return module
+    return _exactly(module, cls, name)
+
+
 def _rms_norm(module: nn.Module | None, name: str) -> nn.Module:
     if module is None or not type(module).__name__.endswith("RMSNorm"):
         raise Unsupported(f"{name} is a {type(module).__name__}, not an RMSNorm")
@@ -108,7 +123,10 @@ def _rms_norm(module: nn.Module | None, name: str) -> nn.Module:
 
 
 def describe(model: PreTrainedModel) -> Spec:
-    """The engine's description of ``model``; :class:`Unsupported` names what it cannot run."""
+    """The engine's description of ``model`` (a peft model is described through its base model, whose
+    linear layers carry the adapters); :class:`Unsupported` names what it cannot run."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        model = model.get_base_model()
     c = model.config
     arch = c.model_type
     if arch not in FAMILIES:
@@ -132,17 +150,17 @@ def _describe_gpt2(model: PreTrainedModel) -> Spec:
         layers.append(
             Layer(
                 norm1=_exactly(block.ln_1, nn.LayerNorm, f"{p}.ln_1"),
-                qkv=_exactly(block.attn.c_attn, Conv1D, f"{p}.attn.c_attn"),
+                qkv=_linear(block.attn.c_attn, Conv1D, f"{p}.attn.c_attn"),
                 q=None,
                 k=None,
                 v=None,
                 q_norm=None,
                 k_norm=None,
-                out=_exactly(block.attn.c_proj, Conv1D, f"{p}.attn.c_proj"),
+                out=_linear(block.attn.c_proj, Conv1D, f"{p}.attn.c_proj"),
                 norm2=_exactly(block.ln_2, nn.LayerNorm, f"{p}.ln_2"),
                 gate=None,
-                up=_exactly(block.mlp.c_fc, Conv1D, f"{p}.mlp.c_fc"),
-                down=_exactly(block.mlp.c_proj, Conv1D, f"{p}.mlp.c_proj"),
+                up=_linear(block.mlp.c_fc, Conv1D, f"{p}.mlp.c_fc"),
+                down=_linear(block.mlp.c_proj, Conv1D, f"{p}.mlp.c_proj"),
                 window=None,
             )
         )
@@ -203,16 +221,16 @@ def _describe_llama(model: PreTrainedModel) -> Spec:
             Layer(
                 norm1=_rms_norm(block.input_layernorm, f"{p}.input_layernorm"),
                 qkv=None,
-                q=_exactly(attn.q_proj, nn.Linear, f"{p}.self_attn.q_proj"),
-                k=_exactly(attn.k_proj, nn.Linear, f"{p}.self_attn.k_proj"),
-                v=_exactly(attn.v_proj, nn.Linear, f"{p}.self_attn.v_proj"),
+                q=_linear(attn.q_proj, nn.Linear, f"{p}.self_attn.q_proj"),
+                k=_linear(attn.k_proj, nn.Linear, f"{p}.self_attn.k_proj"),
+                v=_linear(attn.v_proj, nn.Linear, f"{p}.self_attn.v_proj"),
                 q_norm=_rms_norm(attn.q_norm, f"{p}.self_attn.q_norm") if has_qk_norm else None,
                 k_norm=_rms_norm(attn.k_norm, f"{p}.self_attn.k_norm") if has_qk_norm else None,
-                out=_exactly(attn.o_proj, nn.Linear, f"{p}.self_attn.o_proj"),
+                out=_linear(attn.o_proj, nn.Linear, f"{p}.self_attn.o_proj"),
                 norm2=_rms_norm(block.post_attention_layernorm, f"{p}.post_attention_layernorm"),
-                gate=None if sparse else _exactly(getattr(mlp, "gate_proj", None), nn.Linear, f"{p}.mlp.gate_proj"),
-                up=None if sparse else _exactly(getattr(mlp, "up_proj", None), nn.Linear, f"{p}.mlp.up_proj"),
-                down=None if sparse else _exactly(getattr(mlp, "down_proj", None), nn.Linear, f"{p}.mlp.down_proj"),
+                gate=None if sparse else _linear(getattr(mlp, "gate_proj", None), nn.Linear, f"{p}.mlp.gate_proj"),
+                up=None if sparse else _linear(getattr(mlp, "up_proj", None), nn.Linear, f"{p}.mlp.up_proj"),
+                down=None if sparse else _linear(getattr(mlp, "down_proj", None), nn.Linear, f"{p}.mlp.down_proj"),
                 window=window,
                 moe=_describe_moe(mlp, f"{p}.mlp") if sparse else None,
             )

@@ -43,7 +43,8 @@ class HFCore(nn.Module):
         self.model = model
         # the cache keyword is `cache` in recent transformers (which warn on `past_key_values`), earlier
         # `past_key_values`; the cache object is filled in place, so it is what _run returns either way
-        params = inspect.signature(model.forward).parameters
+        inner = model.get_base_model() if hasattr(model, "peft_config") else model  # a peft model passes it on
+        params = inspect.signature(inner.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def _run(self, ids, mask, positions, cache=None, keep: int = 0):

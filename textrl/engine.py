@@ -41,7 +41,7 @@ from transformers import PreTrainedModel
 
 from textrl.arch import Layer, Spec, Unsupported, describe
 from textrl.core import positions_from_mask
-from textrl.ops import gelu, input_major, linear, moe, norm, rotate
+from textrl.ops import base_layer, gelu, input_major, is_lora, linear, lora_delta, moe, norm, rotate
 from textrl.replay import Record, _Replayed, linear_into, replayed, width
 from textrl.session import KVCache, Session
 
@@ -73,6 +73,7 @@ class Engine(nn.Module):
         self._spec = [spec]  # in a list: the spec's modules are the model's, not submodules of the engine
         self.arch = spec.arch
         """The architecture family it runs as (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
+        self._loras = [m for layer in spec.layers for m in layer.linears() if is_lora(m)]  # peft LoRA layers
         self._windows = {layer.window for layer in spec.layers}  # the attention windows in use (None: full)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) by position, (N, D)
         self._cache: KVCache | None = None  # the last session's cache buffers, reused by the next of its shape
@@ -187,9 +188,12 @@ class Engine(nn.Module):
         first.scatter_(0, inverse, torch.arange(B, device=ids.device))  # a row of each prefix (they are equal)
         return first, inverse
 
-    def _weights_version(self) -> tuple[int, ...]:
-        """Changes whenever a parameter is updated in place (optimizer steps, ``load_state_dict``)."""
-        return tuple(p._version for p in self.model.parameters())
+    def _weights_version(self) -> tuple:
+        """Changes whenever a parameter is updated in place (optimizer steps, ``load_state_dict``) or a LoRA
+        layer's adapters are switched (``disable_adapter()``, merging, another active adapter): a record is
+        valid only for the function that wrote it."""
+        adapters = tuple((m.disable_adapters, m.merged, tuple(m.active_adapters)) for m in self._loras)
+        return tuple(p._version for p in self.model.parameters()), adapters
 
     def _replayable(self, ids, mask, start, rows) -> tuple[Record | None, torch.Tensor | None]:
         rec = self._record
@@ -363,10 +367,12 @@ class Engine(nn.Module):
             return t if shared is None else t.index_select(0, shared[1])
 
         def lin(x, module):
-            y = linear(x, module)
-            if rec is not None:
-                rec.out[module][:, :P] = spread(y)
-            return y
+            if rec is None:
+                return linear(x, module)
+            y = linear(x, base_layer(module))  # the record keeps the base output; a LoRA term goes on top
+            rec.out[module][:, :P] = spread(y)
+            delta = lora_delta(x.reshape(-1, x.shape[-1]), module)
+            return y if delta is None else y + delta.view(y.shape)
 
         x, angles = self._embed(ids, positions_from_mask(mask))
         masks = self._masks(mask)

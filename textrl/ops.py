@@ -54,17 +54,48 @@ def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
 
 
+def is_lora(module: nn.Module) -> bool:
+    """Whether ``module`` is a peft LoRA layer (a ``base_layer`` plus ``lora_A``/``lora_B`` adapters)."""
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The plain linear layer under a peft LoRA layer (the module itself otherwise)."""
+    return module.base_layer if is_lora(module) else module
+
+
+def lora_delta(x: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
+    """The low-rank term a peft LoRA layer adds to its base output for rows x (N, in): the sum over its
+    active adapters of ``scaling * B(A(x))``, as peft computes it; None for a plain layer, or when the
+    adapters are disabled (``disable_adapter()``) or merged into the base weight. The models run in eval
+    mode, so LoRA dropout is the identity, as in peft's own forward."""
+    if not is_lora(module) or module.disable_adapters or module.merged:
+        return None
+    delta = None
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        d = F.linear(F.linear(x, module.lora_A[name].weight), module.lora_B[name].weight) * module.scaling[name]
+        delta = d if delta is None else delta + d
+    return delta
+
+
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``module(x)`` for an ``nn.Linear`` (weight (out, in)) or a GPT-2 ``Conv1D`` (weight (in, out)).
+    """``module(x)`` for an ``nn.Linear`` (weight (out, in)), a GPT-2 ``Conv1D`` (weight (in, out)), or a
+    peft LoRA layer over either (base output plus :func:`lora_delta`).
 
     Always as one 2-D matmul over the flattened rows: on CPU a (B, 1, E) input through ``F.linear`` costs
     about a quarter more than the same rows as (B, E), which is every decode step.
     """
     flat = x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Linear):
-        y = F.linear(flat, module.weight, module.bias)
+    base = base_layer(module)
+    if isinstance(base, nn.Linear):
+        y = F.linear(flat, base.weight, base.bias)
     else:
-        y = torch.addmm(module.bias, flat, module.weight)
+        y = torch.addmm(base.bias, flat, base.weight)
+    delta = lora_delta(flat, module)
+    if delta is not None:
+        y = y + delta
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -81,7 +112,7 @@ def input_major(spec: Spec) -> int:
     """
     changed = 0
     for layer in spec.layers:
-        for module in layer.linears():
+        for module in map(base_layer, layer.linears()):
             w = module.weight
             if isinstance(module, nn.Linear) and w.device.type == "cpu" and w.stride() == (w.shape[1], 1):
                 with torch.no_grad():

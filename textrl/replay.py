@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from textrl.arch import Spec
+from textrl.ops import base_layer, lora_delta
 
 
 def width(module: nn.Module) -> int:
-    """Output features of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+    """Output features of an ``nn.Linear``, a GPT-2 ``Conv1D`` or a peft LoRA layer over either."""
+    module = base_layer(module)
     return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[1]
 
 
@@ -54,18 +56,28 @@ class _Replayed(torch.autograd.Function):
 
 
 def linear_into(x: torch.Tensor, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for rows x (B, in), written into ``out`` (B, width), a column of a record."""
-    if isinstance(module, nn.Linear):
-        if module.bias is None:
-            return torch.mm(x, module.weight.t(), out=out)
-        return torch.addmm(module.bias, x, module.weight.t(), out=out)
-    return torch.addmm(module.bias, x, module.weight, out=out)
+    """``module(x)`` for rows x (B, in); the base layer's output is written into ``out`` (B, width), a
+    column of a record (a LoRA layer's low-rank term is added on top, outside the record)."""
+    base = base_layer(module)
+    if isinstance(base, nn.Linear):
+        if base.bias is None:
+            y = torch.mm(x, base.weight.t(), out=out)
+        else:
+            y = torch.addmm(base.bias, x, base.weight.t(), out=out)
+    else:
+        y = torch.addmm(base.bias, x, base.weight, out=out)
+    delta = lora_delta(x, module)
+    return y if delta is None else y + delta
 
 
 def replayed(x: torch.Tensor, module: nn.Module, recorded: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` whose value is ``recorded`` (a rollout's record): the forward skips the matmul, the
-    backward is the linear layer's own (:class:`_Replayed`)."""
-    return _Replayed.apply(x, module.weight, module.bias, recorded, isinstance(module, nn.Linear))
+    """``module(x)`` whose base output is ``recorded`` (a rollout's record): the forward skips the base
+    matmul, the backward is the linear layer's own (:class:`_Replayed`); a LoRA layer's low-rank term is
+    computed with autograd on top (the adapters are small, and they are what trains)."""
+    base = base_layer(module)
+    y = _Replayed.apply(x, base.weight, base.bias, recorded, isinstance(base, nn.Linear))
+    delta = lora_delta(x.reshape(-1, x.shape[-1]), module)
+    return y if delta is None else y + delta.view(y.shape)
 
 
 class Record:
