@@ -270,7 +270,8 @@ def test_make_core_picks_the_engine(request):
 
 
 class LoraLinear(nn.Module):
-    """What peft's LoRA puts in place of an ``nn.Linear``: the base layer plus a low-rank update."""
+    """A LoRA-like wrapper the engine does not know (its base is ``.base``, not peft's ``.base_layer``): the
+    base layer plus a low-rank update, which must never run as the plain base weights."""
 
     def __init__(self, base: nn.Linear, rank: int = 2):
         super().__init__()

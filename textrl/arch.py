@@ -2,8 +2,9 @@
 
 :func:`describe` reads a model's layout (GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE) into a
 :class:`Spec` of :class:`Layer` roles, and refuses anything it does not know exactly with
-:class:`Unsupported`, naming the part: a module that is not exactly the class a role needs (a peft LoRA
-layer, a quantised linear, any wrapper) must never run as plain weights.
+:class:`Unsupported`, naming the part: a module that is not exactly the class a role needs (a quantised
+linear, a wrapper it does not know) must never run as plain weights. A peft LoRA layer (plain LoRA over
+the class a role needs) is known: it runs as base output plus the adapters' low-rank term.
 """
 
 from __future__ import annotations

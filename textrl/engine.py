@@ -10,8 +10,9 @@ without bias), query/key norms (Qwen3), the attention output, the MLP (GELU ``fc
 or rotary with the model's own rotary module, so every rotary variant whose angles depend on the position
 alone is exact), sliding-window layers (Mistral, Mixtral) and the LM head, tied or not. :func:`describe`
 reads that off a model and refuses anything it does not know, by name: a module that is not exactly the
-class a role needs (a peft LoRA layer, a quantised linear, any wrapper) must never run as plain weights, so
-such a model takes the HF path (:class:`textrl.core.HFCore`).
+class a role needs (a quantised linear, a wrapper it does not know) must never run as plain weights, so
+such a model takes the HF path (:class:`textrl.core.HFCore`). peft LoRA layers over a known linear run
+here: base output plus the adapters' low-rank term (:func:`textrl.ops.lora_delta`).
 
 The block is written once (:meth:`Engine._block`); the modes differ only in the two functions it is given:
 ``attend`` (the whole-sequence ``forward`` attends under a causal + padding (+ window) mask, ``start`` (the
