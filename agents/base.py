@@ -33,6 +33,7 @@ from textrl import checkpoint as ckpt
 from textrl.advantages import KLController, kl_penalty
 from textrl.interrupt import StopRequest, TrainingInterrupted
 from textrl.logger import RunLogger, new_run_dir, run_name
+from textrl.lora import attach, base_identity, is_peft
 from textrl.policy import ActorCritic, action_logprobs, shape_logits
 from textrl.protocol import TextVectorEnv
 from textrl.rollout import Rollout, Sampling, collect_rollout
@@ -117,7 +118,17 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
             what = f"token id {bad[0]} is outside the env's {n_actions} actions" if bad else "every token is suppressed"
             raise ValueError(f"{type(self.config).__name__}: suppress_tokens: {what}")
         use_ref = self.config.kl_coef > 0 or self.config.kl_target is not None
-        self.policy = ActorCritic(model, self.config.value_model, reference=use_ref).to(self.device)
+        adapters = self.config.lora_rank > 0
+        if adapters and not is_peft(model):  # fresh adapters; a checkpoint's adapter folder loads with its own
+            cfg = self.config
+            model = attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_layers)
+        self.base_identity = base_identity(model) if is_peft(model) else None
+        """The base model under LoRA adapters (path and SHA-256 of config and weights), else None."""
+        # with agent-made adapters the starting policy is the base itself (peft starts B at zero): the
+        # reference is the base with the adapters off, not a copy of the weights
+        self.policy = ActorCritic(model, self.config.value_model, reference=use_ref, reference_is_base=adapters).to(
+            self.device
+        )
         self.policy.replay_memory_mb = self.config.replay_memory_mb
         # fused: one kernel over all parameters instead of a loop of small kernels per tensor
         fused = self.device.type in ("cpu", "cuda")
@@ -225,7 +236,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
             )
         rewards = rollout.rewards.clone()
         kl = None
-        if self.policy.ref_model is not None:
+        if self.policy.reference:
             with self.autocast():
                 ref = self.policy.reference_logprobs(
                     rollout.ids,

@@ -44,6 +44,16 @@ class AgentConfig(Sampling):
     rollout that needs more computes the update's forward instead (0 = never record)."""
     value_model: Literal["shared", "separate"] = "shared"
     """Value head on the policy trunk, or on a separate copy of the LM."""
+    lora_rank: int = 0
+    """Rank of LoRA adapters to train instead of every weight (peft's LoRA; 0 = full fine-tuning). The base
+    stays frozen, the reference is the base with the adapters off, checkpoints hold the adapters."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the adapters' term is multiplied by lora_alpha / lora_rank."""
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: names such as q_proj v_proj, or all-linear (every linear layer of the
+    blocks, not the LM head)."""
+    lora_layers: list[int] = dataclasses.field(default_factory=list)
+    """Indices of the blocks that get adapters (empty = all)."""
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
     autocast: Literal["none", "bf16", "fp16"] = "none"
@@ -83,6 +93,10 @@ class AgentConfig(Sampling):
             (self.kl_target is None or self.kl_target > 0, "kl_target must be > 0 (or None)"),
             (self.kl_horizon >= 1, "kl_horizon must be >= 1"),
             (self.replay_memory_mb >= 0, "replay_memory_mb must be >= 0"),
+            (self.lora_rank >= 0, "lora_rank must be >= 0 (0 = full fine-tuning)"),
+            (self.lora_rank == 0 or self.lora_alpha > 0, "lora_alpha must be > 0"),
+            (self.lora_rank == 0 or bool(self.lora_targets), "lora_targets must name modules (or all-linear)"),
+            (self.lora_rank == 0 or self.value_model == "shared", "LoRA runs need value_model='shared'"),
             (self.value_model in ("shared", "separate"), "value_model must be 'shared' or 'separate'"),
             (self.autocast in ("none", "bf16", "fp16"), "autocast must be 'none', 'bf16' or 'fp16'"),
             (self.log_interval >= 1, "log_interval must be >= 1"),

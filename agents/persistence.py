@@ -70,6 +70,7 @@ class PersistenceMixin:
                 "env_kwargs": env_kwargs,
                 "optimizer": skeleton,
                 "run_dir": str(self.run_dir) if self.run_dir else None,
+                "lora": self.base_identity,
                 "train": self.train_config,
                 "extra": self.extra_state(),
             },
@@ -135,6 +136,13 @@ class PersistenceMixin:
         env = make_vector_env(env, config.batch_size)
         _check_tokenizer(folder, state, env)
         agent = cls(env, lm=folder / "policy", config=config, tensorboard_log=tensorboard_log, seed=state["seed"])
+        saved, now = (state.get("lora") or {}), (agent.base_identity or {})
+        if saved.get("base_sha256") != now.get("base_sha256"):
+            raise ckpt.CheckpointError(
+                f"{folder} holds LoRA adapters for the base model {saved.get('base')!r} (sha256 "
+                f"{str(saved.get('base_sha256'))[:12]}), but the base loaded now is {now.get('base')!r} (sha256 "
+                f"{str(now.get('base_sha256'))[:12]}): resume it on the base it was trained on"
+            )
         agent._restore(folder, state)
         return agent
 

@@ -65,7 +65,7 @@ def resolve_lm_path(name_or_path: str | os.PathLike) -> Path | str:
         checkpoint = _checkpoint_in(path)  # first: a run folder has a config.json too (the run's settings)
         if checkpoint is not None:
             return checkpoint / "policy"
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
             return path
         raise LMNotFoundError(
             f"{path} is not a Hugging Face model folder (it has no config.json), nor a textrl checkpoint "
@@ -134,8 +134,9 @@ def load_lm(
     """Load a causal language model and its fast tokenizer.
 
     Args:
-        name_or_path: ``"tiny"`` (the embedded default), a local folder holding an HF causal LM, a textrl
-            checkpoint or run folder (its policy), or a hub id that is already in the local HF cache.
+        name_or_path: ``"tiny"`` (the embedded default), a local folder holding an HF causal LM, a peft
+            adapter folder (its base model, loaded by the same rules, with the adapters on top, trainable), a
+            textrl checkpoint or run folder (its policy), or a hub id that is already in the local HF cache.
         device: where to put the model.
         dtype: parameter dtype (float32 by default; the embedded model is stored in float32).
 
@@ -151,6 +152,8 @@ def load_lm(
     """
     where = resolve_lm_path(name_or_path)
     local = isinstance(where, Path)
+    if local and (where / "adapter_config.json").is_file() and not (where / "config.json").is_file():
+        return _load_adapter(where, device, dtype)
     try:
         config = AutoConfig.from_pretrained(where, local_files_only=True)
     except OSError as e:
@@ -195,6 +198,25 @@ def _attends_causally(model: PreTrainedModel) -> bool:
     before = model(input_ids=ids, attention_mask=mask).logits[0, :-1]  # (3, V)
     after = model(input_ids=changed, attention_mask=mask).logits[0, :-1]
     return torch.allclose(before.float(), after.float(), rtol=0.0, atol=1e-5)
+
+
+def _load_adapter(folder: Path, device, dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A peft adapter folder: its base model (by :func:`load_lm`'s rules) with the adapters on top,
+    trainable; the tokenizer saved beside the adapters, else the base model's."""
+    import peft
+
+    from textrl.lora import adapter_base
+
+    try:
+        base_name = adapter_base(folder)
+    except (OSError, ValueError) as e:
+        raise LMNotFoundError(f"cannot read the adapter folder {folder}: {e}") from None
+    base, tokenizer = load_lm(base_name, device=device, dtype=dtype)
+    with quiet_transformers():
+        model = peft.PeftModel.from_pretrained(base, folder, is_trainable=True).to(device)
+    if (folder / "tokenizer.json").is_file():
+        tokenizer = _load_tokenizer(folder)
+    return model.eval(), tokenizer
 
 
 def _load_tokenizer(where: Path | str) -> PreTrainedTokenizerFast:

@@ -198,7 +198,9 @@ class ActorCritic(nn.Module):
     Args:
         model: the HF causal LM to train (its parameters are trained in place).
         value_model: ``"shared"`` (value head on the policy trunk) or ``"separate"`` (own trunk copy).
-        reference: keep a frozen copy of ``model`` for KL penalties.
+        reference: keep a frozen reference model for KL penalties: a copy of ``model``, or with
+            ``reference_is_base`` (``model`` a peft model whose adapters start at zero) ``model`` itself
+            with its adapters switched off, so no second copy of the weights is kept.
         fast: run the model on the engine (:mod:`textrl.engine`) when it describes the architecture.
     """
 
@@ -207,6 +209,7 @@ class ActorCritic(nn.Module):
         model: PreTrainedModel,
         value_model: Literal["shared", "separate"] = "shared",
         reference: bool = True,
+        reference_is_base: bool = False,
         fast: bool = True,
     ):
         super().__init__()
@@ -227,7 +230,13 @@ class ActorCritic(nn.Module):
             self.value_model = copy.deepcopy(model).eval()
             self.value_core = make_core(self.value_model, fast)
         self.ref_model = None
-        if reference:
+        self.reference = reference
+        self.reference_is_base = reference and reference_is_base
+        if self.reference_is_base:
+            if not hasattr(model, "disable_adapter"):
+                raise ValueError("reference_is_base needs a peft model (its adapters are switched off there)")
+            self.ref_core = self.core
+        elif reference:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
             self.ref_core = make_core(self.ref_model, fast)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -311,14 +320,18 @@ class ActorCritic(nn.Module):
         One pass over the finished sequences is cheaper than a second cached forward at every rollout step
         (one large matmul instead of T small ones).
         """
-        if self.ref_model is None:
+        if not self.reference:
             raise RuntimeError("this policy was built without a reference model (reference=False)")
-        logits, _ = self.ref_core.forward(ids[:, :-1], mask[:, :-1], prompt_len - 1)  # (B, T, V)
+        if self.reference_is_base:
+            with self.model.disable_adapter():
+                logits, _ = self.ref_core.forward(ids[:, :-1], mask[:, :-1], prompt_len - 1)  # (B, T, V)
+        else:
+            logits, _ = self.ref_core.forward(ids[:, :-1], mask[:, :-1], prompt_len - 1)
         return action_logprobs(logits.float(), actions, suppress_tokens=suppress_tokens)[0]
 
     def trainable_parameters(self):
-        """Policy trunk + value head (+ value trunk); never the reference."""
-        params = list(self.model.parameters()) + list(self.value_head.parameters())
+        """Policy trunk (the adapters alone, with LoRA) + value head (+ value trunk); never the reference."""
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
         if self.value_model is not None:
             params += list(self.value_model.parameters())
         return params
