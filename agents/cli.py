@@ -56,6 +56,9 @@ class ExportConfig:
     """Folder to write the Hugging Face model to (absent or empty, unless --force)."""
     force: bool = False
     """Write into a non-empty folder, replacing its files."""
+    merge: bool = False
+    """Merge a LoRA run's adapters into the base weights: a plain Hugging Face folder (without it, the adapter
+    folder in peft's format)."""
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -126,7 +129,7 @@ def _export(args: argparse.Namespace) -> int:
     from textrl.export import export_lm
 
     cfg = from_args(ExportConfig, args)
-    source, written = export_lm(cfg.source, cfg.out, force=cfg.force)
+    source, written = export_lm(cfg.source, cfg.out, force=cfg.force, merge=cfg.merge)
     print(f"exported {source.parent if source.name == 'policy' else source} to {cfg.out}:")
     for path in written:
         print(f"  {path.name} ({_size(path.stat().st_size)})")
@@ -189,7 +192,8 @@ def _resumed_agent(argv: list[str]) -> str | None:
 def _command_configs(command: str, agent: str | None) -> list[tuple[type, tuple[str, ...]]]:
     """``(config dataclass, fields that are not ``--field VALUE`` flags)`` for each config behind a command.
 
-    The fields set apart are positional arguments, or the switch ``--force``; config files cannot set them.
+    The fields set apart are positional arguments, or the switches ``--force`` and ``--merge``; config files
+    cannot set them.
     """
     from agents import AGENTS
     from agents.runner import TrainConfig
@@ -199,7 +203,7 @@ def _command_configs(command: str, agent: str | None) -> list[tuple[type, tuple[
     configs: dict[str, list[tuple[type, tuple[str, ...]]]] = {
         "train": [(TrainConfig, ()), (AGENTS.get(agent or "ppo", AGENTS["ppo"]).config_class, ())],
         "generate": [(GenerateConfig, ())],
-        "export": [(ExportConfig, ("source", "out", "force"))],
+        "export": [(ExportConfig, ("source", "out", "force", "merge"))],
         "pretrain": [(PretrainConfig, ())],
         "plot": [(PlotConfig, ("runs",))],
     }
@@ -240,8 +244,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         for cls, special in configs:
             docs = field_docs(cls)
             for name in special:
-                if name == "force":  # a switch: `textrl export RUN OUT --force`
-                    p.add_argument("--force", action="store_true", default=argparse.SUPPRESS, help=docs[name])
+                if name in ("force", "merge"):  # switches: `textrl export RUN OUT --merge --force`
+                    p.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=docs[name])
                     continue
                 kwargs = {"nargs": "+"} if name == "runs" else {}
                 metavar = {"runs": "RUN", "source": "RUN|CHECKPOINT", "out": "OUT"}[name]

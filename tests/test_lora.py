@@ -109,3 +109,25 @@ def test_bad_lora_settings_are_clear_errors(llama_dir):
         REINFORCEConfig(lora_rank=4, lora_alpha=0).validate()
     with pytest.raises(ValueError, match=r"match no module.*q_proj"):
         REINFORCE(_env(llama_dir), config=_config(REINFORCEConfig, lora_targets=["attention_qkv"]), seed=0)
+
+
+def test_export_writes_the_adapter_folder_or_merges_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from agents.cli import main
+
+    agent = REINFORCE(_env("tiny"), config=_config(REINFORCEConfig), seed=2)
+    agent.learn(2 * 8 * 8)
+    saved = agent.save(tmp_path / "ckpt")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = agent.policy.core.forward(ids, torch.ones_like(ids))[0]
+    assert main(["export", str(saved), str(tmp_path / "adapters")]) == 0
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
+    assert main(["export", str(saved), str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # transformers alone
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+    full = REINFORCE(_env("tiny"), config=REINFORCEConfig(batch_size=8, group_size=4), seed=0).save(tmp_path / "full")
+    assert main(["export", str(full), str(tmp_path / "nothing"), "--merge"]) == 2  # a one-line error

@@ -14,9 +14,12 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from textrl.lm import LMNotFoundError, load_lm, quiet_transformers, resolve_lm_path
+from textrl.lora import is_peft
 
 
-def export_lm(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> tuple[Path, list[Path]]:
+def export_lm(
+    source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, merge: bool = False
+) -> tuple[Path, list[Path]]:
     """Write the policy of a run or checkpoint (or any local model) as a plain Hugging Face model folder.
 
     ``out`` gets the weights (safetensors), ``config.json``, ``generation_config.json``, the tokenizer
@@ -29,6 +32,12 @@ def export_lm(source: str | os.PathLike, out: str | os.PathLike, *, force: bool 
         out: the folder to write; it must be absent or empty unless ``force``.
         force: write into a non-empty ``out``, replacing its files (weights of an earlier export in it are
             removed first, so no stale shard is left next to the new ones).
+        merge: for a policy with LoRA adapters, merge them into the base weights and write a plain model
+            folder; without it such a policy is written as peft's adapter folder (``adapter_config.json``,
+            ``adapter_model.safetensors``) for ``peft.PeftModel.from_pretrained(base, out)``.
+
+    Raises:
+        ValueError: ``merge`` for a policy without adapters, or a bad ``out``.
 
     Returns:
         ``(model folder read, files written)``.
@@ -48,6 +57,10 @@ def export_lm(source: str | os.PathLike, out: str | os.PathLike, *, force: bool 
             for stale in out.glob(pattern):
                 stale.unlink()
     model, tokenizer = load_lm(where)
+    if merge:
+        if not is_peft(model):
+            raise ValueError(f"--merge: {source} has no LoRA adapters to merge (it is a full model); export it without")
+        model = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     before = {p: p.stat().st_mtime_ns for p in out.iterdir()}
     with quiet_transformers():
@@ -77,10 +90,28 @@ def _model_card(where: Path, model: PreTrainedModel, out: Path) -> str:
         "# textrl policy\n\n"
         "A causal language model trained with reinforcement learning by textrl, exported as a plain "
         "Hugging Face model folder.\n\n"
-        f"| | |\n|-|-|\n{table}\n\n"
+        f"| | |\n|-|-|\n{table}\n\n" + (_adapter_usage(model, out) if is_peft(model) else _plain_usage(out))
+    )
+
+
+def _plain_usage(out: Path) -> str:
+    return (
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "```\n"
+    )
+
+
+def _adapter_usage(model, out: Path) -> str:
+    base = model.get_base_model().config._name_or_path
+    return (
+        "LoRA adapters in peft's format, for the base model below.\n\n"
+        "```python\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r})\n"
         f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})\n"
         "```\n"
     )
