@@ -29,8 +29,9 @@ import transformers
 from textrl.core import HFCore, make_core
 from textrl.lm import load_tokenizer
 
-SIZES = {"tiny": (4, 256), "small": (8, 512), "medium": (12, 768)}
-"""name -> (layers, width); heads are width / 64, kv heads half the heads (Llama-style families)."""
+SIZES = {"tiny": (4, 256), "small": (8, 512), "medium": (12, 768), "large": (12, 1024)}
+"""name -> (layers, width); heads are width / 64, kv heads half the heads (Llama-style families). ``large`` is
+a ~148M-parameter Llama (the LoRA memory comparison of ``peers.py --lora-rank``)."""
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 """--arch -> the transformers class prefix (``LlamaConfig``, ``LlamaForCausalLM``, ...)."""
 
@@ -89,7 +90,9 @@ def max_difference(core, reference, ids, mask, new_tokens: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["gpt2", *FAMILIES], default="llama", help="model family")
-    parser.add_argument("--size", choices=list(SIZES), default="small", help="tiny 4x256, small 8x512, medium 12x768")
+    parser.add_argument(
+        "--size", choices=list(SIZES), default="small", help="tiny 4x256, small 8x512, medium 12x768, large 12x1024"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="values of B")
     parser.add_argument("--prompt-len", type=int, default=8, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=32, help="sampled tokens per row")

@@ -25,6 +25,12 @@ temperature 1, no top-k/top-p; the reward is the fraction of the completion's wo
 KL (``--kl``, default on, textrl's default): textrl ``kl_coef=0.05`` (a reference pass per batch), TRL
 ``beta=0.05`` (GRPO/RLOO) and ``kl_coef=0.05`` (PPO); the plain loop and SB3 have no reference model.
 With ``--kl off`` every coefficient is 0 and the reference model is dropped, except TRL PPO's, which always runs.
+``--lora-rank R`` (default 0: full fine-tuning) trains LoRA adapters (peft) of rank R, alpha 2R, dropout 0, on
+every linear layer of the blocks (not the LM head) instead of every weight, in the systems that can: textrl PPO
+and REINFORCE (``lora_rank``/``lora_alpha``; their reference is the base with the adapters off) and TRL GRPO and
+RLOO (``peft_config``); it is then the default set of ``--systems``, and naming another (``plain``, ``sb3``,
+``sb3-policy``, ``trl-ppo``) is an argparse error. The FLOP bound (which counts full fine-tuning's weight
+gradients) is skipped.
 
 Measurement: every (system, B) run is a subprocess of its own (its peak RSS, ``ru_maxrss``, is its own),
 runs are interleaved round by round (round 1: every system and B, then round 2, ...) so drifts in machine
@@ -42,6 +48,7 @@ the issue's speed targets ticked. The report is printed and written to ``--out``
     python benchmarks/peers.py --batch-sizes 16 --systems ppo grpo --rounds 1 --iters 2   # a quick look
     python benchmarks/peers.py --learning                        # wall-clock to a reward: textrl PPO vs GRPO
     python benchmarks/peers.py --arch llama --size small         # a random Llama, 8 layers x 512 (engine_decode.py)
+    python benchmarks/peers.py --arch llama --size large --lora-rank 16 --batch-sizes 16   # LoRA, a ~150M Llama
     python benchmarks/peers.py --lm ~/models/Qwen2.5-0.5B --batch-sizes 16 --systems ppo grpo   # any HF causal LM
 
 TRL PPO needs its own venv (TRL 1.12; install torch first, or pip pulls a CUDA build):
@@ -85,6 +92,27 @@ SYSTEMS = {
 KL_COEF = 0.05
 """KL coefficient of every system that has a reference model, with ``--kl on`` (textrl's default)."""
 DEFAULT_TRL_PPO_PYTHON = HERE.parents[1] / ".venv-trl112" / "bin" / "python"
+LORA_SYSTEMS = ("ppo", "reinforce", "grpo", "rloo")
+"""The systems that train LoRA adapters with ``--lora-rank``; the others train every weight only."""
+
+
+def training(lora_rank: int) -> str:
+    """What is trained, as the report's header says it."""
+    if lora_rank > 0:
+        return f"LoRA rank {lora_rank} (alpha {2 * lora_rank}, all linear layers)"
+    return "full fine-tuning"
+
+
+def with_training(text: str, lora_rank: int) -> str:
+    """The report with what is trained added to its header line (the ``Model:`` line)."""
+    lines = text.split("\n")
+    i = next(i for i, line in enumerate(lines) if line.startswith("Model: "))
+    anchor = "one optimisation step per batch;"
+    if anchor in lines[i]:
+        lines[i] = lines[i].replace(anchor, f"{anchor} {training(lora_rank)};", 1)
+    else:
+        lines[i] += f" {training(lora_rank)}."
+    return "\n".join(lines)
 
 
 # --- the workload ---------------------------------------------------------------------------------------
@@ -202,11 +230,14 @@ class Stopwatch:
         return seconds
 
 
-def stepwise_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool) -> list[dict]:
+def stepwise_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0) -> list[dict]:
     """textrl, the plain loop and SB3: ``rl_speed`` runners, one ``iteration()`` per step."""
+    if lora_rank > 0 and system not in LORA_SYSTEMS:
+        raise ValueError(f"{system} cannot train LoRA adapters")
     watch = Stopwatch()
     if system in ("ppo", "reinforce"):
-        runner = rl_speed.TextRLRunner(system, work, batch, seed, kl_coef=KL_COEF if kl else 0.0)
+        kl_coef = KL_COEF if kl else 0.0
+        runner = rl_speed.TextRLRunner(system, work, batch, seed, kl_coef=kl_coef, lora_rank=lora_rank)
         watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
     elif system == "plain":
         runner = rl_speed.PlainRunner(work, batch, seed)
@@ -232,8 +263,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def measure(system: str, work, batch: int, steps: int, warmup: int, threads: int, seed: int, kl: bool) -> dict:
-    """Build one system and run ``steps`` iterations (the first ``warmup`` are not timed); per-step rows."""
+def measure(
+    system: str, work, batch: int, steps: int, warmup: int, threads: int, seed: int, kl: bool, lora_rank: int = 0
+) -> dict:
+    """Build one system and run ``steps`` iterations (the first ``warmup`` are not timed); per-step rows.
+    ``lora_rank > 0``: LoRA adapters of that rank (``LORA_SYSTEMS`` only)."""
     import torch
 
     trl_systems.quiet()
@@ -252,8 +286,11 @@ def measure(system: str, work, batch: int, steps: int, warmup: int, threads: int
             learning_rate=rl_speed.LEARNING_RATE,
             beta=KL_COEF if kl else 0.0,
             seed=seed,
+            lora_rank=lora_rank,
         )
     elif system == "trl-ppo":
+        if lora_rank > 0:
+            raise ValueError("trl-ppo cannot train LoRA adapters")
         rows = trl_systems.run_trl_ppo(
             work.lm,
             work.prompts,
@@ -266,7 +303,7 @@ def measure(system: str, work, batch: int, steps: int, warmup: int, threads: int
             seed=seed,
         )
     else:
-        rows = stepwise_rows(system, work, batch, steps, seed, kl)
+        rows = stepwise_rows(system, work, batch, steps, seed, kl, lora_rank)
     expected = batch * work.new_tokens
     for i, row in enumerate(rows):
         if row["tokens"] != expected:
@@ -313,10 +350,12 @@ def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
     if args.in_process:
         if system == "flops":
             return measure_flops(work, batch, args.threads, args.kl == "on")
-        return measure(system, work, batch, steps, warmup, args.threads, args.seed, args.kl == "on")
+        kl = args.kl == "on"
+        return measure(system, work, batch, steps, warmup, args.threads, args.seed, kl, args.lora_rank)
     command = [interpreter(system, args), __file__, "--worker", system, "--batch", str(batch)]
     command += ["--workdir", str(workdir), "--steps", str(steps), "--warmup", str(warmup)]
     command += ["--threads", str(args.threads), "--seed", str(args.seed), "--kl", args.kl]
+    command += ["--lora-rank", str(args.lora_rank)]
     env = {**os.environ, **trl_systems.QUIET_ENV}
     try:
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -330,12 +369,26 @@ def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], help="values of B")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS), help="what to run")
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        choices=list(SYSTEMS),
+        help="what to run (default: all; with --lora-rank: those with LoRA)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one run per system and B each)")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per run before the timed ones")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--kl", choices=["on", "off"], default="on", help="KL penalty to a reference model")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train LoRA adapters of rank R (alpha 2R, all linear layers) in "
+        + ", ".join(LORA_SYSTEMS)
+        + " (0 = full)",
+    )
     parser.add_argument("--sb3-max-batch", type=int, default=16, help="largest B for naive SB3 (~4 GB RSS at 16)")
     parser.add_argument("--sb3-iters", type=int, default=1, help="timed iterations of naive SB3 (~15 s each)")
     parser.add_argument("--trl-ppo-python", type=Path, default=DEFAULT_TRL_PPO_PYTHON, help="python with trl 1.12")
@@ -350,7 +403,12 @@ def main(argv: list[str] | None = None) -> None:
     model.add_argument(
         "--lm", metavar="FOLDER", help="an HF causal-LM folder with its tokenizer instead (makes the prompts too)"
     )
-    parser.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny", help="its size (with --arch)")
+    parser.add_argument(
+        "--size",
+        choices=["tiny", "small", "medium", "large"],
+        default="tiny",
+        help="its size (with --arch; large: 12 x 1024)",
+    )
     parser.add_argument("--in-process", action="store_true", help="run every system in this process (tests)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-bound measurement")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is abandoned")
@@ -365,6 +423,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.lm and args.tiny_random:
         parser.error("argument --lm: not allowed with argument --tiny-random")
+    if args.lora_rank < 0:
+        parser.error(f"argument --lora-rank: must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
+    if args.lora_rank > 0 and args.learning:
+        parser.error("argument --lora-rank: not allowed with argument --learning")
+    if args.systems is None:
+        args.systems = [s for s in SYSTEMS if s in LORA_SYSTEMS or not args.lora_rank]
+    cannot = [s for s in args.systems if s not in LORA_SYSTEMS]
+    if args.lora_rank > 0 and cannot:
+        parser.error(
+            f"argument --lora-rank: {', '.join(cannot)} cannot train LoRA adapters (only {', '.join(LORA_SYSTEMS)}); "
+            "leave them out of --systems"
+        )
 
     if args.worker:  # a subprocess: one measurement, printed as JSON on the last line
         trl_systems.quiet(logs=True)
@@ -376,8 +446,8 @@ def main(argv: list[str] | None = None) -> None:
 
             result = peer_learning.worker(args.worker, work, args)
         else:
-            kl = args.kl == "on"
-            result = measure(args.worker, work, args.batch, args.steps, args.warmup, args.threads, args.seed, kl)
+            kl, lora = args.kl == "on", args.lora_rank
+            result = measure(args.worker, work, args.batch, args.steps, args.warmup, args.threads, args.seed, kl, lora)
         print(json.dumps(result))
         return
     if args.learning:
@@ -406,6 +476,11 @@ def main(argv: list[str] | None = None) -> None:
         if model_type != "gpt2" and not args.no_flops:  # flop_bound.py counts GPT-2's matmuls (--arch, --lm)
             args.no_flops = True
             skipped.append(f"FLOP bound skipped: it models GPT-2's matmuls, not {model_type}'s")
+        if args.lora_rank > 0 and not args.no_flops:
+            args.no_flops = True
+            skipped.append(
+                "FLOP bound skipped: it counts full fine-tuning's weight gradients, which LoRA does not take"
+            )
         if not args.no_flops:
             jobs += [("flops", b) for b in args.batch_sizes]
         runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
@@ -432,6 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     text = peer_report.report(
         results, bounds, errors, args, work, skipped, load, labels=SYSTEMS, kl_coef=KL_COEF, versions=library_versions()
     )
+    text = with_training(text, args.lora_rank)
     print(text)
     out = args.out or HERE / "results" / f"peers-{datetime.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

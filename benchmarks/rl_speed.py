@@ -185,8 +185,12 @@ def build_workload(folder: Path, tiny_random: bool, prompt_tokens: int, new_toke
 class TextRLRunner:
     """A textrl agent: an iteration is one ``learn()`` iteration, a rollout is ``collect()``."""
 
-    def __init__(self, system: str, work: Workload, batch: int, seed: int, kl_coef: float | None = None):
-        """``kl_coef`` (when given) replaces the system's own KL coefficient (0, or the default for ``ppo-kl``)."""
+    def __init__(
+        self, system: str, work: Workload, batch: int, seed: int, kl_coef: float | None = None, lora_rank: int = 0
+    ):
+        """``kl_coef`` (when given) replaces the system's own KL coefficient (0, or the default for ``ppo-kl``);
+        ``lora_rank > 0`` trains LoRA adapters of that rank (alpha 2 x rank, every linear layer of the blocks)
+        instead of every weight."""
         from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
         from envs import TextGenEnv
 
@@ -197,6 +201,8 @@ class TextRLRunner:
         eos = env.engine.tokenizer.eos_token_id
         common = {"batch_size": batch, "learning_rate": LEARNING_RATE, "device": "cpu", "kl_coef": kl}
         common["suppress_tokens"] = [eos]
+        if lora_rank > 0:  # lora_targets: the default, all-linear (not the LM head)
+            common |= {"lora_rank": lora_rank, "lora_alpha": 2.0 * lora_rank}
         if system in ("ppo", "ppo-kl"):
             agent = PPO(env, config=PPOConfig(**common, n_epochs=1, minibatch_size=batch), seed=seed, verbose=0)
         elif system == "ppo-4epochs":

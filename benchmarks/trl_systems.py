@@ -98,6 +98,7 @@ def run_group_trainer(
     seed: int,
     suppress_eos: bool = True,
     callbacks: list | None = None,
+    lora_rank: int = 0,
 ) -> list[dict]:
     """TRL GRPOTrainer (``kind="grpo"``) or RLOOTrainer (``"rloo"``): ``steps`` steps of ``batch`` completions.
 
@@ -108,7 +109,9 @@ def run_group_trainer(
     constant learning rate, no logging, saving or reporting. ``beta`` is the KL coefficient (0 drops the
     reference model; GRPO adds the k3 KL to the per-token loss, RLOO subtracts ``beta`` x the summed k1 KL
     from the reward). RLOO always runs an extra no-grad pass for the old log-probs; GRPO skips it when
-    generation and optimisation are aligned, as here.
+    generation and optimisation are aligned, as here. ``lora_rank > 0`` trains peft LoRA adapters of that rank
+    (``peft_config``: alpha 2 x rank, dropout 0, every linear layer of the blocks, ``"all-linear"``) instead of
+    every weight; the reference is then the base with the adapters off.
 
     Returns:
         The per-step rows.
@@ -145,6 +148,13 @@ def run_group_trainer(
     )
     rows: list[dict] = []
     state = {"last": 0.0, "rollout": 0.0, "tokens": 0}
+    lora = {}
+    if lora_rank > 0:
+        from peft import LoraConfig
+
+        lora["peft_config"] = LoraConfig(
+            r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     trainer = Trainer(
         model=lm,
         reward_funcs=reward,
@@ -152,6 +162,7 @@ def run_group_trainer(
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=tokenizer,
         callbacks=[_step_timer(rows, state), *(callbacks or [])],
+        **lora,
     )
     trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every log
     generate = trainer._generate_and_score_completions

@@ -202,3 +202,70 @@ def test_peers_benchmark_rejects_an_lm_folder_it_cannot_run(tmp_path, capsys, ll
         module.main(["--lm", str(llama_gqa_dir), "--arch", "llama"])
     err = capsys.readouterr().err
     assert re.search(r"error: argument --(arch|lm): not allowed with argument --(lm|arch)$", err, re.M), err
+
+
+def test_peers_benchmark_lora_rank_trains_adapters_and_refuses_full_only_systems(tmp_path, capsys, monkeypatch):
+    """``--lora-rank 4``: textrl REINFORCE (and TRL GRPO where TRL is installed) train rank-4 adapters (alpha 8) with
+    the base frozen; the report's header says so and each has a positive tok/s row; the FLOP bound is skipped with a
+    reason. ``--lora-rank 4 --systems plain``: an argparse error naming the system, nothing measured."""
+    peft = pytest.importorskip("peft")
+    module = _load("peers", "peers_benchmark")
+    for name, value in module.trl_systems.QUIET_ENV.items():  # set by the run; restored after the test
+        monkeypatch.setenv(name, value)
+    seen = {}
+    runner_cls = module.rl_speed.TextRLRunner
+
+    def runner(*args, **kwargs):  # the textrl agent as built: its LoRA settings and what its optimizer trains
+        built = runner_cls(*args, **kwargs)
+        agent = built.agent
+        trainable = {id(p) for group in agent.optimizer.param_groups for p in group["params"]}
+        named = dict(agent.policy.model.named_parameters())
+        seen["reinforce"] = (agent.config.lora_rank, agent.config.lora_alpha, trainable, named)
+        return built
+
+    monkeypatch.setattr(module.rl_speed, "TextRLRunner", runner)
+    systems = ["reinforce"]
+    if importlib.util.find_spec("trl"):
+        import trl
+
+        systems.append("grpo")
+        trainer_cls = trl.GRPOTrainer
+
+        class Recorded(trainer_cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                seen["grpo"] = self.model
+
+        monkeypatch.setattr(trl, "GRPOTrainer", Recorded)
+    report = tmp_path / "peers.md"
+    args = ["--tiny-random", "--in-process", "--batch-sizes", "4", "--new-tokens", "4", "--iters", "1"]
+    module.main(
+        [*args, "--warmup", "1", "--rounds", "1", "--lora-rank", "4", "--systems", *systems, "--out", str(report)]
+    )
+    text = report.read_text()
+    header = text.split("\n## ")[0]
+    assert "LoRA rank 4 (alpha 8, all linear layers)" in header and "full fine-tuning" not in header, header
+    for system in systems:
+        label = re.escape(module.SYSTEMS[system])
+        (speed,) = re.findall(rf"^\| {label} \| ([\d,]+) ±\d+% \| - \|", text, re.M)  # no PPO row: no ratios
+        assert float(speed.replace(",", "")) > 0, text
+    assert "FLOP bound skipped: it counts full fine-tuning's weight gradients" in text
+    rank, alpha, trainable, named = seen["reinforce"]
+    assert (rank, alpha) == (4, 8.0)
+    adapters = {id(p) for n, p in named.items() if "lora_" in n}
+    assert adapters and adapters <= trainable and not trainable & {id(p) for n, p in named.items() if "lora_" not in n}
+    if "grpo" in systems:
+        model = seen["grpo"]
+        assert isinstance(model, peft.PeftModel)
+        config = model.peft_config["default"]
+        assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 8, 0.0)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            n for n, _ in model.named_parameters() if "lora_" in n
+        }
+
+    refused = tmp_path / "refused.md"
+    with pytest.raises(SystemExit):
+        module.main(["--tiny-random", "--in-process", "--lora-rank", "4", "--systems", "plain", "--out", str(refused)])
+    err = capsys.readouterr().err
+    assert re.search(r"error: argument --lora-rank: plain cannot train LoRA adapters", err), err
+    assert not refused.exists()
