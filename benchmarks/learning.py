@@ -6,11 +6,13 @@ completion contains "love" (``keyword_reward``). Prints a markdown table per age
 
     python benchmarks/learning.py                          # REINFORCE and PPO, 60k tokens each
     python benchmarks/learning.py --agents ppo --budget 20000
+    python benchmarks/learning.py --lora-rank 16 --lora-lr-scale 10   # LoRA adapters (all-linear), lr x 10
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -27,8 +29,11 @@ CONFIGS = {
 PROMPTS = ["ROMEO:\n", "And God said", "My lord,"]
 
 
-def run(name: str, budget: int, every: int, seed: int) -> None:
+def run(name: str, budget: int, every: int, seed: int, lora_rank: int = 0, lora_lr_scale: float = 1.0) -> None:
     cls, config = CONFIGS[name]
+    if lora_rank:  # adapters on every linear layer; they usually want a larger learning rate
+        lr = config.learning_rate * lora_lr_scale
+        config = dataclasses.replace(config, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank, learning_rate=lr)
     env = TextGenEnv(lm="tiny", reward=keyword_reward(include=["love"]), max_new_tokens=24)
     agent = cls(env, config=config, seed=seed)
     before = agent.generate(PROMPTS, deterministic=False)
@@ -60,10 +65,12 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=60_000, help="generated tokens per agent")
     parser.add_argument("--every", type=int, default=10_000, help="table row width in tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0 = all weights)")
+    parser.add_argument("--lora-lr-scale", type=float, default=1.0, help="learning-rate multiplier with LoRA")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.agents:
-        run(name, args.budget, args.every, args.seed)
+        run(name, args.budget, args.every, args.seed, args.lora_rank, args.lora_lr_scale)
 
 
 if __name__ == "__main__":
