@@ -82,11 +82,15 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         seed: int | None = None,
         verbose: int = 1,
         runtime: Runtime | None = None,
+        reference_is_base: bool | None = None,
     ):
         """``env``: a textrl env (id, single or vector env); ``lm``: the policy's language model, as a name
         or folder (default: the env's own LM) or a ready ``PreTrainedModel`` (trained in place; the env's
         tokenizer goes with it, and its vocabulary must cover the env's actions); ``runtime``: device and
-        process layout (default: one process on ``config.device``, :meth:`textrl.runtime.Runtime.local`)."""
+        process layout (default: one process on ``config.device``, :meth:`textrl.runtime.Runtime.local`);
+        ``reference_is_base``: with LoRA, whether the KL reference is the base model with the adapters off
+        (default: when this agent attaches fresh adapters, which start at zero) or a frozen copy of the
+        starting model (an adapter given to train further: the reference is that adapter as it started)."""
         from textrl.lm import load_lm
 
         self.config = config if config is not None else self.config_class()
@@ -118,17 +122,18 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
             what = f"token id {bad[0]} is outside the env's {n_actions} actions" if bad else "every token is suppressed"
             raise ValueError(f"{type(self.config).__name__}: suppress_tokens: {what}")
         use_ref = self.config.kl_coef > 0 or self.config.kl_target is not None
-        adapters = self.config.lora_rank > 0
-        if adapters and not is_peft(model):  # fresh adapters; a checkpoint's adapter folder loads with its own
+        fresh = self.config.lora_rank > 0 and not is_peft(model)  # an adapter folder or object comes with its own
+        if fresh:
             cfg = self.config
             model = attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_layers)
+        self.reference_is_base = fresh if reference_is_base is None else reference_is_base
         self.base_identity = base_identity(model) if is_peft(model) else None
         """The base model under LoRA adapters (path and SHA-256 of config and weights), else None."""
         # with agent-made adapters the starting policy is the base itself (peft starts B at zero): the
         # reference is the base with the adapters off, not a copy of the weights
-        self.policy = ActorCritic(model, self.config.value_model, reference=use_ref, reference_is_base=adapters).to(
-            self.device
-        )
+        self.policy = ActorCritic(
+            model, self.config.value_model, reference=use_ref, reference_is_base=self.reference_is_base
+        ).to(self.device)
         self.policy.replay_memory_mb = self.config.replay_memory_mb
         # fused: one kernel over all parameters instead of a loop of small kernels per tensor
         fused = self.device.type in ("cpu", "cuda")

@@ -71,6 +71,7 @@ class PersistenceMixin:
                 "optimizer": skeleton,
                 "run_dir": str(self.run_dir) if self.run_dir else None,
                 "lora": self.base_identity,
+                "reference_is_base": self.reference_is_base,
                 "train": self.train_config,
                 "extra": self.extra_state(),
             },
@@ -135,7 +136,14 @@ class PersistenceMixin:
             )
         env = make_vector_env(env, config.batch_size)
         _check_tokenizer(folder, state, env)
-        agent = cls(env, lm=folder / "policy", config=config, tensorboard_log=tensorboard_log, seed=state["seed"])
+        agent = cls(
+            env,
+            lm=folder / "policy",
+            config=config,
+            tensorboard_log=tensorboard_log,
+            seed=state["seed"],
+            reference_is_base=bool(state.get("reference_is_base", False)),
+        )
         saved, now = (state.get("lora") or {}), (agent.base_identity or {})
         if saved.get("base_sha256") != now.get("base_sha256"):
             raise ckpt.CheckpointError(

@@ -131,3 +131,35 @@ def test_export_writes_the_adapter_folder_or_merges_it(tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
     full = REINFORCE(_env("tiny"), config=REINFORCEConfig(batch_size=8, group_size=4), seed=0).save(tmp_path / "full")
     assert main(["export", str(full), str(tmp_path / "nothing"), "--merge"]) == 2  # a one-line error
+
+
+def test_textrl_train_with_lora_runs_on_the_engine_and_resumes(tmp_path, capsys):
+    from agents.cli import main
+
+    runs = tmp_path / "runs"
+    start = ["train", "--env", "textrl/TextGen-v0", "--env-kwargs", '{"max_new_tokens": 4}', "--agent", "reinforce"]
+    start += ["--batch-size", "4", "--group-size", "2", "--lora-rank", "4", "--lora-targets", "c_attn", "c_fc"]
+    assert main([*start, "--total-timesteps", "16", "--tensorboard-log", str(runs), "--progress", "0"]) == 0
+    assert "runs on the engine (gpt2)" in capsys.readouterr().out
+    (run,) = runs.iterdir()
+    assert main(["train", "--resume", str(run), "--total-timesteps", "32", "--progress", "0"]) == 0
+    newest = max((run / "checkpoints").glob("step-*"))
+    state = json.loads((newest / "state.json").read_text())
+    assert state["num_timesteps"] >= 32 and state["config"]["lora_targets"] == ["c_attn", "c_fc"]
+    adapter = json.loads((newest / "policy" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["c_attn", "c_fc"]
+
+
+def test_starting_from_an_adapter_trains_it_further_against_a_frozen_copy_of_it(tmp_path):
+    trained = REINFORCE(_env("tiny"), config=_config(REINFORCEConfig), seed=3)
+    trained.learn(2 * 8 * 8)
+    adapter = trained.save(tmp_path / "ckpt") / "policy"
+    agent = REINFORCE(_env("tiny"), lm=adapter, config=_config(REINFORCEConfig), seed=0)
+    assert not agent.reference_is_base and agent.policy.ref_model is not None  # the starting adapter, frozen
+    rollout, _, kl = agent.collect()
+    assert kl.abs().max() < 1e-5  # the reference is the starting policy, adapters included
+    P, ids, mask = rollout.prompt_len, rollout.ids, rollout.attention_mask
+    with torch.no_grad(), agent.policy.model.disable_adapter():
+        base = agent.policy.core.forward(ids[:, :-1], mask[:, :-1], P - 1)[0]  # the bare base, same positions
+    base_logprobs = base.float().log_softmax(-1).gather(-1, rollout.actions[..., None])[..., 0]
+    assert (base_logprobs - rollout.logprobs)[rollout.action_mask].abs().max() > 1e-3  # not the bare base

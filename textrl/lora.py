@@ -43,8 +43,14 @@ def attach(model: nn.Module, rank: int, alpha: float, targets: list[str], layers
     if not targets:
         raise ValueError(f"lora_targets names no module; use {ALL_LINEAR!r} or names such as q_proj")
     target = ALL_LINEAR if list(targets) == [ALL_LINEAR] else list(targets)
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # GPT-2 stores weights (in, out)
     config = peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target, layers_to_transform=layers or None
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=target,
+        layers_to_transform=layers or None,
+        fan_in_fan_out=conv1d,
     )
     try:
         return peft.get_peft_model(model, config)
