@@ -70,7 +70,7 @@ class Engine(nn.Module):
         except Unsupported as e:
             raise ValueError(f"the engine cannot run this model: {e}") from None
         self.model = model
-        input_major(spec)  # in place, on CPU: decode steps of few rows run faster (see input_major)
+        input_major(spec, model)  # in place, on CPU: decode steps of few rows run faster (see input_major)
         self._spec = [spec]  # in a list: the spec's modules are the model's, not submodules of the engine
         self.arch = spec.arch
         """The architecture family it runs as (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""

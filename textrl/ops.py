@@ -99,9 +99,14 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def input_major(spec: Spec) -> int:
+def input_major(spec: Spec, model: nn.Module | None = None) -> int:
     """Store every block ``nn.Linear`` weight input-major (its (in, out) transpose contiguous, the logical
     (out, in) tensor a strided view of it), in place; returns how many were changed.
+
+    With ``model`` given, its other CPU parameters are copied into memory of their own as well, when any
+    weight was re-strided: transformers maps a safetensors file into memory and the loaded parameters
+    point into that mapping, which stays resident as long as any of them does; once every parameter has
+    its own copy the mapping is released, and the re-strided weights do not cost their size twice.
 
     Values, shapes and the ``Parameter`` objects are unchanged; only the memory order is. On CPU a matmul of a
     few rows (a decode step: B rows) against an (out, in)-contiguous weight runs well below the speed of the
@@ -110,15 +115,20 @@ def input_major(spec: Spec) -> int:
     :class:`textrl.replay._Replayed` follow the weight's strides), so nothing is transposed per step. Done on
     CPU only: GPU matmul libraries take either order at full speed.
     """
-    changed = 0
+    restrided = set()
     for layer in spec.layers:
         for module in map(base_layer, layer.linears()):
             w = module.weight
             if isinstance(module, nn.Linear) and w.device.type == "cpu" and w.stride() == (w.shape[1], 1):
                 with torch.no_grad():
                     w.data = w.data.t().contiguous().t()
-                changed += 1
-    return changed
+                restrided.add(id(w))
+    if model is not None and restrided:
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) not in restrided and p.device.type == "cpu":
+                    p.data = p.data.clone()
+    return len(restrided)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
