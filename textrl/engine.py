@@ -42,8 +42,8 @@ from transformers import PreTrainedModel
 
 from textrl.arch import Layer, Spec, Unsupported, describe
 from textrl.core import positions_from_mask
-from textrl.ops import base_layer, gelu, input_major, is_lora, linear, lora_delta, moe, norm, rotate
-from textrl.replay import Record, _Replayed, linear_into, replayed, width
+from textrl.ops import base_into, folded_adapters, gelu, input_major, is_lora, linear, moe, norm, rotate
+from textrl.replay import Record, _Replayed, replayed, width
 from textrl.session import KVCache, Session
 
 
@@ -359,6 +359,7 @@ class Engine(nn.Module):
             rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
             self._record = rec
         session = Session(self, cache, rec, positions_from_mask(mask)[:, -1].clone(), P)
+        session.adapters = folded_adapters(self._loras) if self._loras else {}
         # rows with the same prompt (GRPO-style groups) are computed once, then copied to each row
         shared = self._shared_prefix(ids, mask, P)
         if shared is not None:
@@ -368,12 +369,14 @@ class Engine(nn.Module):
             return t if shared is None else t.index_select(0, shared[1])
 
         def lin(x, module):
-            if rec is None:
-                return linear(x, module)
-            y = linear(x, base_layer(module))  # the record keeps the base output; a LoRA term goes on top
-            rec.out[module][:, :P] = spread(y)
-            delta = lora_delta(x.reshape(-1, x.shape[-1]), module)
-            return y if delta is None else y + delta.view(y.shape)
+            flat = x.reshape(-1, x.shape[-1])
+            y = base_into(flat, module)  # the record keeps the base output; a LoRA term goes on top
+            if rec is not None:
+                rec.out[module][:, :P] = spread(y.view(*x.shape[:-1], -1))
+            pair = session.adapters.get(module)
+            if pair is not None:
+                y = torch.addmm(y, flat @ pair[0].t(), pair[1].t())
+            return y.view(*x.shape[:-1], y.shape[-1])
 
         x, angles = self._embed(ids, positions_from_mask(mask))
         masks = self._masks(mask)
@@ -401,9 +404,16 @@ class Engine(nn.Module):
         session.pos += 1
         cache.mask_col[t].fill_(True)
         x, angles = self._embed(tokens[:, None], session.pos[:, None])  # (B, 1, E)
-        lin = linear
-        if rec is not None:  # each matmul writes straight into the record's column t
-            lin = lambda x, module: linear_into(x.reshape(B, -1), module, rec.out[module][:, t]).unsqueeze(1)  # noqa: E731
+        adapters = session.adapters
+
+        def lin(x, module):  # each base matmul writes straight into the record's column t
+            flat = x.reshape(B, -1)
+            y = base_into(flat, module, None if rec is None else rec.out[module][:, t])
+            pair = adapters.get(module)
+            if pair is not None:  # the LoRA term on top, a new tensor (the record keeps the base output)
+                y = torch.addmm(y, flat @ pair[0].t(), pair[1].t())
+            return y.unsqueeze(1)
+
         for i, layer in enumerate(self.spec.layers):
             first = 0 if layer.window is None else max(0, t + 1 - layer.window)
 

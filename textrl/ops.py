@@ -80,6 +80,35 @@ def lora_delta(x: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
     return delta
 
 
+def folded_adapters(modules) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """For no-grad decoding: each peft LoRA layer's active adapters as one pair ``(A (r, in), S (out, r))``
+    with ``S`` the B matrices times their scaling, side by side (several adapters: their ranks add up), so
+    the layer's term is ``(x @ A.T) @ S.T``, one ``mm`` and one ``addmm`` onto the base output. Layers with
+    no active adapter are left out. A snapshot: valid until the adapters change (an optimizer step)."""
+    folded = {}
+    with torch.no_grad():
+        for module in modules:
+            if not is_lora(module) or module.disable_adapters or module.merged:
+                continue
+            names = [n for n in module.active_adapters if n in module.lora_A]
+            if names:
+                a = torch.cat([module.lora_A[n].weight for n in names])
+                s = torch.cat([module.lora_B[n].weight * module.scaling[n] for n in names], dim=1)
+                folded[module] = (a, s)
+    return folded
+
+
+def base_into(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The base layer's output for rows x (N, in) (a LoRA layer's term left out), into ``out`` if given."""
+    base = base_layer(module)
+    kw = {} if out is None else {"out": out}
+    if isinstance(base, nn.Linear):
+        if base.bias is None:
+            return torch.mm(x, base.weight.t(), **kw)
+        return torch.addmm(base.bias, x, base.weight.t(), **kw)
+    return torch.addmm(base.bias, x, base.weight, **kw)
+
+
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``module(x)`` for an ``nn.Linear`` (weight (out, in)), a GPT-2 ``Conv1D`` (weight (in, out)), or a
     peft LoRA layer over either (base output plus :func:`lora_delta`).

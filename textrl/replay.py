@@ -1,10 +1,10 @@
 """Rollout replay's parts: the record of a rollout and the linear layer that replays it.
 
 A training rollout keeps every linear layer's output (and the logits) in a :class:`Record`, written by the
-very matmuls that sample the tokens (:func:`linear_into`). The update's first forward over the same
-sequences under unchanged weights takes those outputs instead of recomputing them (:func:`replayed`): the
-forward skips the matmul and the backward is the linear layer's own. :class:`textrl.engine.Engine` decides
-when a record is valid; this module holds the mechanics.
+very matmuls that sample the tokens (:func:`textrl.ops.base_into` writes into its columns). The update's
+first forward over the same sequences under unchanged weights takes those outputs instead of recomputing
+them (:func:`replayed`): the forward skips the matmul and the backward is the linear layer's own.
+:class:`textrl.engine.Engine` decides when a record is valid; this module holds the mechanics.
 """
 
 from __future__ import annotations
@@ -53,21 +53,6 @@ class _Replayed(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g.sum(0)
         return dx, dw, db, None, None
-
-
-def linear_into(x: torch.Tensor, module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for rows x (B, in); the base layer's output is written into ``out`` (B, width), a
-    column of a record (a LoRA layer's low-rank term is added on top, outside the record)."""
-    base = base_layer(module)
-    if isinstance(base, nn.Linear):
-        if base.bias is None:
-            y = torch.mm(x, base.weight.t(), out=out)
-        else:
-            y = torch.addmm(base.bias, x, base.weight.t(), out=out)
-    else:
-        y = torch.addmm(base.bias, x, base.weight, out=out)
-    delta = lora_delta(x, module)
-    return y if delta is None else y + delta
 
 
 def replayed(x: torch.Tensor, module: nn.Module, recorded: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ class Session:
         self.length = length  # cache columns filled
         self.logits: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
+        self.adapters: dict = {}  # LoRA layers' folded adapters for this session (textrl.ops.folded_adapters)
         cache.in_use = True
         if record is not None:
             record.in_use = True
