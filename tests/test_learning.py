@@ -16,6 +16,7 @@ from textrl.rewards import keyword_reward
 
 pytestmark = pytest.mark.slow
 
+LORA = {"lora_rank": 16, "lora_alpha": 32.0}
 BUDGET = 60_000  # generated tokens; a few minutes on 2 cores
 
 
@@ -24,8 +25,11 @@ BUDGET = 60_000  # generated tokens; a few minutes on 2 cores
     [
         (REINFORCE, REINFORCEConfig(batch_size=32, group_size=4, learning_rate=2e-4, kl_coef=0.02)),
         (PPO, PPOConfig(batch_size=32, minibatch_size=16, n_epochs=2, learning_rate=1e-4, kl_coef=0.02)),
+        # LoRA adapters (rank 16, every linear layer) with a learning rate ten times larger
+        (REINFORCE, REINFORCEConfig(batch_size=32, group_size=4, learning_rate=2e-3, kl_coef=0.02, **LORA)),
+        (PPO, PPOConfig(batch_size=32, minibatch_size=16, n_epochs=2, learning_rate=1e-3, kl_coef=0.02, **LORA)),
     ],
-    ids=["reinforce", "ppo"],
+    ids=["reinforce", "ppo", "reinforce-lora", "ppo-lora"],
 )
 def test_agent_raises_keyword_reward_on_tiny(cls, config, capsys):
     env = TextGenEnv(lm="tiny", reward=keyword_reward(include=["love"]), max_new_tokens=24)
