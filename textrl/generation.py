@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 
-class Session(Protocol):
+class DecodeSession(Protocol):
     """An open decode session (:class:`textrl.session.Session`, :class:`textrl.core.HFSession` or
     :class:`textrl.policy.PolicySession`): ``logits`` (B, V) of the latest step, ``step``, ``close``."""
 
@@ -30,7 +30,7 @@ def decode(
     ids: torch.Tensor,
     mask: torch.Tensor,
     max_new_tokens: int,
-    choose: Callable[[int, Session], torch.Tensor | None],
+    choose: Callable[[int, DecodeSession], torch.Tensor | None],
     record: bool = False,
 ) -> None:
     """The decode loop of every generation in textrl.
@@ -86,7 +86,7 @@ def continue_texts(
     out: list[torch.Tensor] = []
     done = torch.zeros(len(prompts), dtype=torch.bool, device=ids.device)
 
-    def choose(t: int, session: Session) -> torch.Tensor | None:
+    def choose(t: int, session: DecodeSession) -> torch.Tensor | None:
         token = torch.where(done, tokenizer.pad_token_id, pick(session.logits))
         out.append(token)
         done.logical_or_(token == tokenizer.eos_token_id)

@@ -64,17 +64,21 @@ def base_layer(module: nn.Module) -> nn.Module:
     return module.base_layer if is_lora(module) else module
 
 
+def active_adapters(module: nn.Module) -> list[str]:
+    """The names of a peft LoRA layer's adapters that act now: none for a plain layer, or when the adapters
+    are disabled (``disable_adapter()``) or merged into the base weight."""
+    if not is_lora(module) or module.disable_adapters or module.merged:
+        return []
+    return [name for name in module.active_adapters if name in module.lora_A]
+
+
 def lora_delta(x: torch.Tensor, module: nn.Module) -> torch.Tensor | None:
     """The low-rank term a peft LoRA layer adds to its base output for rows x (N, in): the sum over its
     active adapters of ``scaling * B(A(x))``, as peft computes it; None for a plain layer, or when the
     adapters are disabled (``disable_adapter()``) or merged into the base weight. The models run in eval
     mode, so LoRA dropout is the identity, as in peft's own forward."""
-    if not is_lora(module) or module.disable_adapters or module.merged:
-        return None
     delta = None
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
+    for name in active_adapters(module):
         d = F.linear(F.linear(x, module.lora_A[name].weight), module.lora_B[name].weight) * module.scaling[name]
         delta = d if delta is None else delta + d
     return delta
@@ -88,9 +92,7 @@ def folded_adapters(modules) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor
     folded = {}
     with torch.no_grad():
         for module in modules:
-            if not is_lora(module) or module.disable_adapters or module.merged:
-                continue
-            names = [n for n in module.active_adapters if n in module.lora_A]
+            names = active_adapters(module)
             if names:
                 a = torch.cat([module.lora_A[n].weight for n in names])
                 s = torch.cat([module.lora_B[n].weight * module.scaling[n] for n in names], dim=1)
@@ -117,11 +119,7 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     about a quarter more than the same rows as (B, E), which is every decode step.
     """
     flat = x.reshape(-1, x.shape[-1])
-    base = base_layer(module)
-    if isinstance(base, nn.Linear):
-        y = F.linear(flat, base.weight, base.bias)
-    else:
-        y = torch.addmm(base.bias, flat, base.weight)
+    y = base_into(flat, module)
     delta = lora_delta(flat, module)
     if delta is not None:
         y = y + delta
