@@ -98,12 +98,16 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config.validate()
         self.env_id = env if isinstance(env, str) else getattr(getattr(env, "spec", None), "id", None) or "TextGen"
-        self.env = make_vector_env(env, self.config.batch_size)
-        if self.env.num_envs != self.config.batch_size:  # a vector env passed in sets the batch size
-            self.config = dataclasses.replace(self.config, batch_size=self.env.num_envs)
-            self.config.validate()
-        self.runtime = runtime if runtime is not None else Runtime.local(self.config.device)
+        self.runtime = runtime if runtime is not None else Runtime.from_env(self.config.device)
         self.device = self.runtime.device
+        world = self.runtime.world_size
+        # data parallel: config.batch_size is the whole batch; each process steps its own env copy of
+        # batch_size / world_size rows, made of whole prompt groups (group baselines stay local)
+        self.env = make_vector_env(env, self.local_batch_size(self.config, world))
+        if self.env.num_envs * world != self.config.batch_size:  # a vector env passed in sets the batch size
+            self.config = dataclasses.replace(self.config, batch_size=self.env.num_envs * world)
+            self.config.validate()
+            self.local_batch_size(self.config, world)
         if isinstance(lm, PreTrainedModel):
             model, self.tokenizer = lm.to(self.device), self.env.tokenizer
             self.lm = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
@@ -143,9 +147,14 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         # the fused kernel updates parameters without bumping their autograd version counters, which is how
         # the policy's cores tell that a rollout record (replay) is stale: bump them
         self.optimizer.register_step_post_hook(_bump_versions)
+        if self.runtime.distributed:
+            # every process starts from rank 0's weights (as DDP does), and shares its seed: the same prompt
+            # draws (each keeps its slice), a sampling stream of its own (seed + rank)
+            self.runtime.broadcast_([*self.policy.parameters(), *self.policy.buffers()])
+            seed = self.runtime.broadcast_object(seed if seed is not None else secrets.randbits(62))
         self.seed = seed
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        self.generator.manual_seed(seed + self.runtime.rank if seed is not None else secrets.randbits(63))
         self.np_rng = np.random.default_rng(seed)
         self.kl_ctl = KLController(self.config.kl_coef, self.config.kl_target, self.config.kl_horizon)
         self.sampling = Sampling.of(self.config)
@@ -170,6 +179,17 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
                 stacklevel=2,
             )
 
+    @staticmethod
+    def local_batch_size(config: AgentConfig, world_size: int) -> int:
+        """Rows one of ``world_size`` processes steps: ``batch_size / world_size``, in whole prompt groups."""
+        rows, group = config.batch_size, config.group_size
+        if rows % (world_size * group):
+            raise ValueError(
+                f"batch_size {rows} does not split over {world_size} processes in whole groups of {group} "
+                f"(it must be a multiple of {world_size} x {group} = {world_size * group})"
+            )
+        return rows // world_size
+
     # --- subclass hook ---------------------------------------------------------------------------------
 
     def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
@@ -190,6 +210,17 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
             return torch.autocast(self.device.type, enabled=False)
         dtype = torch.bfloat16 if self.config.autocast == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def batch_count(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The masked count of the whole batch, as :func:`textrl.advantages.masked_mean`'s ``count``: each
+        process's loss is then its share of the whole batch's. None in one process (its count is the whole)."""
+        if not self.runtime.distributed:
+            return None
+        return self.runtime.all_reduce(mask.sum()).clamp_min(1)
+
+    def batch_total(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (detached) summed over all processes: whole-batch figures from the processes' shares."""
+        return self.runtime.all_reduce(x.detach().clone()) if self.runtime.distributed else x.detach()
 
     def logprobs_and_entropy(self, logits: torch.Tensor, actions: torch.Tensor):
         """Log-probs (B, T) of ``actions`` and entropies (B, T) under the *sampling* distribution."""
@@ -212,7 +243,10 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
     def _draw_prompts(self) -> np.ndarray:
         n_prompts = len(self.env.prompts)
         groups = self.config.batch_size // self.config.group_size
-        return np.repeat(self.np_rng.integers(n_prompts, size=groups), self.config.group_size)
+        drawn = self.np_rng.integers(n_prompts, size=groups)  # every process draws the whole batch's groups...
+        share = groups // self.runtime.world_size
+        mine = drawn[self.runtime.rank * share : (self.runtime.rank + 1) * share]  # ...and keeps its slice
+        return np.repeat(mine, self.config.group_size)
 
     def _start_run(self, tb_log_name: str | None, reset: bool) -> None:
         """Set the counters, the run folder and the logger for a ``learn`` call (see its ``reset_num_timesteps``)."""
@@ -225,10 +259,15 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         if self.logger is not None:
             return
         if self.run_dir is None:  # a resumed agent keeps writing into its own run folder
-            if self.tensorboard_log is None or not self.runtime.is_main:  # one process writes the logs
-                return
-            name = tb_log_name or run_name(self.env_id, self.name, self.seed)
-            self.run_dir = new_run_dir(Path(self.tensorboard_log), name, numbered=tb_log_name is not None, new=reset)
+            if self.tensorboard_log is not None and self.runtime.is_main:
+                name = tb_log_name or run_name(self.env_id, self.name, self.seed)
+                self.run_dir = new_run_dir(
+                    Path(self.tensorboard_log), name, numbered=tb_log_name is not None, new=reset
+                )
+            # every process knows the run folder (its checkpoints are written together); rank 0 made it
+            self.run_dir = self.runtime.broadcast_object(self.run_dir)
+        if self.run_dir is None or not self.runtime.is_main:  # one process writes the logs
+            return
         # resuming: hide what a crashed run logged after its last checkpoint (TensorBoard's purge_step)
         purge = self.num_timesteps + 1 if self.num_timesteps else None
         self.logger = RunLogger(self.run_dir, self.config, purge_step=purge)
@@ -265,7 +304,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         except SkipBatch as e:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_batches += 1
-            if self.verbose:
+            if self.verbose and self.runtime.is_main:
                 print(f"skipping batch: {e}")
             return {}
 
@@ -335,32 +374,43 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         from tqdm.auto import tqdm
 
         start = self.num_timesteps
-        with tqdm(total=total_timesteps, disable=not progress_bar) as bar:
+        with tqdm(total=total_timesteps, disable=not progress_bar or not self.runtime.is_main) as bar:
             while self.num_timesteps - start < total_timesteps and not stop.requested:
-                stats = self._iteration(checkpoint_dir)
+                stats = self._iteration(checkpoint_dir, stop)
                 bar.update(min(self.num_timesteps - start, total_timesteps) - bar.n)
                 bar.set_postfix(reward=f"{stats['rollout/reward_mean']:.3f}", kl=f"{stats['rollout/kl_ref']:.3f}")
-                if callback is not None and callback(self, stats) is False:
+                # a callback may see different figures on each process (evaluations run on rank 0 alone):
+                # the processes stop together when any callback says so
+                if callback is not None and self.runtime.any(callback(self, stats) is False):
                     return
 
-    def _iteration(self, checkpoint_dir: str | Path | None) -> dict[str, float]:
-        """One iteration: rollout, update, counters, KL controller, logs, evaluation, periodic checkpoint."""
+    def _iteration(self, checkpoint_dir: str | Path | None, stop: StopRequest) -> dict[str, float]:
+        """One iteration: rollout, update, counters, KL controller, logs, evaluation, periodic checkpoint.
+
+        Data parallel: the counters, the episode KL (which drives the KL controller) and the logged rollout
+        figures are the whole batch's, from one all-reduce that also carries each process's stop request (a
+        signal that reached one process stops them all after this iteration)."""
         t0 = time.perf_counter()
+        comm0 = self.runtime.comm["seconds"]
         rollout, rewards, kl = self.collect()
         t_rollout = time.perf_counter() - t0
         stats = self._guarded_train(rollout, rewards, kl)
         elapsed = time.perf_counter() - t0
-        tokens = int(rollout.action_mask.sum())
-        self.num_timesteps += tokens
+        totals = self._rollout_stats(rollout, kl, elapsed, t_rollout, stop.requested)
+        stats.update(totals.stats)
+        self.num_timesteps += totals.tokens
         self.iteration += 1
-        episode_kl = float((kl.sum(1)).mean()) if kl is not None else 0.0
-        self.kl_ctl.update(episode_kl, self.config.batch_size)  # a non-finite KL leaves it unchanged
-        stats.update(self._rollout_stats(rollout, episode_kl, tokens, elapsed, t_rollout))
+        self.kl_ctl.update(stats["rollout/kl_ref"], self.config.batch_size)  # a non-finite KL leaves it unchanged
+        stats["charts/kl_coef"] = self.kl_ctl.coef
+        if self.runtime.distributed:
+            stats["charts/collective_seconds"] = self.runtime.comm["seconds"] - comm0
+            if totals.stop and not stop.requested:
+                stop.signum = totals.stop_signal
         self._log(rollout, stats)
-        if self.config.eval_interval and self.iteration % self.config.eval_interval == 0:
+        if self.config.eval_interval and self.iteration % self.config.eval_interval == 0 and self.runtime.is_main:
             stats.update(self.evaluate_and_log())
         interval = self.config.checkpoint_interval
-        if checkpoint_dir is not None and interval and self.iteration % interval == 0 and self.runtime.is_main:
+        if checkpoint_dir is not None and interval and self.iteration % interval == 0:
             if self.logger is not None:
                 self.logger.flush()  # the logs up to a checkpoint survive a crash after it
             self.save_checkpoint(checkpoint_dir)

@@ -116,6 +116,10 @@ def _train(args: argparse.Namespace) -> int:
             run = e.checkpoint.parent.parent if e.checkpoint.parent.name == "checkpoints" else e.checkpoint
             print(f"resume with: textrl train --resume {shlex.quote(str(run))}", file=sys.stderr)
         return 128 + e.signum
+    finally:
+        _leave_process_group()
+    if not s["is_main"]:  # under torchrun, rank 0 reports for all
+        return 0
     first, last = s["first_reward"], s["last_reward"]
     if first is not None:
         print(
@@ -123,6 +127,14 @@ def _train(args: argparse.Namespace) -> int:
         )
     print(f"{s['num_timesteps']} tokens; TensorBoard logs: {s['run_dir']}; checkpoint: {s.get('checkpoint')}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave torch.distributed's process group cleanly (no-op in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -23,7 +23,8 @@ class SkipBatch(Exception):
 
 
 class GuardMixin:
-    """Non-finite checks, guarded optimizer step; expects ``config``, ``optimizer``, ``policy``, ``iteration``."""
+    """Non-finite checks, guarded optimizer step; expects ``config``, ``optimizer``, ``policy``, ``iteration``,
+    ``runtime``."""
 
     def nonfinite(self, message: str) -> NoReturn:
         """Stop (``nonfinite="raise"``: :class:`NonFiniteError`) or discard this batch (``"skip"``)."""
@@ -36,12 +37,26 @@ class GuardMixin:
         )
 
     def check_finite(self, what: str, x: torch.Tensor) -> None:
-        """Call :meth:`nonfinite` when ``x`` holds NaN or inf, naming ``what`` and how many values."""
-        bad = ~torch.isfinite(x.detach())
-        if bad.any():
-            self.nonfinite(
-                f"non-finite {what} at iteration {self.iteration + 1} ({int(bad.sum())} of {x.numel()} values)"
-            )
+        """Call :meth:`nonfinite` when ``x`` holds NaN or inf, naming ``what`` and how many values.
+
+        Data parallel: every process makes this check at the same point of the update, and the count of bad
+        values is summed over them, so all skip (or stop) together: one process must never skip a batch while
+        the others wait for its gradients."""
+        bad = int((~torch.isfinite(x.detach())).sum())
+        where = ""
+        if self.runtime.distributed:
+            counts = torch.tensor([bad, x.numel()], dtype=torch.float64)
+            self.runtime.all_reduce(counts)
+            local, (bad, total) = bad, map(int, counts.tolist())
+            where = f" across {self.runtime.world_size} processes ({local} on rank {self.runtime.rank})"
+        else:
+            total = x.numel()
+        if bad:
+            self.nonfinite(f"non-finite {what} at iteration {self.iteration + 1} ({bad} of {total} values{where})")
+
+    def agreed_nonfinite(self, value: torch.Tensor) -> bool:
+        """Whether a (global) figure such as a loss is NaN/inf on any process: one decision for all."""
+        return self.runtime.any(not bool(torch.isfinite(value.detach()).all()))
 
     def clip_and_step(self) -> float:
         """Clip gradients, take an optimizer step; return the pre-clip gradient norm.
@@ -49,6 +64,13 @@ class GuardMixin:
         A non-finite gradient is not applied: :meth:`nonfinite` names the first parameter that has one.
         """
         params = self.policy.trainable_parameters()
+        if self.runtime.distributed:
+            # each process's loss is its share of the whole batch's (token counts are global), so the sum of
+            # the gradients is the gradient of the whole batch: the same step on every process
+            for p in params:
+                if p.grad is None:  # a parameter this process's rows did not reach still takes part
+                    p.grad = torch.zeros_like(p)
+            self.runtime.sum_(p.grad for p in params)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not torch.isfinite(norm):  # checked before clipping, which would spread the NaN to every tensor
             names = [

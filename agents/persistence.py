@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 class PersistenceMixin:
     """``save``, ``save_checkpoint``, ``load``; expects BaseAgent's constructor, models, optimizer, RNGs, counters."""
 
-    def _write(self, folder: Path) -> None:
+    def _write(self, folder: Path, rng: dict[str, torch.Tensor]) -> None:
         from transformers.utils import logging as hf_logging
 
         bar_was_on = hf_logging.is_progress_bar_enabled()
@@ -48,7 +49,6 @@ class PersistenceMixin:
             ckpt.save_module(folder / "reference.safetensors", self.policy.ref_model)
         tensors, skeleton = ckpt.flatten_state(self.optimizer.state_dict())
         ckpt.save_tensors(folder / "optimizer.safetensors", tensors)
-        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         ckpt.save_tensors(folder / "rng.safetensors", rng)
         env_kwargs = {k: v for k, v in self.env.init_kwargs.items() if _jsonable(v)}
         ckpt.save_json(
@@ -61,6 +61,7 @@ class PersistenceMixin:
                 "iteration": self.iteration,
                 "skipped_batches": self.skipped_batches,
                 "seed": self.seed,
+                "world_size": self.runtime.world_size,
                 "lm": self.lm,
                 "vocab_size": int(self.env.single_action_space.n),
                 "tokenizer_sha256": self._tokenizer_sha256(),
@@ -82,17 +83,41 @@ class PersistenceMixin:
             self._tokenizer_sha = tokenizer_fingerprint(self.env.tokenizer)
         return self._tokenizer_sha
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """The sampling generator's and torch's RNG states: this process's under ``generator`` and ``torch``,
+        and with many processes each other rank's under ``generator.rank<r>`` and ``torch.rank<r>`` (gathered
+        here: every process calls this together)."""
+        mine = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        states = {}
+        for rank, theirs in enumerate(self.runtime.all_gather_object(mine)):
+            suffix = f".rank{rank}" if rank else ""
+            states |= {f"{key}{suffix}": value for key, value in theirs.items()}
+        return states
+
     def save(self, path: str | Path) -> Path:
-        """Save everything needed to resume exactly (weights as safetensors, no pickle), atomically."""
-        return ckpt.write_atomic(path, self._write)
+        """Save everything needed to resume exactly (weights as safetensors, no pickle), atomically.
+
+        Data parallel: every process calls it (each one's RNG state is gathered into the checkpoint); rank 0
+        writes, and the others return once the checkpoint is complete.
+        """
+        rng = self._rng_states()
+        if self.runtime.is_main:
+            ckpt.write_atomic(path, lambda folder: self._write(folder, rng))
+        self.runtime.barrier()
+        return Path(path)
 
     def save_checkpoint(self, folder: str | Path) -> Path:
         """Save ``folder/step-{num_timesteps}`` and prune all but the newest ``keep_checkpoints``.
 
         Also removes what a killed writer left (hidden ``.step-*.tmp-<pid>`` folders) and newer checkpoints
-        that fail verification (left by a crash, after which the run resumed from an earlier one).
+        that fail verification (left by a crash, after which the run resumed from an earlier one). Data
+        parallel: every process calls it, rank 0 alone writes and prunes.
         """
         folder = Path(folder)
+        if not self.runtime.is_main:
+            path = self.save(folder / _step_name(self.num_timesteps))
+            self._saved = (folder, self.num_timesteps)
+            return path
         ckpt.remove_unfinished(folder)
         path = self.save(folder / _step_name(self.num_timesteps))
         self._saved = (folder, self.num_timesteps)
@@ -168,9 +193,7 @@ class PersistenceMixin:
                 raise
             raise ckpt.CheckpointError(f"{folder} does not fit this model/config: {e}") from None
         try:
-            rng = ckpt.load_tensors(folder / "rng.safetensors")
-            self.generator.set_state(rng["generator"])
-            torch.set_rng_state(rng["torch"])
+            self._restore_rng(folder, state, ckpt.load_tensors(folder / "rng.safetensors"))
             self.np_rng.bit_generator.state = state["np_rng"]
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.num_timesteps, self.iteration = int(state["num_timesteps"]), int(state["iteration"])
@@ -188,6 +211,22 @@ class PersistenceMixin:
                 self.run_dir = folder.parent.parent  # the run folder it sits in, even if it was moved
             elif state.get("run_dir"):
                 self.run_dir = Path(state["run_dir"])
+
+    def _restore_rng(self, folder: Path, state: dict, rng: dict[str, torch.Tensor]) -> None:
+        """This process's RNG states; resumed on another number of processes, the rows split differently and
+        a rank the checkpoint has no state for keeps its fresh stream (``seed + rank``): not an exact resume."""
+        rank, saved_world = self.runtime.rank, int(state.get("world_size", 1))
+        if saved_world != self.runtime.world_size and self.runtime.is_main:
+            warnings.warn(
+                f"{folder} was saved by {saved_world} process(es) and resumes on {self.runtime.world_size}: the "
+                "batch splits differently over the processes, so the run does not continue exactly as it would have",
+                UserWarning,
+                stacklevel=3,
+            )
+        suffix = f".rank{rank}" if rank else ""
+        if f"generator{suffix}" in rng:
+            self.generator.set_state(rng[f"generator{suffix}"])
+            torch.set_rng_state(rng[f"torch{suffix}"])
 
 
 def _step_name(num_timesteps: int) -> str:

@@ -17,6 +17,7 @@ that iteration, on finite numbers, stay).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -80,23 +81,36 @@ class PPO(BaseAgent):
     config_class: ClassVar[type[AgentConfig]] = PPOConfig
     config: PPOConfig
 
+    def __init__(self, env, lm=None, config: PPOConfig | None = None, **kwargs):
+        super().__init__(env, lm=lm, config=config, **kwargs)
+        world = self.runtime.world_size
+        if self.config.minibatch_size % world:
+            raise ValueError(
+                f"PPOConfig: minibatch_size {self.config.minibatch_size} does not split over {world} processes "
+                f"(each takes an equal share of every minibatch: use a multiple of {world})"
+            )
+
     def train(self, rollout: Rollout, rewards: torch.Tensor) -> dict[str, float]:
         cfg = self.config
         valid = rollout.action_mask
         self.check_finite("values (critic)", rollout.values)
         advantages, returns = gae(rewards, rollout.values, valid, cfg.gamma, cfg.gae_lambda)  # (B, T) each
+        total = self.runtime.all_reduce if self.runtime.distributed else None  # whole-batch moments
         if cfg.normalize_advantage:
-            advantages = masked_whiten(advantages, valid)
+            advantages = masked_whiten(advantages, valid, total=total)
         self.check_finite("advantages", advantages)
         self.check_finite("returns", returns)
 
         B = rollout.ids.shape[0]
+        # data parallel: each process takes its share of every minibatch (minibatch_size / world_size rows of
+        # its own), so the processes take the same number of steps, each on the whole minibatch's gradient
+        size = cfg.minibatch_size // self.runtime.world_size
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ent", "kl", "clip", "gn")}
         stop = False
         for _epoch in range(cfg.n_epochs):
             order = torch.randperm(B, generator=self.generator, device=self.generator.device).to(rollout.ids.device)
-            for start in range(0, B, cfg.minibatch_size):
-                mb = order[start : start + cfg.minibatch_size].sort().values  # in rollout order: replay slices
+            for start in range(0, B, size):
+                mb = order[start : start + size].sort().values  # in rollout order: replay slices
                 m = valid[mb]
                 with self.autocast():
                     logits, values = self.policy.logits_and_values(
@@ -105,34 +119,34 @@ class PPO(BaseAgent):
                 logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions[mb])  # (b, T)
                 values = values.float()
 
+                count = self.batch_count(m)
                 pg_loss, clipfrac = clipped_policy_loss(
-                    logprobs, rollout.logprobs[mb], advantages[mb], m, cfg.clip_range
+                    logprobs, rollout.logprobs[mb], advantages[mb], m, cfg.clip_range, count
                 )
-                v_loss = clipped_value_loss(values, rollout.values[mb], returns[mb], m, cfg.clip_range_vf)
-                ent = masked_mean(entropy, m)
+                v_loss = clipped_value_loss(values, rollout.values[mb], returns[mb], m, cfg.clip_range_vf, count)
+                ent = masked_mean(entropy, m, count)
                 loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
-                if not torch.isfinite(loss):
-                    parts = f"policy loss {pg_loss.item()}, value loss {v_loss.item()}, entropy {ent.item()}"
+                with torch.no_grad():
+                    log_ratio = logprobs - rollout.logprobs[mb]
+                    approx_kl = masked_mean(log_ratio.exp() - 1 - log_ratio, m, count)  # k3 estimate of KL(old || new)
+                figures = self.batch_total(torch.stack([pg_loss, v_loss, ent, approx_kl, clipfrac])).tolist()
+                pg, vf, en, kl, _clip = figures  # the whole minibatch's, the same on every process
+                if not math.isfinite(pg + cfg.vf_coef * vf - cfg.ent_coef * en):
+                    parts = f"policy loss {pg}, value loss {vf}, entropy {en}"
                     self.nonfinite(
                         f"non-finite PPO loss at iteration {self.iteration + 1}, epoch {_epoch + 1} ({parts})"
                     )
                 loss.backward()
                 stats["gn"].append(self.clip_and_step())
-
-                with torch.no_grad():
-                    log_ratio = logprobs - rollout.logprobs[mb]
-                    approx_kl = masked_mean(log_ratio.exp() - 1 - log_ratio, m)  # k3 estimate of KL(old || new)
-                for key, value in zip(
-                    ("pg", "vf", "ent", "kl", "clip"), (pg_loss, v_loss, ent, approx_kl, clipfrac), strict=True
-                ):
-                    stats[key].append(float(value.detach()))
-                if cfg.target_kl is not None and float(approx_kl) > 1.5 * cfg.target_kl:
+                for key, value in zip(("pg", "vf", "ent", "kl", "clip"), figures, strict=True):
+                    stats[key].append(value)
+                if cfg.target_kl is not None and kl > 1.5 * cfg.target_kl:
                     stop = True
                     break
             if stop:
                 break
 
-        ev = explained_variance(rollout.values[valid], returns[valid])
+        ev = explained_variance(rollout.values[valid], returns[valid], total)
         return {
             "losses/policy_loss": float(np.mean(stats["pg"])),
             "losses/value_loss": float(np.mean(stats["vf"])),

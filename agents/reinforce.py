@@ -20,6 +20,7 @@ and the gradient are checked before the step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -86,26 +87,31 @@ class REINFORCE(BaseAgent):
                 rollout.ids, rollout.attention_mask, rollout.prompt_len, need_values=False
             )
         logprobs, entropy = self.logprobs_and_entropy(logits, rollout.actions)  # (B, T) each
-        pg_loss = -masked_mean(logprobs * adv, rollout.action_mask)
-        entropy_mean = masked_mean(entropy, rollout.action_mask)
+        mask = rollout.action_mask
+        count = self.batch_count(mask)  # data parallel: token means are over the whole batch
+        pg_loss = -masked_mean(logprobs * adv, mask, count)
+        entropy_mean = masked_mean(entropy, mask, count)
         loss = pg_loss - self.config.ent_coef * entropy_mean
-        if not torch.isfinite(loss):
+        pg, ent = self.batch_total(torch.stack([pg_loss, entropy_mean])).tolist()  # whole-batch figures
+        if not math.isfinite(pg - self.config.ent_coef * ent):
             self.nonfinite(
-                f"non-finite REINFORCE loss at iteration {self.iteration + 1} "
-                f"(policy loss {float(pg_loss.detach())}, entropy {float(entropy_mean.detach())})"
+                f"non-finite REINFORCE loss at iteration {self.iteration + 1} (policy loss {pg}, entropy {ent})"
             )
         loss.backward()
         grad_norm = self.clip_and_step()
         if self.config.baseline == "moving_average":  # only a batch that was applied moves the baseline
-            mean, d = float(scores.mean()), self.config.baseline_decay
+            mean, d = self.runtime.reduce_float(float(scores.mean())), self.config.baseline_decay
             self.moving_average = mean if self.moving_average is None else d * self.moving_average + (1 - d) * mean
-        approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), rollout.action_mask)
+        valid_adv = adv[mask].double()
+        approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), mask, count)
+        parts = [approx_kl.double(), valid_adv.new_tensor(valid_adv.numel()), valid_adv.sum(), (valid_adv**2).sum()]
+        kl, n, total, squares = self.batch_total(torch.stack(parts)).tolist()
         return {
-            "losses/policy_loss": float(pg_loss.detach()),
-            "losses/entropy": float(entropy_mean.detach()),
-            "losses/approx_kl": float(approx_kl),
+            "losses/policy_loss": pg,
+            "losses/entropy": ent,
+            "losses/approx_kl": kl,
             "losses/grad_norm": grad_norm,
-            "losses/advantage_std": float(adv[rollout.action_mask].std()) if rollout.action_mask.sum() > 1 else 0.0,
+            "losses/advantage_std": max(0.0, (squares - total * total / n) / (n - 1)) ** 0.5 if n > 1 else 0.0,
         }
 
     def extra_state(self):

@@ -7,8 +7,25 @@ Separate from the loop in :mod:`agents.base`, which only calls :meth:`ReportingM
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
+
+import numpy as np
+import torch
 
 from textrl.rollout import Rollout
+
+
+class IterationTotals(NamedTuple):
+    """An iteration's figures over the whole batch (all processes)."""
+
+    stats: dict[str, float]
+    """The ``rollout/`` and ``charts/`` scalars."""
+    tokens: int
+    """Generated tokens (valid env steps) of the whole batch."""
+    stop: bool
+    """Whether a stop was requested (a signal) on any process."""
+    stop_signal: int
+    """The signal to report on a process that did not receive one itself (SIGTERM, 15: a launcher's stop)."""
 
 
 class ReportingMixin:
@@ -48,22 +65,40 @@ class ReportingMixin:
             self._eval_env = type(self.env)(num_envs=self.config.batch_size, **kwargs)
         return self._eval_env
 
-    def _rollout_stats(self, rollout: Rollout, episode_kl: float, tokens: int, elapsed: float, t_rollout: float):
+    def _rollout_stats(
+        self, rollout: Rollout, kl: torch.Tensor | None, elapsed: float, t_rollout: float, stop: bool
+    ) -> IterationTotals:
+        """The iteration's rollout figures, over the whole batch: with many processes one all-reduce sums
+        the tokens and averages the per-row means (every process has the same number of rows), and carries
+        the stop requests."""
         returns = rollout.episode_returns.cpu().numpy()
-        stats = {
+        tokens = int(rollout.action_mask.sum())
+        means = {
             "rollout/reward_mean": float(returns.mean()),
-            "rollout/reward_std": float(returns.std()),
             "rollout/episode_length": float(rollout.lengths.float().mean()),
-            "rollout/kl_ref": episode_kl,
-            "charts/kl_coef": self.kl_ctl.coef,
+            "rollout/kl_ref": float((kl.sum(1)).mean()) if kl is not None else 0.0,
+        }
+        for name, values in rollout.components.items():
+            means[f"rollout/reward/{name}"] = float(values.mean())
+        std, stop_signal = float(returns.std()), 0
+        if self.runtime.distributed:
+            squares = float((returns.astype(np.float64) ** 2).mean())
+            vector = torch.tensor([*means.values(), squares, tokens, float(stop)], dtype=torch.float64)
+            self.runtime.all_reduce(vector)
+            *summed, squares, tokens, stops = vector.tolist()
+            means = {key: value / self.runtime.world_size for key, value in zip(means, summed, strict=True)}
+            mean, squares = means["rollout/reward_mean"], squares / self.runtime.world_size
+            std, tokens, stop, stop_signal = max(0.0, squares - mean * mean) ** 0.5, int(tokens), stops > 0, 15
+        stats = {
+            "rollout/reward_mean": means.pop("rollout/reward_mean"),
+            "rollout/reward_std": std,
+            **means,
             "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
             "charts/tokens_per_second": tokens / elapsed,
             "charts/rollout_tokens_per_second": tokens / t_rollout,
             "charts/skipped_batches": self.skipped_batches,
         }
-        for name, values in rollout.components.items():
-            stats[f"rollout/reward/{name}"] = float(values.mean())
-        return stats
+        return IterationTotals(stats, tokens, bool(stop), stop_signal)
 
     def _log(self, rollout: Rollout, stats: dict[str, float]) -> None:
         if self.verbose >= 2:

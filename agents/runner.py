@@ -158,6 +158,10 @@ def resume_settings(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    """``print`` on the processes that are not rank 0."""
+
+
 def run_training(train_flags: dict[str, Any], agent_flags: dict[str, Any]) -> dict:
     """Run ``textrl train`` from the flags given on the command line (absent ones are not in the dicts).
 
@@ -201,20 +205,22 @@ def run_training(train_flags: dict[str, Any], agent_flags: dict[str, Any]) -> di
     if checkpoint is not None:
         overrides = {k: v for k, v in agent_flags.items() if k in RESUME_MAY_CHANGE}
         agent = cls.load(checkpoint, env=env, tensorboard_log=cfg.tensorboard_log, **overrides)
-        print(f"resuming from {checkpoint} at {agent.num_timesteps} tokens (env {cfg.env}, agent {cfg.agent})")
+        say = print if agent.runtime.is_main else _quiet  # under torchrun, rank 0 speaks for all
+        say(f"resuming from {checkpoint} at {agent.num_timesteps} tokens (env {cfg.env}, agent {cfg.agent})")
     else:
         config = cls.config_class(**agent_flags)
         agent = cls(env, lm=cfg.lm, config=config, tensorboard_log=cfg.tensorboard_log, seed=cfg.seed)
         # the env id names the run folder; for file factories use the file name
         if ".py:" in cfg.env:
             agent.env_id = Path(cfg.env.rpartition(":")[0]).stem
-    print(f"policy {agent.lm} runs on the {agent.policy.runs_on}")
+        say = print if agent.runtime.is_main else _quiet
+    say(f"policy {agent.lm} runs on the {agent.policy.runs_on}")
     agent.train_config = {k: v for k, v in to_jsonable(cfg).items() if k not in ("resume", "save", "progress")}
     remaining = cfg.total_timesteps - agent.num_timesteps
     if remaining > 0:
         agent.learn(remaining, callback=record, progress_bar=cfg.progress, reset_num_timesteps=False)
     else:
-        print(f"the run has {agent.num_timesteps} tokens, its budget is {cfg.total_timesteps}: nothing to train")
+        say(f"the run has {agent.num_timesteps} tokens, its budget is {cfg.total_timesteps}: nothing to train")
     if cfg.save:
         agent.save(cfg.save)
     summary = {
@@ -223,6 +229,7 @@ def run_training(train_flags: dict[str, Any], agent_flags: dict[str, Any]) -> di
         "iterations": history["iterations"],
         "num_timesteps": agent.num_timesteps,
         "run_dir": str(agent.run_dir) if agent.run_dir else None,
+        "is_main": agent.runtime.is_main,
     }
     if agent.run_dir:
         from textrl.checkpoint import latest_checkpoint

@@ -476,7 +476,9 @@ def _inject_advantages(agent, monkeypatch, on):
 
     if isinstance(agent, PPO):
         whiten = agents.ppo.masked_whiten
-        monkeypatch.setattr(agents.ppo, "masked_whiten", lambda x, m: whiten(x, m) / (0.0 if on["on"] else 1.0))
+        monkeypatch.setattr(
+            agents.ppo, "masked_whiten", lambda x, m, **kw: whiten(x, m, **kw) / (0.0 if on["on"] else 1.0)
+        )
     else:
         baseline = agents.reinforce.group_baseline
         monkeypatch.setattr(

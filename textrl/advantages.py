@@ -8,6 +8,7 @@ its last valid step carries the sequence reward, so returns never bootstrap past
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,34 +127,68 @@ class KLController:
         self.coef, self.target, self.horizon = state["coef"], state["target"], state["horizon"]
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
-    """``1 - Var(returns - values) / Var(returns)`` over the given elements (nan when Var(returns) is 0).
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, total: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over the given elements (nan when Var(returns) is 0);
+    ``total``: as :func:`masked_whiten`'s (the variances of the whole batch across processes).
 
     >>> explained_variance(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]))
     1.0
     """
+    if total is not None:
+        r, d = returns.double(), (returns - values).double()
+        n, r1, r2, d1, d2 = total(torch.stack([r.new_tensor(r.numel()), r.sum(), (r**2).sum(), d.sum(), (d**2).sum()]))
+        var_r, var_d = r2 / n - (r1 / n) ** 2, d2 / n - (d1 / n) ** 2
+        return float("nan") if var_r.item() <= 0 else float(1 - var_d / var_r)
     var = returns.var(unbiased=False)
     if var.item() == 0:
         return float("nan")
     return float(1 - (returns - values).var(unbiased=False) / var)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the elements where ``mask`` is true."""
-    return (x * mask).sum() / mask.sum().clamp_min(1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the elements where ``mask`` is true.
+
+    ``count``: the denominator in place of ``mask.sum()``. Data parallel passes the masked count of the whole
+    batch (all processes): this process's result is then its share of the whole batch's mean, the shares
+    sum to it, and so do their gradients.
+    """
+    return (x * mask).sum() / (mask.sum().clamp_min(1) if count is None else count)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise to zero mean and unit variance over the masked elements (0 elsewhere)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Normalise to zero mean and unit variance over the masked elements (0 elsewhere).
+
+    ``total``: sums a tensor over processes (data parallel: ``Runtime.all_reduce``), so that the mean and
+    variance are the whole batch's, not this process's rows'.
+    """
+    if total is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        sums = total(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+        count = sums[1].clamp_min(1)
+        mean = sums[0] / count
+        var = total(((x - mean) ** 2 * mask).sum()) / count
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate ``mean(max(-A r, -A clip(r, 1-eps, 1+eps)))`` and the clipped fraction.
+    """PPO's clipped surrogate ``mean(max(-A r, -A clip(r, 1-eps, 1+eps)))`` and the clipped fraction
+    (``count``: as :func:`masked_mean`'s).
 
     >>> loss, frac = clipped_policy_loss(torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2),
     ...                                  torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2)
@@ -163,7 +198,7 @@ def clipped_policy_loss(
     ratio = (logprobs - old_logprobs).exp()
     loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
     clipped = ((ratio - 1).abs() > clip).float()
-    return masked_mean(loss, mask), masked_mean(clipped, mask)
+    return masked_mean(loss, mask, count), masked_mean(clipped, mask, count)
 
 
 def clipped_value_loss(
@@ -172,8 +207,10 @@ def clipped_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip: float | None,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``0.5 * mean(max((V - R)^2, (V_clipped - R)^2))`` with ``V_clipped = V_old + clip(V - V_old, +-eps)``.
+    """``0.5 * mean(max((V - R)^2, (V_clipped - R)^2))`` with ``V_clipped = V_old + clip(V - V_old, +-eps)``
+    (``count``: as :func:`masked_mean`'s).
 
     >>> clipped_value_loss(torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), 0.5)
     tensor(1.1250)
@@ -182,4 +219,4 @@ def clipped_value_loss(
     if clip is not None:
         clipped = old_values + (values - old_values).clamp(-clip, clip)
         loss = torch.max(loss, (clipped - returns) ** 2)
-    return 0.5 * masked_mean(loss, mask)
+    return 0.5 * masked_mean(loss, mask, count)

@@ -1,20 +1,44 @@
 """Where an agent runs: the device and dtype, and which process of how many (rank, world size), with the
-reductions the training loop needs across processes.
+collectives the training loop needs across processes.
 
-:meth:`Runtime.local` is the one-process runtime every agent gets by default: rank 0 of 1, where every
-reduction returns its input unchanged. A data-parallel runtime over ``torch.distributed`` fills in the same
-fields and reductions, so the agents' code does not change between one process and many: each process
-trains on its own rows, gradients and logged figures are reduced through the runtime, and only the main
-process (:attr:`Runtime.is_main`) writes logs and checkpoints.
+:meth:`Runtime.local` is the one-process runtime: rank 0 of 1, where every collective returns its input
+unchanged. :meth:`Runtime.from_env` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``) and joins ``torch.distributed``'s default process group (gloo on CPU, nccl
+on CUDA, one GPU per local rank), so the agents' code does not change between one process and many: each
+process trains on its own rows, gradients and logged figures are reduced through the runtime, and only the
+main process (:attr:`Runtime.is_main`) writes logs and checkpoints.
+
+Every collective has a timeout (``timeout`` seconds, :data:`DEFAULT_TIMEOUT` unless set): a peer that died or
+stopped answering ends the job with a :class:`DistributedError` naming this rank and the collective, instead
+of a hang. A peer that died usually fails the next collective at once (its connections close); the timeout
+bounds a peer that hangs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import torch
 
 from textrl.device import resolve_device
+
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a collective waits for the other processes (checkpoint writes and evaluations on rank 0 make the
+others wait at their next collective, so it bounds those too)."""
+
+BUCKET_BYTES = 64 << 20
+"""Tensors are flattened into buckets of at most this many bytes per collective: one call for many small
+tensors, and a bounded extra buffer for big models."""
+
+
+class DistributedError(RuntimeError):
+    """A collective across processes failed: a peer process died, hung past the timeout, or the group broke."""
 
 
 @dataclass(frozen=True)
@@ -29,11 +53,54 @@ class Runtime:
     """This process's index among ``world_size`` (0 in one process)."""
     world_size: int = 1
     """How many processes train together."""
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds any collective waits for the other processes."""
+    comm: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0, "calls": 0}, compare=False, repr=False)
+    """Wall-clock seconds spent in collectives and how many ran (for benchmarks and the logs)."""
 
     @classmethod
     def local(cls, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32) -> Runtime:
         """One process on ``device`` (a name :func:`textrl.device.resolve_device` accepts)."""
         return cls(resolve_device(device), dtype)
+
+    @classmethod
+    def from_env(
+        cls, device: str | torch.device = "auto", dtype: torch.dtype = torch.float32, timeout: float | None = None
+    ) -> Runtime:
+        """The runtime torchrun's environment describes: :meth:`local` without it (or with ``WORLD_SIZE=1``),
+        else this process's rank in a process group it joins (or the one already initialised).
+
+        On CUDA each process takes the GPU of its local rank (``cuda:LOCAL_RANK``) and the group uses nccl; on
+        CPU, gloo. ``timeout``: seconds a collective waits (default: ``TEXTRL_DIST_TIMEOUT`` from the
+        environment, else :data:`DEFAULT_TIMEOUT`).
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls.local(device, dtype)
+        import torch.distributed as dist
+
+        if timeout is None:
+            timeout = float(os.environ.get("TEXTRL_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+        if timeout <= 0:
+            raise ValueError(f"the collective timeout must be > 0 seconds, got {timeout}")
+        resolved = resolve_device(device)
+        if resolved.type == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if resolved.index is None:
+                resolved = resolve_device(f"cuda:{local_rank}")
+            torch.cuda.set_device(resolved)
+        if not dist.is_initialized():
+            missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise DistributedError(
+                    f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the processes with torchrun "
+                    "(torchrun --nproc-per-node N -m textrl train ...), which sets them"
+                )
+            backend = "nccl" if resolved.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        if dist.get_world_size() != world:
+            raise DistributedError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} processes")
+        return cls(resolved, dtype, rank=dist.get_rank(), world_size=world, timeout=timeout)
 
     @property
     def is_main(self) -> bool:
@@ -44,21 +111,40 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[Any]:
+        """Run one collective: time it, and turn a failure into a :class:`DistributedError` naming it."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise DistributedError(
+                f"a runtime of {self.world_size} processes needs torch.distributed's process group "
+                "(make it with Runtime.from_env() under torchrun)"
+            )
+        t0 = time.perf_counter()
+        try:
+            yield dist
+        except DistributedError:
+            raise
+        except RuntimeError as e:  # gloo/nccl report a dead or hung peer as RuntimeError (DistBackendError)
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed after {time.perf_counter() - t0:.1f} s: "
+                f"another process died or did not answer within the {self.timeout:g} s timeout "
+                f"(torchrun's report names the rank that failed first) [{type(e).__name__}: {str(e)[:300]}]"
+            ) from e
+        self.comm["seconds"] += time.perf_counter() - t0
+        self.comm["calls"] += 1
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """``tensor`` reduced over all processes (``op``: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``), in
-        place where it can be, and returned. One process: the tensor itself."""
+        place, and returned. One process: the tensor itself."""
         if op not in ("sum", "mean", "max", "min"):
             raise ValueError(f"unknown reduction {op!r}; use 'sum', 'mean', 'max' or 'min'")
         if not self.distributed:
             return tensor
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise RuntimeError(
-                f"a runtime of {self.world_size} processes needs torch.distributed's process group "
-                "(start under torchrun and call torch.distributed.init_process_group first)"
-            )
-        dist.all_reduce(tensor, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.SUM))
+        with self._collective(f"all_reduce({op}) of {tuple(tensor.shape)}") as dist:
+            ops = {"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+            dist.all_reduce(tensor, op=ops.get(op, dist.ReduceOp.SUM))
         if op == "mean":
             tensor /= self.world_size
         return tensor
@@ -68,3 +154,62 @@ class Runtime:
         if not self.distributed:
             return value
         return float(self.all_reduce(torch.tensor([value], dtype=torch.float64, device=self.device), op)[0])
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process: one decision every process takes together."""
+        if not self.distributed:
+            return bool(flag)
+        return self.reduce_float(1.0 if flag else 0.0, "max") > 0
+
+    def sum_(self, tensors: Iterable[torch.Tensor | None]) -> None:
+        """Sum each tensor over all processes, in place (strides kept), flattened into buckets; ``None``
+        entries are skipped (every process must pass the same list of shapes)."""
+        self._flat([t for t in tensors if t is not None], "sum of gradients", lambda dist, b: dist.all_reduce(b))
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+        """Overwrite each tensor in place with rank ``src``'s values (strides kept), in buckets."""
+        self._flat(list(tensors), f"broadcast from rank {src}", lambda dist, b: dist.broadcast(b, src))
+
+    def _flat(self, tensors: list[torch.Tensor], what: str, call) -> None:
+        if not self.distributed or not tensors:
+            return
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, t in enumerate(tensors):
+            bucket.append(t)
+            size += t.numel() * t.element_size()
+            last = i == len(tensors) - 1
+            if last or size >= BUCKET_BYTES or tensors[i + 1].dtype != t.dtype:
+                flat = torch.cat([x.detach().reshape(-1) for x in bucket])
+                with self._collective(what) as dist:
+                    call(dist, flat)
+                offset = 0
+                with torch.no_grad():
+                    for x in bucket:  # copy_ writes through any layout (e.g. input-major weights)
+                        x.copy_(flat[offset : offset + x.numel()].view(x.shape))
+                        offset += x.numel()
+                bucket, size = [], 0
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s picklable ``obj`` on every process (small things: a path, a seed)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        with self._collective(f"broadcast of a {type(obj).__name__} from rank {src}") as dist:
+            dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every process's picklable ``obj``, in rank order (small things: RNG states)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        with self._collective(f"all_gather of a {type(obj).__name__}") as dist:
+            dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+        if self.distributed:
+            with self._collective("barrier") as dist:
+                dist.barrier()
