@@ -20,6 +20,7 @@ import torch
 
 from textrl import checkpoint as ckpt
 from textrl.config import to_jsonable
+from textrl.runtime import Runtime
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -152,14 +153,14 @@ class PersistenceMixin:
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         config = cls.config_class(**{k: v for k, v in state["config"].items() if k in fields} | overrides)
         config.validate()
+        runtime = Runtime.from_env(config.device)  # under torchrun, this process's share of the batch
+        rows = cls.local_batch_size(config, runtime.world_size)
         if env is None:
             env_id = state.get("env_id")
             if env_id not in gym.registry:
                 raise ValueError(f"{folder} was trained on {env_id!r}, which is not a registered id: pass env=")
-            env = gym.make_vec(
-                env_id, num_envs=config.batch_size, vectorization_mode="vector_entry_point", **state["env_kwargs"]
-            )
-        env = make_vector_env(env, config.batch_size)
+            env = gym.make_vec(env_id, num_envs=rows, vectorization_mode="vector_entry_point", **state["env_kwargs"])
+        env = make_vector_env(env, rows)
         _check_tokenizer(folder, state, env)
         agent = cls(
             env,
@@ -168,6 +169,7 @@ class PersistenceMixin:
             tensorboard_log=tensorboard_log,
             seed=state["seed"],
             reference_is_base=bool(state.get("reference_is_base", False)),
+            runtime=runtime,
         )
         saved, now = (state.get("lora") or {}), (agent.base_identity or {})
         if saved.get("base_sha256") != now.get("base_sha256"):

@@ -1,0 +1,150 @@
+"""Data-parallel scaling on one machine: 2 processes x 1 thread (torchrun, gloo) against 1 process x 1 thread
+and 1 process x 2 threads, full RL iteration tokens/s and the time spent in collectives per iteration.
+
+Workloads (``--workloads``, ``model:batch``): the embedded ``tiny`` (4 layers x 256) at B=16 and B=64, and a
+random Llama of 8 layers x 512 (``llama-small``, ~28M parameters, embedded tokenizer) at B=16. The agent is
+textrl REINFORCE with RLOO groups of 4 and KL 0.05, 8-token prompts and exactly 32 new tokens (eos
+suppressed), as in ``rl_speed.py`` and ``peers.py``. Under 2 processes each takes B/2 rows (whole groups), and
+the gradient is all-reduced every iteration.
+
+Measurement: every (workload, layout) run is a fresh subprocess (``torch.distributed.run --standalone`` for
+2 processes), one warm-up iteration, then ``--iters`` timed iterations; runs are interleaved round-robin over
+``--repeats`` so that drifts in machine load hit every layout alike; the table has the median over repeats of
+each run's median. "Collectives" is the wall time rank 0 spends inside torch.distributed calls per iteration
+(the gradient all-reduce, the small reductions of counts and logged figures), waiting for the other process
+included.
+
+    python benchmarks/distributed.py                       # the table (about 10 minutes on 2 cores)
+    python benchmarks/distributed.py --workloads tiny:16 --iters 2 --repeats 1   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import rl_speed  # noqa: E402  (a sibling script)
+
+LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}
+"""name -> (processes, threads per process)."""
+
+
+def build(workdir: Path, model: str, seed: int) -> rl_speed.Workload:
+    """The workload of ``model`` (``tiny`` or ``llama-small``), written to ``workdir/<model>.json``."""
+    work = rl_speed.build_workload(workdir, False, 8, 32, seed)
+    if model == "llama-small":
+        import peers
+
+        work.lm, work.source = peers.random_model("llama", "small", workdir / "llama-small")
+    elif model != "tiny":
+        raise SystemExit(f"distributed.py: error: unknown model {model!r}; use tiny or llama-small")
+    (workdir / f"{model}.json").write_text(json.dumps(asdict(work)))
+    return work
+
+
+def worker(work_file: Path, batch: int, iters: int, threads: int, out: Path, seed: int) -> None:
+    """One run (in each process of it): warm up, time ``iters`` iterations; rank 0 writes the figures."""
+    import torch
+
+    torch.set_num_threads(threads)
+    work = rl_speed.Workload(**json.loads(work_file.read_text()))
+    runner = rl_speed.TextRLRunner("reinforce", work, batch, seed, kl_coef=0.05)
+    agent = runner.agent
+    runner.iteration()  # warm-up
+    rows = []
+    for _ in range(iters):
+        comm0, t0 = agent.runtime.comm["seconds"], time.perf_counter()
+        tokens = runner.iteration()
+        seconds = time.perf_counter() - t0
+        rows.append((tokens / seconds, seconds, agent.runtime.comm["seconds"] - comm0))
+        if tokens != batch * work.new_tokens:
+            raise SystemExit(f"an iteration generated {tokens} tokens, not {batch} x {work.new_tokens}")
+    if agent.runtime.is_main:
+        out.write_text(
+            json.dumps(
+                {
+                    "tokens_per_second": statistics.median(r[0] for r in rows),
+                    "iteration_seconds": statistics.median(r[1] for r in rows),
+                    "collective_seconds": statistics.median(r[2] for r in rows),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "world_size": agent.runtime.world_size,
+                }
+            )
+        )
+
+
+def run(work_file: Path, layout: str, batch: int, iters: int, out: Path, seed: int) -> dict:
+    procs, threads = LAYOUTS[layout]
+    args = [str(Path(__file__).resolve()), "--worker", str(work_file), str(batch), str(iters), str(threads), str(out)]
+    args += ["--seed", str(seed)]
+    if procs > 1:
+        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"{layout} on {work_file.stem} B={batch} failed:\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workloads", default="tiny:16,tiny:64,llama-small:16")
+    parser.add_argument("--layouts", default="1x1,1x2,2x1")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", nargs=5, metavar=("WORK", "BATCH", "ITERS", "THREADS", "OUT"))
+    args = parser.parse_args(argv)
+    if args.worker:
+        work_file, batch, iters, threads, out = args.worker
+        worker(Path(work_file), int(batch), int(iters), int(threads), Path(out), args.seed)
+        return
+    workloads = [(m, int(b)) for m, _, b in (w.partition(":") for w in args.workloads.split(","))]
+    layouts = args.layouts.split(",")
+    results: dict[tuple[str, int, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        sources = {m: build(workdir, m, args.seed).source for m in dict.fromkeys(m for m, _ in workloads)}
+        for _ in range(args.repeats):
+            for model, batch in workloads:
+                for layout in layouts:
+                    out = workdir / "result.json"
+                    row = run(workdir / f"{model}.json", layout, batch, args.iters, out, args.seed)
+                    results.setdefault((model, batch, layout), []).append(row)
+                    print(f"  {model} B={batch} {layout}: {row['tokens_per_second']:.0f} tok/s", file=sys.stderr)
+    print(f"# Data parallel on {os.cpu_count()} cores: REINFORCE (RLOO groups of 4, KL 0.05), 8-token prompts,")
+    print(f"# 32 new tokens; medians over {args.repeats} interleaved runs of {args.iters} iterations each")
+    for model, source in sources.items():
+        print(f"# {model}: {source}")
+    print()
+    print("| workload | layout | tokens/s | x 1 proc x 1 thread | iteration ms | collectives ms/iter | peak RSS MB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for model, batch in workloads:
+        one = statistics.median(r["tokens_per_second"] for r in results.get((model, batch, "1x1"), [{}]) or [0])
+        for layout in layouts:
+            rows = results[(model, batch, layout)]
+            tps = statistics.median(r["tokens_per_second"] for r in rows)
+            ms = statistics.median(r["iteration_seconds"] for r in rows) * 1000
+            comm = statistics.median(r["collective_seconds"] for r in rows) * 1000
+            rss = statistics.median(r["peak_rss_mb"] for r in rows)
+            procs, threads = LAYOUTS[layout]
+            name = f"{procs} process{'es' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+            ratio = f"{tps / one:.2f}x" if one else "-"
+            comm_text = f"{comm:.1f}" if procs > 1 else "-"
+            print(f"| {model} B={batch} | {name} | {tps:,.0f} | {ratio} | {ms:,.0f} | {comm_text} | {rss:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
