@@ -12,7 +12,8 @@ Measurement: every (workload, layout) run is a fresh subprocess (``torch.distrib
 ``--repeats`` so that drifts in machine load hit every layout alike; the table has the median over repeats of
 each run's median. "Collectives" is the wall time rank 0 spends inside torch.distributed calls per iteration
 (the gradient all-reduce, the small reductions of counts and logged figures), waiting for the other process
-included.
+included. ``2x1-free`` (two independent runs of B/2 at once, no communication) is the ceiling any data-parallel
+layout can reach on the machine: two processes contend for memory bandwidth and caches even without talking.
 
     python benchmarks/distributed.py                       # the table (about 10 minutes on 2 cores)
     python benchmarks/distributed.py --workloads tiny:16 --iters 2 --repeats 1   # a quick smoke run
@@ -37,8 +38,10 @@ sys.path.insert(0, str(HERE))
 
 import rl_speed  # noqa: E402  (a sibling script)
 
-LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}
-"""name -> (processes, threads per process)."""
+LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1), "2x1-free": (2, 1)}
+"""name -> (processes, threads per process). ``2x1-free`` is the machine's ceiling for any data-parallel
+scheme: two independent one-process runs of B/2 rows each at the same time, with no communication at all
+(their tokens/s summed)."""
 
 
 def build(workdir: Path, model: str, seed: int) -> rl_speed.Workload:
@@ -87,12 +90,24 @@ def worker(work_file: Path, batch: int, iters: int, threads: int, out: Path, see
 
 def run(work_file: Path, layout: str, batch: int, iters: int, out: Path, seed: int) -> dict:
     procs, threads = LAYOUTS[layout]
-    args = [str(Path(__file__).resolve()), "--worker", str(work_file), str(batch), str(iters), str(threads), str(out)]
-    args += ["--seed", str(seed)]
-    if procs > 1:
-        args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=1800)
+
+    def args(rows: int, result: Path) -> list[str]:
+        worker = [str(work_file), str(rows), str(iters), str(threads), str(result)]
+        return [str(Path(__file__).resolve()), "--worker", *worker, "--seed", str(seed)]
+
+    if layout == "2x1-free":  # two independent runs at once; each is its own "rank 0"
+        outs = [out.with_suffix(f".{i}.json") for i in range(procs)]
+        jobs = [subprocess.Popen([sys.executable, *args(batch // procs, o)], env=env) for o in outs]
+        if any(job.wait(timeout=1800) for job in jobs):
+            raise SystemExit(f"{layout} on {work_file.stem} B={batch} failed")
+        rows = [json.loads(o.read_text()) for o in outs]
+        merged = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
+        return merged | {"tokens_per_second": sum(r["tokens_per_second"] for r in rows), "collective_seconds": 0.0}
+    command = args(batch, out)
+    if procs > 1:
+        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *command]
+    done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"{layout} on {work_file.stem} B={batch} failed:\n{done.stderr[-3000:]}")
     return json.loads(out.read_text())
@@ -101,7 +116,7 @@ def run(work_file: Path, layout: str, batch: int, iters: int, out: Path, seed: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="tiny:16,tiny:64,llama-small:16")
-    parser.add_argument("--layouts", default="1x1,1x2,2x1")
+    parser.add_argument("--layouts", default="1x1,1x2,2x1,2x1-free")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -141,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
             rss = statistics.median(r["peak_rss_mb"] for r in rows)
             procs, threads = LAYOUTS[layout]
             name = f"{procs} process{'es' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+            if layout == "2x1-free":
+                name = "2 independent processes x 1 thread, B/2 each (the machine's ceiling)"
             ratio = f"{tps / one:.2f}x" if one else "-"
-            comm_text = f"{comm:.1f}" if procs > 1 else "-"
+            comm_text = f"{comm:.1f}" if layout == "2x1" else "-"
             print(f"| {model} B={batch} | {name} | {tps:,.0f} | {ratio} | {ms:,.0f} | {comm_text} | {rss:,.0f} |")
 
 

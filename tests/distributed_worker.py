@@ -7,8 +7,8 @@ apply one update and save the weights, then train a few more iterations with che
 logs and save the weights again. The test compares ranks with each other and with one process on the
 combined batch.
 
-``python distributed_worker.py MODEL OUT die``: train; rank 1 exits abruptly at iteration 2 and rank 0 writes
-the error it gets to ``OUT/error-0.txt``.
+``python distributed_worker.py MODEL OUT faults``: a non-finite number on rank 1 alone, which both ranks skip;
+then rank 1 exits abruptly at iteration 2 and rank 0 writes the error it gets to ``OUT/error-0.txt``.
 """
 
 from __future__ import annotations
@@ -95,8 +95,26 @@ def updates(model: str, out: Path, rank: int) -> None:
         (out / f"{kind}-iterations-{rank}.txt").write_text(f"{agent.iteration} {agent.num_timesteps}")
 
 
-def die(model: str, out: Path, rank: int) -> None:
+def faults(model: str, out: Path, rank: int) -> None:
+    """A non-finite KL penalty on rank 1 alone at iteration 2 (``nonfinite="skip"``): both ranks skip that batch.
+    Then rank 1 exits abruptly at iteration 2 of a new run, and rank 0 writes the error it gets."""
+    import dataclasses
+    import math
+
     from textrl.runtime import DistributedError
+
+    agent = make("ppo", model)
+    agent.config = dataclasses.replace(agent.config, nonfinite="skip")
+    reference = agent.policy.reference_logprobs
+
+    def poisoned(*args):
+        bad = rank == 1 and agent.iteration == 1  # during the second iteration
+        return reference(*args) + (math.inf if bad else 0.0)
+
+    agent.policy.reference_logprobs = poisoned
+    agent.learn(4 * 8 * 6)
+    save_file(weights(agent), out / f"skip-final-{rank}.safetensors")
+    (out / f"skip-{rank}.txt").write_text(f"{agent.iteration} {agent.skipped_batches}")
 
     agent = make("reinforce", model)
 
@@ -114,4 +132,4 @@ def die(model: str, out: Path, rank: int) -> None:
 if __name__ == "__main__":
     model, out, what = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
-    {"updates": updates, "die": die}[what](model, out, int(os.environ["RANK"]))
+    {"updates": updates, "faults": faults}[what](model, out, int(os.environ["RANK"]))

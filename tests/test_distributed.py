@@ -169,10 +169,18 @@ def test_processes_stay_identical_and_only_rank_0_writes(updates, kind):
     assert not torch.equal(rng["generator"], rng["generator.rank1"])  # each rank's own stream
 
 
-def test_a_dead_process_ends_the_others_with_an_error_naming_the_failure(llama_dir, tmp_path):
+def test_a_non_finite_batch_on_one_rank_is_skipped_by_all_and_a_dead_rank_ends_the_others(llama_dir, tmp_path):
     t0 = time.monotonic()
-    results = launch([str(WORKER), str(llama_dir), str(tmp_path), "die"], TEXTRL_DIST_TIMEOUT="60")
+    results = launch([str(WORKER), str(llama_dir), str(tmp_path), "faults"], TEXTRL_DIST_TIMEOUT="60")
     elapsed = time.monotonic() - t0
+    # the KL penalty was infinite on rank 1 alone: both skipped that batch, and stayed identical
+    counts = [(tmp_path / f"skip-{r}.txt").read_text().split() for r in (0, 1)]
+    assert counts[0] == counts[1] and int(counts[0][1]) == 1 and int(counts[0][0]) >= 4
+    final = [load_file(tmp_path / f"skip-final-{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert "skipping batch: non-finite KL penalty" in results[0].stdout and "(0 on rank 0)" in results[0].stdout
+    assert "skipping batch" not in results[1].stdout  # rank 0 speaks for all
+    # then rank 1 died: rank 0 got a clear error at once, not after the timeout
     assert results[1].returncode == 3
     assert results[0].returncode == 1, results[0].stderr[-3000:]
     message = (tmp_path / "error-0.txt").read_text()
