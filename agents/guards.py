@@ -58,6 +58,17 @@ class GuardMixin:
         """Whether a (global) figure such as a loss is NaN/inf on any process: one decision for all."""
         return self.runtime.any(not bool(torch.isfinite(value.detach()).all()))
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``; data parallel: the gradients' all-reduce starts bucket by bucket during it
+        (:class:`textrl.runtime.GradientSync`), and :meth:`clip_and_step` waits for it."""
+        if not self.runtime.distributed:
+            loss.backward()
+            return
+        if getattr(self, "_grad_sync", None) is None:
+            self._grad_sync = self.runtime.gradient_sync(self.policy.trainable_parameters())
+        with self._grad_sync.armed():
+            loss.backward()
+
     def clip_and_step(self) -> float:
         """Clip gradients, take an optimizer step; return the pre-clip gradient norm.
 
@@ -67,10 +78,7 @@ class GuardMixin:
         if self.runtime.distributed:
             # each process's loss is its share of the whole batch's (token counts are global), so the sum of
             # the gradients is the gradient of the whole batch: the same step on every process
-            for p in params:
-                if p.grad is None:  # a parameter this process's rows did not reach still takes part
-                    p.grad = torch.zeros_like(p)
-            self.runtime.sum_(p.grad for p in params)
+            self._grad_sync.finish()
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not torch.isfinite(norm):  # checked before clipping, which would spread the NaN to every tensor
             names = [

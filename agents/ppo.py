@@ -136,7 +136,7 @@ class PPO(BaseAgent):
                     self.nonfinite(
                         f"non-finite PPO loss at iteration {self.iteration + 1}, epoch {_epoch + 1} ({parts})"
                     )
-                loss.backward()
+                self.backward(loss)
                 stats["gn"].append(self.clip_and_step())
                 for key, value in zip(("pg", "vf", "ent", "kl", "clip"), figures, strict=True):
                     stats[key].append(value)

@@ -97,7 +97,7 @@ class REINFORCE(BaseAgent):
             self.nonfinite(
                 f"non-finite REINFORCE loss at iteration {self.iteration + 1} (policy loss {pg}, entropy {ent})"
             )
-        loss.backward()
+        self.backward(loss)
         grad_norm = self.clip_and_step()
         if self.config.baseline == "moving_average":  # only a batch that was applied moves the baseline
             mean, d = self.runtime.reduce_float(float(scores.mean())), self.config.baseline_decay

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| workload | layout | tokens/s | x 1 proc x 1 thread | iteration ms | collectives ms/iter | peak RSS MB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for model, batch in workloads:
-        one = statistics.median(r["tokens_per_second"] for r in results.get((model, batch, "1x1"), [{}]) or [0])
+        base = results.get((model, batch, "1x1"), [])
+        one = statistics.median(r["tokens_per_second"] for r in base) if base else 0.0
         for layout in layouts:
             rows = results[(model, batch, layout)]
             tps = statistics.median(r["tokens_per_second"] for r in rows)

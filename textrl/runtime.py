@@ -161,11 +161,6 @@ class Runtime:
             return bool(flag)
         return self.reduce_float(1.0 if flag else 0.0, "max") > 0
 
-    def sum_(self, tensors: Iterable[torch.Tensor | None]) -> None:
-        """Sum each tensor over all processes, in place (strides kept), flattened into buckets; ``None``
-        entries are skipped (every process must pass the same list of shapes)."""
-        self._flat([t for t in tensors if t is not None], "sum of gradients", lambda dist, b: dist.all_reduce(b))
-
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         """Overwrite each tensor in place with rank ``src``'s values (strides kept), in buckets."""
         self._flat(list(tensors), f"broadcast from rank {src}", lambda dist, b: dist.broadcast(b, src))
@@ -190,6 +185,10 @@ class Runtime:
                         offset += x.numel()
                 bucket, size = [], 0
 
+    def gradient_sync(self, params: Iterable[torch.Tensor]) -> GradientSync:
+        """A :class:`GradientSync` over ``params`` (every process passes the same list, in the same order)."""
+        return GradientSync(self, list(params))
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank ``src``'s picklable ``obj`` on every process (small things: a path, a seed)."""
         if not self.distributed:
@@ -213,3 +212,86 @@ class Runtime:
         if self.distributed:
             with self._collective("barrier") as dist:
                 dist.barrier()
+
+
+class GradientSync:
+    """Sums the gradients of ``params`` over all processes while the backward pass is still running.
+
+    textrl's update runs through its own forward (the engine), so DDP's wrapper never sees it; this does
+    what DDP does, on the parameters themselves. The parameters are grouped into buckets of at most
+    :data:`BUCKET_BYTES`, last parameter first (the backward pass produces gradients roughly in that
+    order). Each parameter gets a post-accumulate-grad hook. When every parameter of a bucket has its
+    gradient, the bucket is flattened and its all-reduce starts asynchronously, so the communication of
+    the later layers overlaps the backward pass of the earlier ones. Buckets start strictly in index order,
+    so all processes issue the same collectives in the same order even when their backward passes differ.
+    :meth:`finish` starts what is left (parameters no loss reached count as zero gradients), waits, and
+    writes the sums back into ``.grad``.
+
+    The hooks act only inside :meth:`armed`; any other backward pass leaves them idle.
+    """
+
+    def __init__(self, runtime: Runtime, params: list[torch.Tensor]):
+        self.runtime, self.params = runtime, params
+        self.buckets: list[list[torch.Tensor]] = []
+        size = 0
+        for p in reversed(params):
+            if not self.buckets or size >= BUCKET_BYTES or self.buckets[-1][-1].dtype != p.dtype:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.index = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+        self.active = False
+        self._reset()
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+
+    def _reset(self) -> None:
+        self.waiting = [len(bucket) for bucket in self.buckets]  # parameters whose gradient has not arrived
+        self.started: list[tuple[torch.Tensor, Any]] = []  # (flat buffer, async work) per started bucket
+
+    @contextmanager
+    def armed(self) -> Iterator[None]:
+        """Let the hooks start the all-reduces during the backward pass run inside this block."""
+        self._reset()
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def _ready(self, param: torch.Tensor) -> None:
+        if not self.active:
+            return
+        self.waiting[self.index[id(param)]] -= 1
+        while len(self.started) < len(self.buckets) and self.waiting[len(self.started)] == 0:
+            self._start(len(self.started))
+
+    def _start(self, b: int) -> None:
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.buckets[b]]
+        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        with self.runtime._collective(f"all_reduce of gradient bucket {b}") as dist:
+            self.started.append((flat, dist.all_reduce(flat, async_op=True)))
+
+    def finish(self) -> None:
+        """Start the buckets not started yet, wait for all, and write the sums into the ``.grad`` fields."""
+        try:
+            while len(self.started) < len(self.buckets):
+                self._start(len(self.started))
+            for b, (flat, work) in enumerate(self.started):
+                with self.runtime._collective(f"all_reduce of gradient bucket {b}"):
+                    work.wait()
+                offset = 0
+                with torch.no_grad():
+                    for p in self.buckets[b]:
+                        part = flat[offset : offset + p.numel()].view(p.shape)
+                        if p.grad is None:
+                            p.grad = torch.empty_like(p)
+                        p.grad.copy_(part)  # copy_ writes through any layout (e.g. input-major weights)
+                        offset += p.numel()
+        finally:
+            self._reset()
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        for handle in self.handles:
+            handle.remove()
