@@ -10,10 +10,12 @@ the gradient is all-reduced every iteration.
 Measurement: every (workload, layout) run is a fresh subprocess (``torch.distributed.run --standalone`` for
 2 processes), one warm-up iteration, then ``--iters`` timed iterations; runs are interleaved round-robin over
 ``--repeats`` so that drifts in machine load hit every layout alike; the table has the median over repeats of
-each run's median. "Collectives" is the wall time rank 0 spends inside torch.distributed calls per iteration
-(the gradient all-reduce, the small reductions of counts and logged figures), waiting for the other process
-included. ``2x1-free`` (two independent runs of B/2 at once, no communication) is the ceiling any data-parallel
-layout can reach on the machine: two processes contend for memory bandwidth and caches even without talking.
+each run's median, and each ratio the median of the ratios within a round (runs next to each other in
+time), so that drifts in the machine's speed cancel. "Collectives" is the wall time rank 0 spends inside
+torch.distributed calls per iteration (the gradient all-reduce, the small reductions of counts and logged
+figures), waiting for the other process included. ``2x1-free`` (two independent runs of B/2 at once, no
+communication) is the ceiling any data-parallel layout can reach on the machine: two processes contend for
+memory bandwidth and caches even without talking.
 
     python benchmarks/distributed.py                       # the table (about 10 minutes on 2 cores)
     python benchmarks/distributed.py --workloads tiny:16 --iters 2 --repeats 1   # a quick smoke run
@@ -144,24 +146,35 @@ def main(argv: list[str] | None = None) -> None:
     for model, source in sources.items():
         print(f"# {model}: {source}")
     print()
-    print("| workload | layout | tokens/s | x 1 proc x 1 thread | iteration ms | collectives ms/iter | peak RSS MB |")
+    head = ["workload", "layout", "tokens/s", "x 1 process x 1 thread", "of the ceiling", "iteration ms"]
+    print("| " + " | ".join([*head, "collectives ms/iter"]) + " |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for model, batch in workloads:
-        base = results.get((model, batch, "1x1"), [])
-        one = statistics.median(r["tokens_per_second"] for r in base) if base else 0.0
         for layout in layouts:
             rows = results[(model, batch, layout)]
             tps = statistics.median(r["tokens_per_second"] for r in rows)
             ms = statistics.median(r["iteration_seconds"] for r in rows) * 1000
             comm = statistics.median(r["collective_seconds"] for r in rows) * 1000
-            rss = statistics.median(r["peak_rss_mb"] for r in rows)
             procs, threads = LAYOUTS[layout]
             name = f"{procs} process{'es' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
             if layout == "2x1-free":
                 name = "2 independent processes x 1 thread, B/2 each (the machine's ceiling)"
-            ratio = f"{tps / one:.2f}x" if one else "-"
+            ceiling = ratio(results, model, batch, layout, "2x1-free") if layout == "2x1" else "-"
             comm_text = f"{comm:.1f}" if layout == "2x1" else "-"
-            print(f"| {model} B={batch} | {name} | {tps:,.0f} | {ratio} | {ms:,.0f} | {comm_text} | {rss:,.0f} |")
+            speedup = ratio(results, model, batch, layout, "1x1")
+            cells = [f"{model} B={batch}", name, f"{tps:,.0f}", speedup, ceiling.rstrip("x"), f"{ms:,.0f}", comm_text]
+            print("| " + " | ".join(cells) + " |")
+
+
+def ratio(results: dict, model: str, batch: int, layout: str, base: str) -> str:
+    """``layout``'s tokens/s over ``base``'s: the median of the ratios within each round (runs next to each
+    other in time), so that drifts in the machine's speed cancel."""
+    a, b = results.get((model, batch, layout), []), results.get((model, batch, base), [])
+    if not a or not b:
+        return "-"
+    return (
+        f"{statistics.median(x['tokens_per_second'] / y['tokens_per_second'] for x, y in zip(a, b, strict=True)):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Gymnasium environments for token-level text generation.
 
-``import envs`` registers ``textrl/TextGen-v0``, the generic env, configured through ``gymnasium.make``
+``import envs`` registers ``textrl/TextGen-v0``, the generic env, ``textrl/MultiTurn-v0``, the multi-turn env
+(:mod:`envs.dialogue`: give it ``respond=``), configured through ``gymnasium.make``
 keywords (``prompts``, ``reward``, ``max_new_tokens``, ...) and working out of the box on the embedded LM::
 
     env = gymnasium.make("textrl/TextGen-v0", reward=my_reward)
@@ -14,6 +15,7 @@ and the built-in tasks, one module each, with their own prompts and rewards (see
 import gymnasium
 
 from envs.arithmetic import ArithmeticEnv
+from envs.dialogue import MultiTurnEnv, MultiTurnVectorEnv, Reply, RespondError
 from envs.engine import DEFAULT_PROMPTS, TokenBatch
 from envs.keywords import KeywordsEnv
 from envs.prompts import PromptError, PromptSet
@@ -28,9 +30,13 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "ArithmeticEnv",
     "KeywordsEnv",
+    "MultiTurnEnv",
+    "MultiTurnVectorEnv",
     "PromptError",
     "PromptSet",
     "ReferenceEnv",
+    "Reply",
+    "RespondError",
     "SentimentEnv",
     "SimilarityEnv",
     "TaskEnv",
@@ -44,6 +50,11 @@ ENV_IDS: dict[str, dict] = {
         "entry_point": "envs.textgen:TextGenEnv",
         "vector_entry_point": "envs.vector:TextGenVectorEnv",
         "kwargs": {"lm": "tiny", "max_new_tokens": 32},
+    },
+    "textrl/MultiTurn-v0": {
+        "entry_point": "envs.dialogue:MultiTurnEnv",
+        "vector_entry_point": "envs.dialogue:MultiTurnVectorEnv",
+        "kwargs": {"lm": "tiny"},
     },
 }
 """Registered ids -> ``gymnasium.register`` arguments."""

@@ -79,6 +79,7 @@ class TokenBatch:
         self.mask = np.zeros((num_rows, context_length), dtype=np.int8)  # (B, C)
         self.length = np.zeros(num_rows, dtype=np.int64)  # valid tokens per row
         self.prompt_len = np.zeros(num_rows, dtype=np.int64)
+        self.turn_start = np.zeros(num_rows, dtype=np.int64)  # where the agent's current turn began
         self.prompt_idx = np.zeros(num_rows, dtype=np.int64)
         self.row_text: list[str] = [""] * num_rows  # prompt text per row
         self.row_fields: list[dict[str, Any]] = [{} for _ in range(num_rows)]
@@ -103,7 +104,7 @@ class TokenBatch:
         self.tokens[row, :n] = ids
         self.mask[row].fill(0)
         self.mask[row, :n] = 1
-        self.length[row] = self.prompt_len[row] = n
+        self.length[row] = self.prompt_len[row] = self.turn_start[row] = n
         self.prompt_idx[row] = index
         self.row_text[row] = text
         self.row_fields[row] = fields
@@ -210,8 +211,11 @@ def build_engine(
     context_length: int | None,
     truncate_prompts: bool,
     max_episode_steps: int | None = None,
+    engine: type[TokenBatch] | None = None,
+    **engine_options: Any,
 ) -> TokenBatch:
-    """Validate the env keywords and build the engine (shared by both envs)."""
+    """Validate the env keywords and build the engine (shared by both envs): a :class:`TokenBatch`, or the
+    ``engine`` subclass given, which gets ``engine_options`` as well (e.g. :class:`envs.dialogue.DialogueBatch`)."""
     from textrl.lm import lm_context_length, load_tokenizer
 
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -240,7 +244,10 @@ def build_engine(
     if isinstance(stop, str):
         stop = [stop]
     stop = [s for s in (stop or []) if s]
-    return TokenBatch(num_rows, tokenizer, prompt_set, RewardSet(reward), int(max_new_tokens), stop, width)
+    engine = engine or TokenBatch
+    return engine(
+        num_rows, tokenizer, prompt_set, RewardSet(reward), int(max_new_tokens), stop, width, **engine_options
+    )
 
 
 def _observation_space(engine: TokenBatch) -> spaces.Dict:

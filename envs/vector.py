@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -11,7 +11,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.engine import ENV_KEYWORDS, _observation_space, _prompt_choice, build_engine
+from envs.engine import ENV_KEYWORDS, TokenBatch, _observation_space, _prompt_choice, build_engine
 from envs.prompts import PromptSource
 from envs.render import text_frame
 from textrl.rewards import RewardSpec
@@ -69,13 +69,17 @@ class TextGenVectorEnv(VectorEnv):
         copy: bool = True,
         max_episode_steps: int | None = None,
         render_mode: str | None = None,
+        _engine: Callable[[int], TokenBatch] | None = None,
     ):
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.num_envs = int(num_envs)
         self.init_kwargs = {k: v for k, v in locals().items() if k in ENV_KEYWORDS}
         """The keywords this env was built with (agents build batched copies from them)."""
-        self.engine = build_engine(self.num_envs, **self.init_kwargs, max_episode_steps=max_episode_steps)
+        if _engine is not None:  # a subclass's engine (e.g. envs.dialogue's, with turns)
+            self.engine = _engine(self.num_envs)
+        else:
+            self.engine = build_engine(self.num_envs, **self.init_kwargs, max_episode_steps=max_episode_steps)
         self.tokenizer = self.engine.tokenizer
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self.metadata = dict(self.metadata, autoreset_mode=self.autoreset_mode)

@@ -269,3 +269,21 @@ def test_peers_benchmark_lora_rank_trains_adapters_and_refuses_full_only_systems
     err = capsys.readouterr().err
     assert re.search(r"error: argument --lora-rank: plain cannot train LoRA adapters", err), err
     assert not refused.exists()
+
+
+def test_distributed_benchmark_compares_layouts(capsys):
+    """Every layout runs (2 processes under torchrun, and the two independent ones) and gets a row."""
+    module = _load("distributed", "distributed_benchmark")
+    module.main(["--workloads", "tiny:8", "--iters", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = re.findall(
+        r"^\| tiny B=8 \| ([^|]+) \| ([\d,]+) \| ([\d.]+)x \| ([\d,]+) \| ([\d.]+|-) \| ([\d,]+) \|$", out, re.M
+    )
+    assert [r[0].split(" (")[0].split(",")[0] for r in rows] == [
+        "1 process x 1 thread",
+        "1 process x 2 threads",
+        "2 processes x 1 thread",
+        "2 independent processes x 1 thread",
+    ]
+    assert float(rows[0][2]) == 1.0 and all(float(r[1].replace(",", "")) > 0 for r in rows)
+    assert rows[2][4] != "-" and float(rows[2][4]) > 0  # the time in collectives, 2 processes only

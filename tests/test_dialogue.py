@@ -1,0 +1,261 @@
+"""Multi-turn envs (envs/dialogue.py): a hand-worked episode with exact observations, masks and rewards, both
+env checkers, the vector env equal to SyncVectorEnv, random replies and stops, and bad replies."""
+
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+import envs  # noqa: F401  (registers textrl/MultiTurn-v0)
+from envs.dialogue import MultiTurnEnv, MultiTurnVectorEnv, Reply, RespondError
+from textrl.pretrain import train_tokenizer
+from textrl.rewards import immediate
+
+CORPUS = ["guess 3 higher lower 5 yes no", "the quick brown fox jumps over the lazy dog", "12345 67890 +-*/"] * 5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(CORPUS, vocab_size=300)
+
+
+def one(tok, text: str) -> int:
+    (token,) = tok.encode(text, add_special_tokens=False)
+    return token
+
+
+def guess(state, turn):
+    """A guessing game: the secret is the prompt row's field; "higher"/"lower" until the agent says it."""
+    try:
+        n = int(turn.strip())
+    except ValueError:
+        return Reply("say a number", reward=-0.5)
+    if n == state["secret"]:
+        return Reply(None, reward=1.0, done=True)
+    state.setdefault("wrong", 0)
+    state["wrong"] += 1
+    return Reply("higher" if n < state["secret"] else "lower", reward=0.0)
+
+
+@immediate
+def per_token(new_token_ids):
+    return [0.25] * len(new_token_ids)
+
+
+def transcript_length(completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+GAME = {"prompts": [{"prompt": "guess", "secret": 5}], "respond": guess, "max_turn_tokens": 1, "context_length": 24}
+
+
+def test_hand_worked_episode(tok):
+    env = MultiTurnEnv(
+        tokenizer=tok, reward={per_token: 1.0, transcript_length: 0.1}, reply_template=" {reply} ", **GAME
+    )
+    obs, info = env.reset(seed=0)
+    prompt = tok.encode("guess", add_special_tokens=False)
+    P = len(prompt)
+    assert (
+        obs["input_ids"][:P].tolist() == prompt and obs["attention_mask"].sum() == P and obs["action_mask"].sum() == 0
+    )
+    three, five = one(tok, "3"), one(tok, "5")
+
+    obs, reward, term, trunc, info = env.step(three)  # turn 0: "3" -> " higher "
+    reply = tok.encode(" higher ", add_special_tokens=False)
+    L = P + 1 + len(reply)
+    assert obs["input_ids"][:L].tolist() == [*prompt, three, *reply]
+    assert obs["attention_mask"].tolist() == [1] * L + [0] * (24 - L)
+    assert obs["action_mask"].tolist() == [0] * P + [1] + [0] * (24 - P - 1)
+    assert (reward, term, trunc) == (0.25, False, False)
+    assert info["env_tokens"] == len(reply) and info["turn_end"] and info["turn"] == 1
+    assert info["reward_components"] == {"per_token": 0.25, "transcript_length": 0.0, "turn": 0.0}
+
+    obs, reward, term, trunc, info = env.step(five)  # turn 1: "5" -> done, turn reward 1
+    assert obs["input_ids"][: L + 1].tolist() == [*prompt, three, *reply, five]
+    assert obs["action_mask"][: L + 1].tolist() == [0] * P + [1] + [0] * len(reply) + [1]
+    completion = tok.decode([three, *reply, five], skip_special_tokens=True)
+    assert info["completion"] == completion and info["turns"] == 2 and info["env_tokens"] == 0
+    assert (term, trunc) == (True, False)
+    assert reward == pytest.approx(0.25 + 1.0 + 0.1 * len(completion))
+    with pytest.raises(RuntimeError, match="finished episode"):
+        env.step(five)
+
+
+def test_max_turns_truncates_after_scoring_the_last_turn(tok):
+    calls = []
+
+    def count(state, turn):
+        calls.append((state["turn"], turn))
+        return ("ok", 0.5, False)
+
+    env = MultiTurnEnv(
+        tokenizer=tok, prompts=["guess"], respond=count, max_turns=3, max_turn_tokens=2, context_length=40
+    )
+    env.reset(seed=0)
+    x = one(tok, "3")
+    rewards, ends = [], []
+    for _ in range(6):
+        _, r, term, trunc, info = env.step(x)
+        rewards.append(r)
+        ends.append((info["turn_end"], term, trunc))
+    assert [t for t, _ in calls] == [0, 1, 2] and all(turn == "33" for _, turn in calls)
+    assert rewards == [0.0, 0.5, 0.0, 0.5, 0.0, 0.5]
+    assert ends == [(False, False, False), (True, False, False)] * 2 + [(False, False, False), (True, False, True)]
+
+
+def test_turn_stop_and_eos_end_a_turn(tok):
+    turns = []
+
+    def log(state, turn):
+        turns.append(turn)
+        return ("go", 0.0, len(turns) == 2)
+
+    env = MultiTurnEnv(
+        tokenizer=tok, prompts=["guess"], respond=log, turn_stop="!", max_turn_tokens=8, context_length=40
+    )
+    env.reset(seed=0)
+    for token in (one(tok, "3"), one(tok, "!")):  # the stop string ends the first turn
+        _, _, term, _, info = env.step(token)
+    assert info["turn_end"] and not term and turns == ["3!"]
+    _, _, term, _, info = env.step(tok.eos_token_id)  # eos ends the second (the env says done)
+    assert info["turn_end"] and term and turns == ["3!", ""]
+
+
+def test_env_checkers_pass(tok):
+    # through gymnasium.make so the checker also tries every render mode (it needs the spec for that)
+    env = gymnasium.make(
+        "textrl/MultiTurn-v0", tokenizer=tok, **{**GAME, "context_length": 64, "truncate_replies": True}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gym_check_env(env.unwrapped)
+        sb3_check_env(env.unwrapped)
+    assert [str(w.message) for w in caught] == []
+
+
+def chatty(state, turn):
+    """Deterministic replies of varying length (0-5 words), a turn reward, and an end after some turns."""
+    h = sum(map(ord, turn)) + 7 * state["turn"]
+    words = " ".join(["yes", "no", "lower"][(h + i) % 3] for i in range(h % 6))
+    return (words or None, float(h % 3), h % 5 == 0)
+
+
+VECTOR = {
+    "prompts": ["guess", "the quick", "brown fox jumps"],
+    "respond": chatty,
+    "max_turns": 3,
+    "max_turn_tokens": 3,
+    "turn_stop": "o",
+    "reply_template": " {reply}.",
+    "context_length": 48,
+    "truncate_replies": True,
+}
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP])
+def test_vector_env_equals_sync_vector_env(tok, mode):
+    n = 4
+    ours = MultiTurnVectorEnv(n, tokenizer=tok, autoreset_mode=mode, **VECTOR)
+    ref = SyncVectorEnv([lambda: MultiTurnEnv(tokenizer=tok, **VECTOR)] * n, autoreset_mode=mode)
+    o1, i1 = ours.reset(seed=3)
+    o2, i2 = ref.reset(seed=3)
+    rng = np.random.default_rng(0)
+    ends = 0
+    for _ in range(60):
+        a = rng.integers(0, len(tok), n)
+        o1, r1, t1, u1, i1 = ours.step(a)
+        o2, r2, t2, u2, i2 = ref.step(a)
+        for k in o2:
+            np.testing.assert_array_equal(o1[k], o2[k])
+        np.testing.assert_allclose(r1, r2)
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_array_equal(u1, u2)
+        for key in ("env_tokens", "turn_end", "turn", "turns", "completion"):
+            assert (key in i1) == (key in i2), key
+            if key in i2:
+                np.testing.assert_array_equal(i1["_" + key], i2["_" + key])
+                np.testing.assert_array_equal(i1[key][i2["_" + key]], i2[key][i2["_" + key]])
+        ends += int((t1 | u1).sum())
+    assert ends >= 8
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    replies=st.lists(st.lists(st.integers(0, 299), max_size=6), min_size=1, max_size=8),
+    actions=st.lists(st.integers(0, 299), min_size=1, max_size=30),
+    turn_tokens=st.integers(1, 4),
+)
+def test_random_replies_and_stops_keep_the_masks_consistent(tok, replies, actions, turn_tokens):
+    """Whatever the replies and actions: the observation is prompt + actions and replies in order, the action
+    mask marks exactly the actions, and env_tokens counts exactly the replies appended."""
+    said = iter(replies * 10)
+
+    def respond(state, turn):
+        return (next(said), 0.0, False)
+
+    env = MultiTurnEnv(
+        tokenizer=tok, prompts=["guess"], respond=respond, max_turns=50, max_turn_tokens=turn_tokens,
+        turn_stop="o", context_length=64, truncate_replies=True,
+    )  # fmt: skip
+    obs, _ = env.reset(seed=0)
+    expected, acted = list(obs["input_ids"][: obs["attention_mask"].sum()]), [0] * int(obs["attention_mask"].sum())
+    for a in actions:
+        obs, _, term, trunc, info = env.step(a)
+        expected.append(a)
+        acted.append(1)
+        L = int(obs["attention_mask"].sum())
+        appended = obs["input_ids"][len(expected) : L].tolist()
+        assert len(appended) == info["env_tokens"]
+        expected += appended
+        acted += [0] * len(appended)
+        assert obs["input_ids"][:L].tolist() == expected and obs["action_mask"][:L].tolist() == acted
+        assert obs["action_mask"][L:].sum() == 0 and obs["attention_mask"][L:].sum() == 0
+        if term or trunc:
+            break
+
+
+def test_bad_replies_are_clear_errors(tok):
+    def make(respond, **kw):
+        env = MultiTurnEnv(
+            tokenizer=tok, prompts=["guess"], respond=respond, max_turn_tokens=1, context_length=24, **kw
+        )
+        env.reset(seed=0)
+        return env
+
+    def boom(state, turn):
+        raise KeyError("no such tool")
+
+    x = one(tok, "3")
+    with pytest.raises(
+        RespondError, match=r"respond 'boom' raised KeyError: 'no such tool' in the episode of prompt 0 "
+    ):
+        make(boom).step(x)
+    env = make(boom, on_error="reply")  # the error goes back to the agent, and is counted
+    obs, _, term, trunc, info = env.step(x)
+    assert info["respond_errors"] == 1 and not (term or trunc)
+    assert tok.decode(obs["input_ids"][: obs["attention_mask"].sum()]).endswith("Error: 'no such tool'")
+    for out, match in [
+        (("a", 1.0), r"a tuple of 2 items .* return \(reply, reward, done\)"),
+        ("text", r"returned str .* return \(reply, reward, done\) or a Reply"),
+        (("a", float("nan"), False), r"the reward nan .* finite number"),
+        (("a", 0.0, "no"), r"done='no' .* need a bool"),
+        (([1.5], 0.0, False), r"the reply \[1\.5\] .* text, token ids or None"),
+        (([999], 0.0, False), r"token id 999, outside 0\.\.299"),
+        (("the quick brown fox " * 5, 0.0, False), r"has \d+ tokens and the context has \d+ left .* truncate_replies"),
+    ]:
+        with pytest.raises(RespondError, match=match):
+            make(lambda state, turn, out=out: out).step(x)
+    env = make(lambda state, turn: ("the quick brown fox " * 5, 0.0, False), truncate_replies=True)
+    _, _, term, trunc, _ = env.step(x)
+    assert trunc and not term
+    with pytest.raises(ValueError, match=r"reply_template must be a string with a \{reply\} field"):
+        make(guess, reply_template="no field")
+    with pytest.raises(ValueError, match="max_turns must be a positive integer"):
+        make(guess, max_turns=0)
