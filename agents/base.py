@@ -44,7 +44,7 @@ def make_vector_env(env, batch_size: int) -> TextVectorEnv:
     """The vector env an agent trains on, from an id, a :class:`envs.TextGenEnv` (``batch_size`` copies), or
     a vector env that implements :class:`textrl.protocol.TextVectorEnv` (taken as it is)."""
     import envs  # noqa: F401  (registers the ids)
-    from envs import TextGenEnv, TextGenVectorEnv
+    from envs import MultiTurnEnv, MultiTurnVectorEnv, TextGenEnv, TextGenVectorEnv
 
     if isinstance(env, str):
         try:
@@ -52,6 +52,8 @@ def make_vector_env(env, batch_size: int) -> TextVectorEnv:
         except gym.error.Error as e:
             raise ValueError(f"cannot make a textrl vector env from {env!r}: {e}") from None
     base = env.unwrapped if isinstance(env, gym.Env) else env
+    if isinstance(base, MultiTurnEnv):
+        return MultiTurnVectorEnv(num_envs=batch_size, **base.init_kwargs)
     if isinstance(base, TextGenEnv):
         return TextGenVectorEnv(num_envs=batch_size, **base.init_kwargs)
     if isinstance(base, TextVectorEnv):

@@ -3,7 +3,8 @@
 :class:`MultiTurnEnv` (single) and :class:`MultiTurnVectorEnv` (natively batched) run on
 :class:`DialogueBatch`, the array engine of :mod:`envs.engine` with turns. Each action appends one token to
 the agent's current turn, as in :class:`envs.TextGenEnv`. The turn ends at the eos token, a ``turn_stop``
-string, ``max_turn_tokens`` tokens, or a full context. The env then calls ``respond(state, turn)``:
+string, ``max_turn_tokens`` tokens, or the end of the episode's tokens. The env then calls
+``respond(state, turn)``:
 
 - ``state`` is the episode's own dict. It starts as ``{"prompt": text, "turn": i, **the prompt row's
   fields}``, and ``respond`` may keep anything in it from turn to turn (a game's secret, a tool's memory).
@@ -18,7 +19,9 @@ step appended; they sit right after the step's action in the observation. ``info
 last step of a turn.
 
 The episode ends when ``respond`` says ``done`` (terminated), after ``max_turns`` agent turns (truncated:
-the last turn is still scored), or when the context is full. Rewards come from three places:
+the last turn is still scored), or when it has used its tokens (truncated). Every episode may add as many
+tokens (actions and replies) as the context leaves after the longest prompt of the set, so that a batch of
+episodes fits the context side by side. Rewards come from three places:
 
 - immediate rewards, on every token;
 - the turn's reward, on the turn's last token;
@@ -103,6 +106,10 @@ class DialogueBatch(TokenBatch):
         self.reply_template, self.on_error, self.truncate_replies = reply_template, on_error, truncate_replies
         B = len(self.length)
         self.turns = np.zeros(B, dtype=np.int64)  # agent turns finished in the episode
+        # tokens an episode may add after its prompt (actions and replies): what the context leaves after the
+        # longest prompt, the same for every episode, so that a batch of them fits the context side by side
+        self.max_steps = self.C - self.prompts.max_len
+        self.end = np.zeros(B, dtype=np.int64)  # the row's last usable column: prompt + max_steps, within C
         self.acted = np.zeros((B, self.C), dtype=np.int8)  # 1 where the agent took the token
         self.state: list[dict[str, Any]] = [{} for _ in range(B)]
         self.respond_errors = np.zeros(B, dtype=np.int64)
@@ -116,6 +123,7 @@ class DialogueBatch(TokenBatch):
         self.respond_errors[row] = self.env_tokens[row] = 0
         self.turn_end[row] = False
         self.state[row] = {"prompt": self.row_text[row], "turn": 0, **self.row_fields[row]}
+        self.end[row] = min(self.C, self.prompt_len[row] + self.max_steps)
 
     def step(self, rows: np.ndarray, actions: np.ndarray):
         """Append ``actions`` to ``rows`` and answer the turns that ended; return what
@@ -139,7 +147,7 @@ class DialogueBatch(TokenBatch):
             components.update(parts)
 
         turn_over = (actions == self.eos_id) | (self.length[rows] - self.turn_start[rows] >= self.max_turn_tokens)
-        turn_over |= self.length[rows] >= self.C
+        turn_over |= self.length[rows] >= self.end[rows]
         if self.stop:
             for j in np.flatnonzero(~turn_over):
                 turn_over[j] = self._stopped(rows[j])
@@ -153,7 +161,7 @@ class DialogueBatch(TokenBatch):
             components["turn"][j] = reply.reward
             if reply.done:
                 terminated[j] = True
-            elif self.turns[r] >= self.max_turns or self.length[r] >= self.C:
+            elif self.turns[r] >= self.max_turns or self.length[r] >= self.end[r]:
                 truncated[j] = True
             else:
                 appended[j] = self._append(r, reply.reply)
@@ -251,14 +259,15 @@ class DialogueBatch(TokenBatch):
                 raise RespondError(
                     f"the reply {self._where(row)} has token id {bad[0]}, outside 0..{self.vocab_size - 1}"
                 )
-        start, m = int(self.length[row]), len(ids)
-        if start + m >= self.C:  # the agent needs room for at least one token of its next turn
+        start, m, end = int(self.length[row]), len(ids), int(self.end[row])
+        if start + m >= end:  # the agent needs room for at least one token of its next turn
             if self.truncate_replies:
                 return -1
             raise RespondError(
-                f"the reply {self._where(row)} has {m} tokens and the context has {self.C - start} left (of "
-                f"{self.C}), with none for the agent's next turn: shorten the replies, lower max_turns, give a "
-                "larger context_length, or pass truncate_replies=True to end such episodes (truncated)"
+                f"the reply {self._where(row)} has {m} tokens and the episode has {end - start} left (of "
+                f"{self.max_steps} after the prompt), with none for the agent's next turn: shorten the replies, "
+                "lower max_turns, give a larger context_length, or pass truncate_replies=True to end such "
+                "episodes (truncated)"
             )
         self.tokens[row, start : start + m] = ids
         self.mask[row, start : start + m] = 1
@@ -432,6 +441,17 @@ class MultiTurnVectorEnv(TextGenVectorEnv):
         self.init_kwargs = kwargs
         self.single_observation_space = _dialogue_space(self.engine)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+
+    @property
+    def reward_names(self) -> tuple[str, ...]:
+        """The env's reward terms, then ``"turn"`` (``respond``'s turn rewards)."""
+        return (*self.engine.rewards.names, "turn")
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most steps an episode can take (agent tokens and reply tokens): the context left after the
+        longest prompt. A rollout sizes its buffers with it."""
+        return self.engine.max_steps
 
     def _put_step_info(self, info, rows, components, done_rows, ends) -> None:
         super()._put_step_info(info, rows, components, done_rows, ends)

@@ -198,7 +198,10 @@ class TextGenVectorEnv(VectorEnv):
         self._put_reset_info(info, rows)
         return self.engine.observation(copy=self.copy), info
 
-    def step(self, actions):
+    def step(self, actions, *, active=None):
+        """Gymnasium's vector step. ``active`` (a textrl extension, a bool array of ``num_envs``): step only these
+        sub-envs; the others are left as they are (no step, no autoreset; reward 0, not done). A rollout on a
+        multi-turn env uses it while it feeds the policy a reply's tokens, which are not actions."""
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
@@ -218,15 +221,18 @@ class TextGenVectorEnv(VectorEnv):
         truncated = np.zeros(n, dtype=bool)
         info: dict[str, Any] = {}
 
-        resetting = np.flatnonzero(self._needs_reset)
+        act = np.ones(n, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+        if act.shape != (n,):
+            raise ValueError(f"active must be a bool array of shape ({n},), got {act.shape}")
+        resetting = np.flatnonzero(self._needs_reset & act)
         if resetting.size and self.autoreset_mode == AutoresetMode.DISABLED:
             raise RuntimeError(f"sub-envs {resetting.tolist()} finished; reset them (options reset_mask) first")
         if resetting.size:  # NEXT_STEP: these rows start a new prompt now and their actions are ignored
             self._reset_rows(resetting, None)
             self._put_reset_info(info, resetting)
-            rows = np.flatnonzero(~self._mask(resetting))
+            rows = np.flatnonzero(act & ~self._mask(resetting))
         else:
-            rows = self._all
+            rows = self._all if active is None else np.flatnonzero(act)
         if not rows.size:
             return self.engine.observation(copy=self.copy), reward, terminated, truncated, info
 

@@ -6,6 +6,7 @@ import warnings
 import gymnasium
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env as gym_check_env
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from hypothesis import HealthCheck, given, settings
@@ -248,7 +249,7 @@ def test_bad_replies_are_clear_errors(tok):
         (("a", 0.0, "no"), r"done='no' .* need a bool"),
         (([1.5], 0.0, False), r"the reply \[1\.5\] .* text, token ids or None"),
         (([999], 0.0, False), r"token id 999, outside 0\.\.299"),
-        (("the quick brown fox " * 5, 0.0, False), r"has \d+ tokens and the context has \d+ left .* truncate_replies"),
+        (("the quick brown fox " * 5, 0.0, False), r"has \d+ tokens and the episode has \d+ left .* truncate_replies"),
     ]:
         with pytest.raises(RespondError, match=match):
             make(lambda state, turn, out=out: out).step(x)
@@ -259,3 +260,68 @@ def test_bad_replies_are_clear_errors(tok):
         make(guess, reply_template="no field")
     with pytest.raises(ValueError, match="max_turns must be a positive integer"):
         make(guess, max_turns=0)
+
+
+# --- textrl's agents on a multi-turn env -----------------------------------------------------------------
+
+
+def echo_count(state, turn):
+    """A scripted user: replies with how many words the agent's turn had; the episode ends after 3 turns."""
+    words = len(turn.split())
+    return (f" you said {words} words.", float(words == 2), state["turn"] == 2)
+
+
+@pytest.fixture(scope="module")
+def dialogue_agent():
+    from agents import REINFORCE, REINFORCEConfig
+
+    env = MultiTurnEnv(lm="tiny", prompts=["ROMEO:\n", "The king"], respond=echo_count, max_turn_tokens=5)
+    config = REINFORCEConfig(batch_size=4, group_size=2, kl_coef=0.1, learning_rate=1e-4)
+    return REINFORCE(env, config=config, seed=0, verbose=0)
+
+
+def test_rollout_reads_the_replies_and_trains_only_on_actions(dialogue_agent):
+    agent = dialogue_agent
+    rollout, rewards, kl = agent.collect()
+    P, tok = rollout.prompt_len, agent.tokenizer
+    seen = rollout.attention_mask[:, P:].bool()
+    acted = rollout.action_mask
+    env_positions = seen & ~acted
+    assert env_positions.any() and acted.any() and not (acted & ~seen).any()
+    for i in range(rollout.ids.shape[0]):  # each row: its actions, and the replies exactly as the env wrote them
+        row = rollout.ids[i, P:][seen[i]].tolist()
+        assert tok.decode(row) == rollout.completions[i]
+        replies = [tok.decode(rollout.ids[i, P:][env_positions[i]].tolist())]
+        assert "you said" in replies[0]
+    for x in (rollout.logprobs, rollout.values, rollout.rewards, kl, rewards):
+        assert not x[env_positions].any()
+    adv, _ = agent.advantages(rollout, rewards)
+    assert not adv[env_positions].any() and adv[acted].abs().sum() > 0
+
+    # the KV-cached rollout read the replies as the whole-sequence forward does: same log-probs
+    logits, _ = agent.policy.logits_and_values(rollout.ids, rollout.attention_mask, P, need_values=False)
+    logp, _ = agent.logprobs_and_entropy(logits.detach(), rollout.actions)
+    torch.testing.assert_close(logp[acted], rollout.logprobs[acted], atol=1e-4, rtol=0)
+
+    # the loss has no gradient through the env positions' log-probs
+    grads = {}
+    original = agent.logprobs_and_entropy
+
+    def keep(logits, actions):
+        logits.retain_grad()
+        grads["logits"] = logits
+        return original(logits, actions)
+
+    agent.logprobs_and_entropy = keep
+    try:
+        agent.train(rollout, rewards)
+    finally:
+        agent.logprobs_and_entropy = original
+    g = grads["logits"].grad.abs().sum(-1)  # (B, T)
+    assert not g[env_positions].any() and g[acted].sum() > 0
+
+
+def test_agents_learn_loop_runs_on_a_multi_turn_env(dialogue_agent):
+    agent = dialogue_agent
+    agent.learn(200)
+    assert agent.num_timesteps >= 200 and agent.iteration >= 2

@@ -15,7 +15,9 @@ import torch
 
 
 def discounted_returns(rewards: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Reward-to-go ``G_t = r_t + gamma * G_{t+1}`` within each row's valid steps (0 on padding).
+    """Reward-to-go ``G_t = r_t + gamma * G_{t+1}`` within each row's valid steps (0 elsewhere); ``t + 1`` is the
+    row's next valid step, so invalid steps inside an episode (the env's tokens in a multi-turn episode) are
+    bridged.
 
     >>> discounted_returns(torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[True, True, True]]), 0.5).tolist()
     [[1.5, 1.0, 2.0]]
@@ -24,8 +26,10 @@ def discounted_returns(rewards: torch.Tensor, valid: torch.Tensor, gamma: float)
     running = torch.zeros_like(rewards[:, 0])
     r = rewards * valid
     for t in range(rewards.shape[1] - 1, -1, -1):
-        running = (r[:, t] + gamma * running) * valid[:, t]
-        returns[:, t] = running
+        # a step that is not valid inside an episode (a multi-turn env's reply token) is skipped: the return
+        # carries over it, so discounting counts the agent's own steps
+        running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
+        returns[:, t] = running * valid[:, t]
     return returns
 
 
@@ -33,6 +37,9 @@ def gae(
     rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016); the value after an episode's end is 0.
+
+    The next state of a valid step is the row's next valid step: invalid steps inside an episode (the env's
+    tokens in a multi-turn episode) are bridged, as if the agent's steps were contiguous.
 
     Returns ``(advantages, returns)`` with ``returns = advantages + values``, both (B, T), 0 on padding.
 
@@ -42,12 +49,14 @@ def gae(
     """
     adv = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(running)  # the value at each row's next valid step (0 past the episode's end)
     v = values * valid
     for t in range(rewards.shape[1] - 1, -1, -1):
-        next_value = v[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        m = valid[:, t]
         delta = rewards[:, t] + gamma * next_value - v[:, t]
-        running = (delta + gamma * lam * running) * valid[:, t]
-        adv[:, t] = running
+        running = torch.where(m, delta + gamma * lam * running, running)  # carried over an invalid step
+        adv[:, t] = running * m
+        next_value = torch.where(m, v[:, t], next_value)
     return adv, (adv + v) * valid
 
 

@@ -134,12 +134,17 @@ def collect_rollout(
     T = env.max_new_tokens
     n_actions = env.single_action_space.n
 
-    actions = torch.empty(B, T, dtype=torch.long, device=device)
+    tokens = torch.empty(B, T, dtype=torch.long, device=device)  # what each row read at each step
     logprobs = torch.empty(B, T, device=device)
     values = torch.empty(B, T, device=device)
     rewards = np.zeros((B, T))  # host-side until the end: the only per-step copy is the action ids
-    valid = np.zeros((B, T), dtype=bool)
+    valid = np.zeros((B, T), dtype=bool)  # the row's own action (log-probs, values, rewards, losses live here)
+    seen = np.zeros((B, T), dtype=bool)  # in the row's episode: its actions and the env's reply tokens
     alive = np.ones(B, dtype=bool)
+    # a multi-turn env's reply (info["env_tokens"] > 0): the row reads those tokens one per step, as the
+    # episode's next tokens, instead of sampling; the env waits (it is not stepped for that row meanwhile)
+    pending: list[list[int]] = [[] for _ in range(B)]
+    feeding = np.zeros(B, dtype=bool)
     components = {name: np.zeros(B) for name in env.reward_names}
     prompts = [env.prompt_text(i) for i in range(B)]
     completions = [""] * B
@@ -155,23 +160,35 @@ def collect_rollout(
         logits, value = session.logits, session.values
         probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
         action = probs.argmax(-1) if greedy else sample(probs, generator)  # (B,)
-        actions[:, t] = action
+        feeding[:] = [bool(queue) for queue in pending]
+        if feeding.any():
+            rows = np.flatnonzero(feeding)
+            action[torch.from_numpy(rows).to(device)] = torch.tensor([pending[i].pop(0) for i in rows], device=device)
+        tokens[:, t] = action
         # log of the drawn token's probability: one (B, V) pass fewer than log_softmax + exp; a drawn token's
         # probability is never below float resolution of the CDF it was drawn from, so the log is exact to ~1e-7
         torch.log(probs.gather(1, action[:, None]).squeeze(1), out=logprobs[:, t])
         values[:, t] = value
-        valid[:, t] = alive
+        acting = alive & ~feeding
+        valid[:, t], seen[:, t] = acting, alive
 
-        _, reward, term, trunc, info = env.step(action.cpu().numpy())
-        rewards[:, t] = reward * alive
+        if feeding.any():
+            obs, reward, term, trunc, info = env.step(action.cpu().numpy(), active=~feeding)
+        else:
+            obs, reward, term, trunc, info = env.step(action.cpu().numpy())
+        rewards[:, t] = reward * acting
         parts = info.get("reward_components", {})
         for name in components:
             if name in parts:
-                components[name] += parts[name] * alive
-        ended = (term | trunc) & alive
+                components[name] += parts[name] * acting
+        ended = (term | trunc) & acting
         for i in np.flatnonzero(ended):
             completions[i] = info["completion"][i]
             terminated_rows[i] = term[i]
+        if "env_tokens" in info:
+            for i in np.flatnonzero(info["env_tokens"] * (acting & ~ended)):
+                end = int(obs["attention_mask"][i].sum())
+                pending[i] = obs["input_ids"][i, end - int(info["env_tokens"][i]) : end].tolist()
         alive[ended] = False
         steps = t + 1
         return action if alive.any() else None
@@ -179,12 +196,13 @@ def collect_rollout(
     decode(policy, ids, mask, T, choose, record=record)
 
     valid_t = torch.from_numpy(valid[:, :steps]).to(device)  # (B, T)
-    actions = actions[:, :steps].masked_fill(~valid_t, env.pad_id)
+    seen_t = torch.from_numpy(seen[:, :steps]).to(device)
+    actions = tokens[:, :steps].masked_fill(~valid_t, env.pad_id)
     logprobs, values = logprobs[:, :steps] * valid_t, values[:, :steps] * valid_t
     rewards_t = torch.from_numpy(rewards[:, :steps]).to(device, torch.float32)
     return Rollout(
-        ids=torch.cat([ids, actions], dim=1),
-        attention_mask=torch.cat([mask, valid_t.long()], dim=1),
+        ids=torch.cat([ids, tokens[:, :steps].masked_fill(~seen_t, env.pad_id)], dim=1),
+        attention_mask=torch.cat([mask, seen_t.long()], dim=1),
         prompt_len=P,
         actions=actions,
         logprobs=logprobs,
