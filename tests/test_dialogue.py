@@ -325,3 +325,35 @@ def test_agents_learn_loop_runs_on_a_multi_turn_env(dialogue_agent):
     agent = dialogue_agent
     agent.learn(200)
     assert agent.num_timesteps >= 200 and agent.iteration >= 2
+
+
+def test_stock_sb3_ppo_with_textrl_policy_trains_a_multi_turn_env():
+    """SB3's PPO with TransformerActorCriticPolicy: the prefix cache extends rows by the action and the reply
+    after it (no recompute for a reply), and the stored log-probs and values equal the full forward's."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.sb3 import TransformerActorCriticPolicy
+
+    kwargs = {"lm": "tiny", "prompts": ["ROMEO:\n", "The king"], "respond": echo_count, "max_turn_tokens": 3}
+    venv = DummyVecEnv([lambda: MultiTurnEnv(**kwargs)] * 2)
+    venv.seed(0)
+    model = PPO(
+        TransformerActorCriticPolicy, venv, n_steps=12, batch_size=12, n_epochs=1, seed=0, verbose=0,
+        policy_kwargs={"lm": "tiny"},
+    )  # fmt: skip
+    policy = model.policy
+    torch.nn.init.normal_(policy.value_net.weight.data)  # non-zero values (the value net starts at zero)
+    _, callback = model._setup_learn(24, callback=None)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, 12)
+    buffer = model.rollout_buffer
+    lengths = buffer.observations["attention_mask"].sum(-1)  # (steps, envs)
+    assert (np.diff(lengths, axis=0) > 1).any()  # some steps grew a row by a reply, not one token
+    stats = policy.cache_stats
+    assert stats["extended"] >= 20 and stats["recomputed"] <= 4  # the first observations, and resets
+    obs = {k: torch.as_tensor(v.reshape(24, *v.shape[2:])) for k, v in buffer.observations.items()}
+    actions = torch.as_tensor(buffer.actions.reshape(24)).long()
+    values, logp, _ = policy.evaluate_actions(obs, actions)  # with gradients: the full, uncached forward
+    torch.testing.assert_close(logp.detach().numpy(), buffer.log_probs.reshape(24), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values.detach().numpy().ravel(), buffer.values.reshape(24), atol=1e-5, rtol=1e-5)
+    model.learn(24, reset_num_timesteps=False)  # and it trains

@@ -234,12 +234,14 @@ def test_prefix_cache_serves_every_kind_of_row_exactly(request, arch):
     check(*obs(other, torch.tensor([4])))  # a one-row call in between (its own cache)
     check(*obs(tokens[:1], torch.tensor([5])))  # one row extending row 0 of the batch: served from that row
     tokens[1] = torch.randint(0, 300, (C,), generator=g)  # row 1 resets to a new prompt
-    check(*obs(tokens, torch.tensor([5, 3, 5])))  # as cached, new, two longer: reuse / recompute / recompute
-    assert cache.stats == {"extended": 4, "recomputed": 6, "reused": 4}
+    check(*obs(tokens, torch.tensor([5, 3, 5])))  # as cached, new, two longer: reuse / recompute / extend by 2
+    assert cache.stats == {"extended": 5, "recomputed": 5, "reused": 4}
+    check(*obs(tokens, torch.tensor([11, 3, 5])))  # six longer (an action and a 5-token reply): extended
+    assert cache.stats["extended"] == 6
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(1.5)  # an in-place update (as an optimizer step does)
-    check(*obs(tokens, torch.tensor([6, 4, 6])))  # stale states must not be used
-    assert cache.stats["recomputed"] == 9
+    check(*obs(tokens, torch.tensor([12, 4, 6])))  # stale states must not be used
+    assert cache.stats["recomputed"] == 8
     left = torch.tensor([[0, 0, 1, 1, 1] + [1] * (C - 5)])  # left padding is not the env's layout: no cache
     check(tokens[:1], left)
     assert cache.stats["uncached"] == 1

@@ -11,7 +11,8 @@ rows of different lengths never need re-packing), and on each call compares ever
 
 - the same tokens: reuse the stored final hidden state (SB3 asks for the values of the observation it
   will act on next, then acts on it);
-- exactly one more token: run only that token, at its own position, against the row's cached keys;
+- a few more tokens (the action, and in a multi-turn env the env's reply after it; up to
+  :attr:`PrefixCache.max_extend`): run only those, each at its own position, against the row's cached keys;
 - anything else (a reset, a new prompt, another env's rows): rerun that row from scratch.
 
 It is correct by construction: it compares token ids rather than trusting reset flags, and it drops
@@ -120,15 +121,18 @@ class PrefixCache:
     Args:
         core: the engine whose model's parameters are run.
         max_shapes: how many batch shapes ``(N, C)`` keep a cache at once (least recently used is dropped).
+        max_extend: the most new tokens a row is extended by, one step each; a row that grew by more is
+            recomputed in one forward, which is then the cheaper way.
     """
 
-    def __init__(self, core: Engine, max_shapes: int = 2):
+    def __init__(self, core: Engine, max_shapes: int = 2, max_extend: int = 64):
         self.core = core
         self.max_shapes = max_shapes
+        self.max_extend = max_extend
         self._shapes: OrderedDict[tuple[int, int], _Rows] = OrderedDict()
         self.params = list(core.model.parameters())
         self.stats: Counter[str] = Counter()
-        """Rows served per kind: ``reused``, ``extended`` (one token run), ``recomputed``, ``uncached``."""
+        """Rows served per kind: ``reused``, ``extended`` (new tokens run), ``recomputed``, ``uncached``."""
 
     def clear(self) -> None:
         """Drop every cached row (frees the memory; the next call recomputes)."""
@@ -160,10 +164,11 @@ class PrefixCache:
         while len(self._shapes) > self.max_shapes:
             self._shapes.popitem(last=False)
 
-        prev = rows.length
+        prev = rows.length.clone()  # _extend moves rows.length on
         agree = ((ids == rows.ids) | (cols >= prev[:, None])).all(1)  # (N,) the cached tokens are a prefix
-        same = agree & (length == prev)
-        step = agree & (length == prev + 1)
+        grow = length - prev
+        same = agree & (grow == 0)
+        step = agree & (prev > 0) & (grow >= 1) & (grow <= self.max_extend)  # an empty row: one forward
         redo = ~(same | step)
         n_step, n_redo = int(step.sum()), int(redo.sum())
         self.stats.update(reused=N - n_step - n_redo, extended=n_step, recomputed=n_redo)
@@ -171,7 +176,9 @@ class PrefixCache:
             self._recompute(rows, redo.nonzero().squeeze(1), ids, mask, length)
         if n_step:
             idx = step.nonzero().squeeze(1)
-            self._extend(rows, idx, ids[idx, prev[idx]], all_rows=n_step == N)
+            for s in range(int(grow[idx].max())):  # one token per row and pass: a reply's tokens in turn
+                live = idx[grow[idx] > s]
+                self._extend(rows, live, ids[live, prev[live] + s], all_rows=len(live) == N)
         return rows.hidden.clone()
 
     def _borrow(self, ids: torch.Tensor, length: torch.Tensor, version: int) -> torch.Tensor | None:
