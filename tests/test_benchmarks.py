@@ -287,3 +287,12 @@ def test_distributed_benchmark_compares_layouts(capsys):
     ]
     assert float(rows[0][2]) == 1.0 and all(float(r[1].replace(",", "")) > 0 for r in rows)
     assert rows[2][4] != "-" and float(rows[2][4]) > 0  # the time in collectives, 2 processes only
+
+
+def test_multiturn_benchmark_compares_with_a_single_turn_rollout(capsys):
+    module = _load("multiturn", "multiturn_benchmark")
+    module.main(["--batch", "4", "--turns", "2", "--turn", "3", "--reply", "2", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| (single turn|multi-turn) \| (\d+ \| \d+) \|", out, re.M))
+    # single turn: 2 x (3 + 2) = 10 actions; multi-turn: 2 turns of 3 actions and one reply of 2 in between
+    assert rows == {"single turn": "10 | 10", "multi-turn": "8 | 6"}
