@@ -17,6 +17,7 @@ import gymnasium
 from envs.arithmetic import ArithmeticEnv
 from envs.dialogue import MultiTurnEnv, MultiTurnVectorEnv, Reply, RespondError
 from envs.engine import DEFAULT_PROMPTS, TokenBatch
+from envs.guess import GuessNumberEnv
 from envs.keywords import KeywordsEnv
 from envs.prompts import PromptError, PromptSet
 from envs.reference import ReferenceEnv
@@ -29,6 +30,7 @@ from envs.vector import TextGenVectorEnv
 __all__ = [
     "DEFAULT_PROMPTS",
     "ArithmeticEnv",
+    "GuessNumberEnv",
     "KeywordsEnv",
     "MultiTurnEnv",
     "MultiTurnVectorEnv",
@@ -69,6 +71,17 @@ TASKS: dict[str, tuple[type[TaskEnv], float]] = {
 }
 """Task ids -> (env class, reward_threshold)."""
 for _id, (_cls, _threshold) in TASKS.items():
+    ENV_IDS[_id] = {
+        "entry_point": _cls,
+        "vector_entry_point": _cls.vector,
+        "reward_threshold": _threshold,
+        "kwargs": {"lm": "tiny"},
+    }
+
+# The multi-turn tasks (envs.dialogue): games, tools and scripted users that answer the agent.
+MULTI_TURN_TASKS: dict[str, tuple[type[MultiTurnEnv], float]] = {"textrl/GuessNumber-v0": (GuessNumberEnv, 1.0)}
+"""Task ids -> (env class, reward_threshold)."""
+for _id, (_cls, _threshold) in MULTI_TURN_TASKS.items():
     ENV_IDS[_id] = {
         "entry_point": _cls,
         "vector_entry_point": _cls.vector,

@@ -357,3 +357,25 @@ def test_stock_sb3_ppo_with_textrl_policy_trains_a_multi_turn_env():
     torch.testing.assert_close(logp.detach().numpy(), buffer.log_probs.reshape(24), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(values.detach().numpy().ravel(), buffer.values.reshape(24), atol=1e-5, rtol=1e-5)
     model.learn(24, reset_num_timesteps=False)  # and it trains
+
+
+def test_guess_number_game_rules_and_registration():
+    from envs.guess import guess_reply
+
+    state = {"secret": 7, "turn": 0}
+    assert guess_reply(state, " seven") == Reply(None, 1.1, True)
+    assert guess_reply(state, " Three of") == Reply("Higher.", 0.1, False)
+    assert guess_reply(state, " 9") == Reply("Lower.", 0.1, False)
+    assert guess_reply(state, " someone") == Reply("Say a number.", 0.0, False)  # "one" inside a word: no guess
+    env = gymnasium.make("textrl/GuessNumber-v0", high=3)
+    assert env.spec.reward_threshold == 1.0
+    env.reset(seed=0)
+    secret = env.unwrapped.engine.state[0]["secret"]
+    tok = env.unwrapped.tokenizer
+    for token in tok.encode(" " + ["one", "two", "three"][secret - 1] + "\n", add_special_tokens=False)[:3]:
+        _, reward, term, _, info = env.step(token)
+        if term:
+            break
+    assert term and reward == pytest.approx(1.1) and info["turns"] == 1
+    venv = gymnasium.make_vec("textrl/GuessNumber-v0", num_envs=3, vectorization_mode="vector_entry_point", high=3)
+    assert venv.num_envs == 3 and venv.max_new_tokens > 0
