@@ -169,36 +169,12 @@ class DialogueBatch(TokenBatch):
                 appended[j] = max(0, appended[j])
                 self.state[r]["turn"] = int(self.turns[r])
 
-        ends: dict[int, dict[str, Any]] = {}
-        done = np.flatnonzero(terminated | truncated)
-        if done.size:
-            done_rows = rows[done]
-            prompts = [self.row_text[r] for r in done_rows]
-            ids = [self.completion_ids(r) for r in done_rows]
-            completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            fields = {key: [self.row_fields[r][key] for r in done_rows] for key in self.prompts.fields}
-            if self.rewards.sequence_terms:
-                total, parts = self.rewards.sequence(prompts, completions, ids, fields)
-                reward[done] += total
-                for name, values in parts.items():
-                    components[name][done] = values
-            for n, (j, r) in enumerate(zip(done, done_rows, strict=True)):
-                ends[int(j)] = {
-                    "prompt": prompts[n],
-                    "completion": completions[n],
-                    "prompt_index": int(self.prompt_idx[r]),
-                    "turns": int(self.turns[r]),
-                }
+        ends = self._finish(rows, np.flatnonzero(terminated | truncated), reward, components)
         self.env_tokens[rows], self.turn_end[rows] = appended, turn_over
         return reward, terminated, truncated, components, ends
 
-    def _stopped(self, row: int) -> bool:
-        """Whether the agent's current turn contains a stop string."""
-        seg = self.tokens[row, self.turn_start[row] : self.length[row]]
-        text_pos = np.flatnonzero(~self._is_special[seg])
-        start = text_pos[-self._stop_window] if text_pos.size > self._stop_window else 0
-        tail = self.tokenizer.decode(seg[start:], skip_special_tokens=True)
-        return any(s in tail for s in self.stop)
+    def _end_info(self, row: int) -> dict[str, Any]:
+        return {"turns": int(self.turns[row])}
 
     def _where(self, row: int) -> str:
         return (

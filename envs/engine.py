@@ -147,34 +147,48 @@ class TokenBatch:
         terminated = actions == self.eos_id
         if self.stop:
             for j in np.flatnonzero(~terminated):
-                r = rows[j]
-                seg = self.tokens[r, self.prompt_len[r] : self.length[r]]
-                text_pos = np.flatnonzero(~self._is_special[seg])  # the window counts tokens that have text
-                start = text_pos[-self._stop_window] if text_pos.size > self._stop_window else 0
-                tail = self.tokenizer.decode(seg[start:], skip_special_tokens=True)
-                terminated[j] = any(s in tail for s in self.stop)
+                terminated[j] = self._stopped(rows[j])
         truncated = ~terminated & ((generated >= self.max_new_tokens) | (self.length[rows] >= self.C))
-
-        ends: dict[int, dict[str, Any]] = {}
-        done = np.flatnonzero(terminated | truncated)
-        if done.size:
-            done_rows = rows[done]
-            prompts = [self.row_text[r] for r in done_rows]
-            ids = [self.completion_ids(r) for r in done_rows]
-            completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-            fields = {key: [self.row_fields[r][key] for r in done_rows] for key in self.prompts.fields}
-            if self.rewards.sequence_terms:
-                total, parts = self.rewards.sequence(prompts, completions, ids, fields)
-                reward[done] += total
-                for name, values in parts.items():
-                    components[name][done] = values
-            for n, (j, r) in enumerate(zip(done, done_rows, strict=True)):
-                ends[int(j)] = {
-                    "prompt": prompts[n],
-                    "completion": completions[n],
-                    "prompt_index": int(self.prompt_idx[r]),
-                }
+        ends = self._finish(rows, np.flatnonzero(terminated | truncated), reward, components)
         return reward, terminated, truncated, components, ends
+
+    def _stopped(self, row: int) -> bool:
+        """Whether the text since ``turn_start`` (the completion; a multi-turn env's current turn) contains a
+        stop string. Only the last few tokens are decoded: a new stop string ends in them."""
+        seg = self.tokens[row, self.turn_start[row] : self.length[row]]
+        text_pos = np.flatnonzero(~self._is_special[seg])  # the window counts tokens that have text
+        start = text_pos[-self._stop_window] if text_pos.size > self._stop_window else 0
+        tail = self.tokenizer.decode(seg[start:], skip_special_tokens=True)
+        return any(s in tail for s in self.stop)
+
+    def _finish(self, rows: np.ndarray, done: np.ndarray, reward: np.ndarray, components) -> dict[int, dict[str, Any]]:
+        """Pay the sequence rewards of the episodes of ``rows[done]``, which ended this step (into ``reward`` and
+        ``components`` at ``done``); return their end-of-episode info by position in ``rows``."""
+        ends: dict[int, dict[str, Any]] = {}
+        if not done.size:
+            return ends
+        done_rows = rows[done]
+        prompts = [self.row_text[r] for r in done_rows]
+        ids = [self.completion_ids(r) for r in done_rows]
+        completions = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        fields = {key: [self.row_fields[r][key] for r in done_rows] for key in self.prompts.fields}
+        if self.rewards.sequence_terms:
+            total, parts = self.rewards.sequence(prompts, completions, ids, fields)
+            reward[done] += total
+            for name, values in parts.items():
+                components[name][done] = values
+        for n, (j, r) in enumerate(zip(done, done_rows, strict=True)):
+            ends[int(j)] = {
+                "prompt": prompts[n],
+                "completion": completions[n],
+                "prompt_index": int(self.prompt_idx[r]),
+                **self._end_info(r),
+            }
+        return ends
+
+    def _end_info(self, row: int) -> dict[str, Any]:
+        """What a subclass adds to a finished episode's info (a multi-turn env: its number of turns)."""
+        return {}
 
     def _context(self, rows: np.ndarray, actions: np.ndarray, generated: np.ndarray) -> dict[str, Any]:
         """Lazy arguments for immediate rewards: each is computed only if some reward names it."""
