@@ -21,6 +21,7 @@ from envs.guess import GuessNumberEnv
 from envs.keywords import KeywordsEnv
 from envs.prompts import PromptError, PromptSet
 from envs.reference import ReferenceEnv
+from envs.scripted import SayWordEnv
 from envs.sentiment import SentimentEnv
 from envs.similarity import SimilarityEnv
 from envs.task import TaskEnv
@@ -39,6 +40,7 @@ __all__ = [
     "ReferenceEnv",
     "Reply",
     "RespondError",
+    "SayWordEnv",
     "SentimentEnv",
     "SimilarityEnv",
     "TaskEnv",
@@ -79,7 +81,10 @@ for _id, (_cls, _threshold) in TASKS.items():
     }
 
 # The multi-turn tasks (envs.dialogue): games, tools and scripted users that answer the agent.
-MULTI_TURN_TASKS: dict[str, tuple[type[MultiTurnEnv], float]] = {"textrl/GuessNumber-v0": (GuessNumberEnv, 1.0)}
+MULTI_TURN_TASKS: dict[str, tuple[type[MultiTurnEnv], float]] = {
+    "textrl/GuessNumber-v0": (GuessNumberEnv, 1.0),
+    "textrl/SayWord-v0": (SayWordEnv, 1.5),
+}
 """Task ids -> (env class, reward_threshold)."""
 for _id, (_cls, _threshold) in MULTI_TURN_TASKS.items():
     ENV_IDS[_id] = {

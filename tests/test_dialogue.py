@@ -379,3 +379,27 @@ def test_guess_number_game_rules_and_registration():
     assert term and reward == pytest.approx(1.1) and info["turns"] == 1
     venv = gymnasium.make_vec("textrl/GuessNumber-v0", num_envs=3, vectorization_mode="vector_entry_point", high=3)
     assert venv.num_envs == 3 and venv.max_new_tokens > 0
+
+
+def test_say_word_user_answers_what_the_agent_said():
+    from envs.scripted import user_reply
+
+    state = {"words": ["love", "king"]}
+    assert user_reply(state, " I know") == Reply("No. Say: love.", 0.0, False)  # not said: the same request
+    assert user_reply(state, " my Love") == Reply("Good. Say: king.", 1.0, False)  # said: the next word
+    assert user_reply(state, " kingdom") == Reply("No. Say: king.", 0.0, False)  # a whole word only
+    assert user_reply(state, " the king") == Reply(None, 1.0, True)
+    env = gymnasium.make("textrl/SayWord-v0", n_prompts=4)
+    assert env.spec.reward_threshold == 1.5
+    obs, _ = env.reset(seed=0)
+    tok = env.unwrapped.tokenizer
+    words = env.unwrapped.engine.state[0]["words"]
+    assert tok.decode(obs["input_ids"][: obs["attention_mask"].sum()]) == f"Say: {words[0]}.\n"
+    total = 0.0
+    for word in words:
+        for token in tok.encode(f" {word}\n", add_special_tokens=False):
+            _, reward, term, _, info = env.step(token)
+            total += reward
+            if info["turn_end"]:
+                break
+    assert term and total == 2.0
