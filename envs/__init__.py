@@ -72,13 +72,6 @@ TASKS: dict[str, tuple[type[TaskEnv], float]] = {
     "textrl/Similarity-v0": (SimilarityEnv, 0.5),
 }
 """Task ids -> (env class, reward_threshold)."""
-for _id, (_cls, _threshold) in TASKS.items():
-    ENV_IDS[_id] = {
-        "entry_point": _cls,
-        "vector_entry_point": _cls.vector,
-        "reward_threshold": _threshold,
-        "kwargs": {"lm": "tiny"},
-    }
 
 # The multi-turn tasks (envs.dialogue): games, tools and scripted users that answer the agent.
 MULTI_TURN_TASKS: dict[str, tuple[type[MultiTurnEnv], float]] = {
@@ -86,7 +79,7 @@ MULTI_TURN_TASKS: dict[str, tuple[type[MultiTurnEnv], float]] = {
     "textrl/SayWord-v0": (SayWordEnv, 1.5),
 }
 """Task ids -> (env class, reward_threshold)."""
-for _id, (_cls, _threshold) in MULTI_TURN_TASKS.items():
+for _id, (_cls, _threshold) in {**TASKS, **MULTI_TURN_TASKS}.items():
     ENV_IDS[_id] = {
         "entry_point": _cls,
         "vector_entry_point": _cls.vector,

@@ -347,17 +347,10 @@ class MultiTurnEnv(TextGenEnv):
         render_mode: str | None = None,
     ):
         kwargs = {k: v for k, v in locals().items() if k not in ("self", "render_mode", "__class__")}
+        super().__init__(lm, render_mode=render_mode, _engine=lambda: build_dialogue(1, *_split(kwargs)))
         self.init_kwargs = kwargs
         """The keywords this env was built with (agents build batched copies from them)."""
-        self.engine = build_dialogue(1, *_split(kwargs))
-        self.tokenizer = self.engine.tokenizer
-        self.action_space = spaces.Discrete(self.engine.vocab_size)
         self.observation_space = _dialogue_space(self.engine)
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self.render_mode = render_mode
-        self._row = np.zeros(1, dtype=np.int64)
-        self._done = True
 
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)

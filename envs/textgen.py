@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.engine import ENV_KEYWORDS, _action_error, _observation_space, _prompt_choice, build_engine
+from envs.engine import ENV_KEYWORDS, TokenBatch, _action_error, _observation_space, _prompt_choice, build_engine
 from envs.prompts import PromptSource
 from envs.render import text_frame
 from textrl.rewards import RewardSpec
@@ -77,10 +77,12 @@ class TextGenEnv(gym.Env):
         context_length: int | None = None,
         truncate_prompts: bool = False,
         render_mode: str | None = None,
+        _engine: Callable[[], TokenBatch] | None = None,
     ):
         self.init_kwargs = {k: v for k, v in locals().items() if k in ENV_KEYWORDS}
         """The keywords this env was built with (agents build batched copies from them)."""
-        self.engine = build_engine(1, **self.init_kwargs)
+        # a subclass's engine (e.g. envs.dialogue's, with turns), else the generic one
+        self.engine = _engine() if _engine is not None else build_engine(1, **self.init_kwargs)
         self.tokenizer = self.engine.tokenizer
         self.action_space = spaces.Discrete(self.engine.vocab_size)
         self.observation_space = _observation_space(self.engine)

@@ -1,6 +1,7 @@
 """Multi-turn envs (envs/dialogue.py): a hand-worked episode with exact observations, masks and rewards, both
 env checkers, the vector env equal to SyncVectorEnv, random replies and stops, and bad replies."""
 
+import itertools
 import warnings
 
 import gymnasium
@@ -196,7 +197,7 @@ def test_vector_env_equals_sync_vector_env(tok, mode):
 def test_random_replies_and_stops_keep_the_masks_consistent(tok, replies, actions, turn_tokens):
     """Whatever the replies and actions: the observation is prompt + actions and replies in order, the action
     mask marks exactly the actions, and env_tokens counts exactly the replies appended."""
-    said = iter(replies * 10)
+    said = itertools.cycle(replies)
 
     def respond(state, turn):
         return (next(said), 0.0, False)
