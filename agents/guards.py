@@ -54,10 +54,6 @@ class GuardMixin:
         if bad:
             self.nonfinite(f"non-finite {what} at iteration {self.iteration + 1} ({bad} of {total} values{where})")
 
-    def agreed_nonfinite(self, value: torch.Tensor) -> bool:
-        """Whether a (global) figure such as a loss is NaN/inf on any process: one decision for all."""
-        return self.runtime.any(not bool(torch.isfinite(value.detach()).all()))
-
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``; data parallel: the gradients' all-reduce starts bucket by bucket during it
         (:class:`textrl.runtime.GradientSync`), and :meth:`clip_and_step` waits for it."""

@@ -37,6 +37,30 @@ BUCKET_BYTES = 64 << 20
 tensors, and a bounded extra buffer for big models."""
 
 
+def buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` in order, grouped into runs of one dtype of at most about :data:`BUCKET_BYTES` each: what one
+    collective on a flattened buffer carries."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        if not out or size >= BUCKET_BYTES or out[-1][-1].dtype != t.dtype:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.numel() * t.element_size()
+    return out
+
+
+@torch.no_grad()
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy the consecutive parts of ``flat`` back into ``tensors`` (``copy_`` writes through any layout, e.g.
+    the engine's input-major weights)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+
+
 class DistributedError(RuntimeError):
     """A collective across processes failed: a peer process died, hung past the timeout, or the group broke."""
 
@@ -163,27 +187,13 @@ class Runtime:
 
     def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         """Overwrite each tensor in place with rank ``src``'s values (strides kept), in buckets."""
-        self._flat(list(tensors), f"broadcast from rank {src}", lambda dist, b: dist.broadcast(b, src))
-
-    def _flat(self, tensors: list[torch.Tensor], what: str, call) -> None:
-        if not self.distributed or not tensors:
+        if not self.distributed:
             return
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for i, t in enumerate(tensors):
-            bucket.append(t)
-            size += t.numel() * t.element_size()
-            last = i == len(tensors) - 1
-            if last or size >= BUCKET_BYTES or tensors[i + 1].dtype != t.dtype:
-                flat = torch.cat([x.detach().reshape(-1) for x in bucket])
-                with self._collective(what) as dist:
-                    call(dist, flat)
-                offset = 0
-                with torch.no_grad():
-                    for x in bucket:  # copy_ writes through any layout (e.g. input-major weights)
-                        x.copy_(flat[offset : offset + x.numel()].view(x.shape))
-                        offset += x.numel()
-                bucket, size = [], 0
+        for bucket in buckets(list(tensors)):
+            flat = torch.cat([x.detach().reshape(-1) for x in bucket])
+            with self._collective(f"broadcast from rank {src}") as dist:
+                dist.broadcast(flat, src)
+            unflatten_into(flat, bucket)
 
     def gradient_sync(self, params: Iterable[torch.Tensor]) -> GradientSync:
         """A :class:`GradientSync` over ``params`` (every process passes the same list, in the same order)."""
@@ -232,14 +242,7 @@ class GradientSync:
 
     def __init__(self, runtime: Runtime, params: list[torch.Tensor]):
         self.runtime, self.params = runtime, params
-        self.buckets: list[list[torch.Tensor]] = []
-        size = 0
-        for p in reversed(params):
-            if not self.buckets or size >= BUCKET_BYTES or self.buckets[-1][-1].dtype != p.dtype:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(p)
-            size += p.numel() * p.element_size()
+        self.buckets = buckets(params[::-1])
         self.index = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
         self.active = False
         self._reset()
@@ -280,14 +283,10 @@ class GradientSync:
             for b, (flat, work) in enumerate(self.started):
                 with self.runtime._collective(f"all_reduce of gradient bucket {b}"):
                     work.wait()
-                offset = 0
-                with torch.no_grad():
-                    for p in self.buckets[b]:
-                        part = flat[offset : offset + p.numel()].view(p.shape)
-                        if p.grad is None:
-                            p.grad = torch.empty_like(p)
-                        p.grad.copy_(part)  # copy_ writes through any layout (e.g. input-major weights)
-                        offset += p.numel()
+                for p in self.buckets[b]:
+                    if p.grad is None:
+                        p.grad = torch.empty_like(p)
+                unflatten_into(flat, [p.grad for p in self.buckets[b]])
         finally:
             self._reset()
 
