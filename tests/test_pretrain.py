@@ -20,9 +20,11 @@ from textrl.pretrain import (
     EOS,
     PAD,
     PretrainConfig,
+    active_parameters,
     build_model,
     encode_stream,
     evaluate,
+    expert_size,
     heldout_windows,
     lr_at,
     pretrain,
@@ -232,3 +234,65 @@ def test_summary_is_complete(run):
     assert summary["config"] == dataclasses.asdict(cfg)
     assert summary["parameters"] == sum(p.numel() for p in load_lm(cfg.out)[0].parameters())
     assert summary["tokens_seen"] == cfg.steps * cfg.batch_size * cfg.context_length
+
+
+# --- mixture of experts -----------------------------------------------------------------------------------
+
+
+def test_build_moe_matches_the_dense_models_active_size(tokenizer):
+    cfg = PretrainConfig(arch="moe", n_layer=2, n_embd=64, n_head=4, n_experts=4, top_k=2, context_length=32)
+    model = build_model(cfg, tokenizer)
+    assert model.config.model_type == "mixtral" and model.config.num_local_experts == 4
+    assert model.config.intermediate_size == expert_size(cfg) == 64  # 8 * 64 // 6 = 85, down to a multiple of 32
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    dense = build_model(PretrainConfig(n_layer=2, n_embd=64, n_head=4, context_length=32), tokenizer)
+    expert_weights = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert active_parameters(model) == sum(p.numel() for p in model.parameters()) - expert_weights // 2
+    assert active_parameters(dense) == sum(p.numel() for p in dense.parameters())
+    per_layer_mlp = 8 * 64 * 64  # the dense MLP's two matrices; the two chosen experts hold at most as many
+    assert 2 * 3 * 64 * expert_size(cfg) <= per_layer_mlp
+    with pytest.raises(ValueError, match="top_k"):
+        build_model(PretrainConfig(arch="moe", n_experts=2, top_k=3), tokenizer)
+    with pytest.raises(ValueError, match="arch must be one of gpt2, moe"):
+        build_model(PretrainConfig(arch="t5"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def moe_run(corpus_file, tmp_path_factory):
+    """A short pre-training run of a 1-layer Mixtral-style MoE (4 experts, top 2)."""
+    cfg = _config(corpus_file, tmp_path_factory.mktemp("moe"), arch="moe", steps=120, save_interval=0, eval_interval=60)
+    return cfg, pretrain(cfg)
+
+
+def test_moe_run_learns_and_balances_its_router(moe_run):
+    cfg, summary = moe_run
+    history = summary["eval_history"]
+    assert history[-1][1] < history[0][1] - 2.0 and history[-1][1] < summary["unigram_loss"] - 0.5
+    assert summary["arch"] == "moe" and summary["architecture"]["n_experts"] == 4
+    assert summary["active_parameters"] < summary["parameters"]
+    events = EventAccumulator(summary["run"])
+    events.Reload()
+    aux = [e.value for e in events.Scalars("train/router_aux_loss")]
+    assert len(aux) == cfg.steps
+    assert all(v >= 2.0 - 1e-4 for v in aux)  # the load-balancing loss is at least top_k (its value at balance)
+    assert aux[-1] < 2.5  # and the router stays near balance while the loss is trained with it
+    assert Path(summary["run"]).name.startswith("pretrain__moe-")
+    assert "mixture-of-experts" in (Path(cfg.out) / "README.md").read_text()
+
+
+def test_moe_model_loads_runs_on_the_engine_and_trains_with_rl(moe_run):
+    from agents import REINFORCE, REINFORCEConfig
+    from envs import TextGenEnv
+    from textrl.core import core_name
+
+    cfg, _ = moe_run
+    assert type(load_lm(cfg.out)[0]).__name__ == "MixtralForCausalLM"
+    env = TextGenEnv(
+        cfg.out, prompts=["The"], max_new_tokens=6, reward=lambda completions, **_: [len(c) for c in completions]
+    )
+    agent = REINFORCE(env, config=REINFORCEConfig(batch_size=4, group_size=2, learning_rate=1e-2), seed=0, verbose=0)
+    assert core_name(agent.policy.core) == "engine (mixtral)"  # the fast path, not the generic HF forward
+    before = {n: p.detach().clone() for n, p in agent.policy.named_parameters() if p.requires_grad}
+    agent.learn(total_timesteps=48)
+    after = dict(agent.policy.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before if ".experts." in n)  # the experts train

@@ -1,6 +1,11 @@
-"""Generative pre-training of a small GPT-2 from scratch: byte-level BPE tokenizer, then next-token loss.
+"""Generative pre-training of a small causal LM from scratch: byte-level BPE tokenizer, then next-token loss.
 
-This is how the embedded ``tiny`` model is made (``textrl pretrain --out textrl/models/tiny``). The loop
+This is how the embedded ``tiny`` model is made (``textrl pretrain --out textrl/models/tiny``). Two
+architectures: ``gpt2`` (dense GPT-2) and ``moe``, a sparse mixture of experts in Mixtral's layout (RoPE,
+RMSNorm, a router sending each token to ``top_k`` of ``n_experts`` SwiGLU experts), trained with the
+router's load-balancing loss (Switch Transformer's) added to the next-token loss. By default an expert is
+sized so that the ``top_k`` experts a token uses hold about as many weights as the dense model's MLP, which
+makes the two comparable at the same active parameter count. The loop
 is nanoGPT's: random context windows from one token stream, AdamW with linear warm-up and cosine decay,
 gradient clipping, periodic held-out loss. It logs to TensorBoard under ``runs/pretrain__...`` and writes
 checkpoints in Hugging Face format (safetensors) into that run folder; the final model, its tokenizer and
@@ -23,12 +28,20 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from textrl import corpus
 from textrl.config import config_markdown, save_config
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+ARCHS = ("gpt2", "moe")
 
 
 @dataclass
@@ -43,6 +56,8 @@ class PretrainConfig:
     """Folder that receives the final model, tokenizer and model card."""
     run_dir: str = "runs"
     """Parent folder of the TensorBoard run folder (which also holds the checkpoints)."""
+    arch: str = "gpt2"
+    """Architecture: ``gpt2`` (dense) or ``moe`` (Mixtral-style sparse mixture of experts)."""
     vocab_size: int = 4096
     """Size of the byte-level BPE vocabulary, special tokens included."""
     n_layer: int = 4
@@ -51,6 +66,15 @@ class PretrainConfig:
     """Model width."""
     n_head: int = 4
     """Attention heads (n_embd must be divisible by it)."""
+    n_experts: int = 4
+    """moe: experts per layer."""
+    top_k: int = 2
+    """moe: experts each token is routed to."""
+    expert_size: int = 0
+    """moe: hidden width of each SwiGLU expert; 0 = the largest multiple of 32 at which ``top_k`` experts hold
+    no more weights than the dense GPT-2 MLP (``8 * n_embd**2``), so active parameters match the dense model's."""
+    router_aux_coef: float = 0.01
+    """moe: weight of the router's load-balancing loss (Switch Transformer) added to the next-token loss."""
     context_length: int = 256
     """Positions the model can attend over (n_positions)."""
     dropout: float = 0.0
@@ -142,7 +166,7 @@ def unigram_loss(train: np.ndarray, windows: torch.Tensor, vocab_size: int) -> f
 
 
 @torch.no_grad()
-def evaluate(model: GPT2LMHeadModel, windows: torch.Tensor, batch_size: int) -> float:
+def evaluate(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> float:
     """Mean next-token cross-entropy (nats/token) over the held-out windows."""
     was_training = model.training
     model.eval()
@@ -164,10 +188,46 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 sized by ``cfg``."""
+def expert_size(cfg: PretrainConfig) -> int:
+    """The hidden width of one expert: ``cfg.expert_size``, or the matched-active-parameters default.
+
+    >>> expert_size(PretrainConfig(arch="moe", n_embd=256, top_k=2))
+    320
+    """
+    if cfg.expert_size:
+        return cfg.expert_size
+    return max(32, (8 * cfg.n_embd // (3 * cfg.top_k)) // 32 * 32)
+
+
+def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A freshly initialised model sized by ``cfg``: GPT-2, or Mixtral-style MoE for ``arch="moe"``."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    if cfg.arch == "moe":
+        if not 1 <= cfg.top_k <= cfg.n_experts:
+            raise ValueError(f"top_k must be between 1 and n_experts ({cfg.n_experts}), got {cfg.top_k}")
+        if cfg.expert_size < 0 or cfg.router_aux_coef < 0:
+            raise ValueError("expert_size and router_aux_coef must be >= 0")
+        config = MixtralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.n_embd,
+            intermediate_size=expert_size(cfg),
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=cfg.context_length,
+            num_local_experts=cfg.n_experts,
+            num_experts_per_tok=cfg.top_k,
+            router_aux_loss_coef=cfg.router_aux_coef,
+            attention_dropout=cfg.dropout,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        return MixtralForCausalLM(config)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=cfg.context_length,
@@ -193,7 +253,7 @@ def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def save_model(model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     """Save weights (safetensors), config, generation config and tokenizer in HF format."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
@@ -212,9 +272,9 @@ def _count(n: int, noun: str) -> str:
 
 
 def _sample(model, tokenizer, prompt: str, seed: int) -> str:
-    from textrl.lm import generate
+    from textrl.lm import context_length_of, generate
 
-    room = model.config.n_positions - len(tokenizer(prompt).input_ids)  # short contexts: sample less
+    room = context_length_of(model.config) - len(tokenizer(prompt).input_ids)  # short contexts: sample less
     if room < 1:
         return ""
     was_training = model.training
@@ -224,8 +284,35 @@ def _sample(model, tokenizer, prompt: str, seed: int) -> str:
     return text
 
 
+def active_parameters(model: PreTrainedModel) -> int:
+    """Weights one token passes through: all of them for a dense model; for a MoE, ``top_k`` of each
+    layer's experts instead of all of them."""
+    total = sum(p.numel() for p in model.parameters())
+    config = model.config
+    if getattr(config, "num_local_experts", None) is None:
+        return total
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return total - experts + experts * config.num_experts_per_tok // config.num_local_experts
+
+
+def architecture(model: PreTrainedModel) -> dict:
+    """The fields of ``model.config`` that size the model (for the summary and the model card)."""
+    c = model.config
+    if c.model_type == "gpt2":
+        return {k: getattr(c, k) for k in ("n_layer", "n_embd", "n_head", "n_positions")}
+    return {
+        "n_layer": c.num_hidden_layers,
+        "n_embd": c.hidden_size,
+        "n_head": c.num_attention_heads,
+        "n_positions": c.max_position_embeddings,
+        "n_experts": c.num_local_experts,
+        "top_k": c.num_experts_per_tok,
+        "expert_size": c.intermediate_size,
+    }
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
-    """Train a tokenizer and a GPT-2 on the corpus; return the summary written to the model card."""
+    """Train a tokenizer and a model on the corpus; return the summary written to the model card."""
     t_start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -246,9 +333,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model.train()
     optimizer = _optimizer(model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
+    moe = cfg.arch == "moe"
 
     source = "files: " + ", ".join(cfg.corpus) if cfg.corpus else "packaged: " + ", ".join(cfg.sources)
-    run = Path(cfg.run_dir) / f"pretrain__gpt2-{n_params / 1e6:.1f}M__{cfg.seed}__{int(t_start)}"
+    run = Path(cfg.run_dir) / f"pretrain__{cfg.arch}-{n_params / 1e6:.1f}M__{cfg.seed}__{int(t_start)}"
     writer = SummaryWriter(run)
     writer.add_text("config", config_markdown(cfg))
     save_config(cfg, run)
@@ -267,8 +355,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
             group["lr"] = lr
         starts = torch.from_numpy(rng.integers(0, len(train_ids) - cfg.context_length - 1, cfg.batch_size))
         batch = train_t[starts[:, None] + offsets]  # (B, C + 1)
-        logits = model(input_ids=batch[:, :-1]).logits  # (B, C, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        out = model(input_ids=batch[:, :-1], **({"output_router_logits": True} if moe else {}))
+        loss = F.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())  # logits (B, C, V)
+        if moe:  # HF's aux_loss: the unweighted load-balancing loss, top_k when the load is even
+            writer.add_scalar("train/router_aux_loss", out.aux_loss.item(), step)
+            loss = loss + cfg.router_aux_coef * out.aux_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pre-training loss became {loss.item()} at step {step}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
@@ -308,8 +399,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
             "heldout": len(heldout_ids),
             "heldout_scored": windows[:, 1:].numel(),
         },
+        "arch": cfg.arch,
         "parameters": n_params,
-        "architecture": {k: getattr(model.config, k) for k in ("n_layer", "n_embd", "n_head", "n_positions")},
+        "active_parameters": active_parameters(model),
+        "architecture": architecture(model),
         "vocab_size": len(tokenizer),
         "steps": cfg.steps,
         "tokens_seen": cfg.steps * cfg.batch_size * cfg.context_length,
@@ -338,20 +431,36 @@ def pretrain(cfg: PretrainConfig) -> dict:
 def model_card(s: dict) -> str:
     """Render the training summary as the model's README.md."""
     arch = s["architecture"]
+    if s.get("arch", "gpt2") == "moe":
+        title, kind = "textrl tiny mixture of experts", "mixture-of-experts (Mixtral layout)"
+        layout = (
+            f"Mixtral-style MoE, {arch['n_layer']} layers, width {arch['n_embd']}, {arch['n_head']} heads, "
+            f"{arch['n_experts']} SwiGLU experts of width {arch['expert_size']} per layer, top-{arch['top_k']} "
+            f"routing, RoPE, context {arch['n_positions']}"
+        )
+        params = f"{s['parameters']:,} ({s['active_parameters']:,} active per token; input and output embeddings tied)"
+        use = "a second embedded model: a sparse mixture of experts at the dense model's active size"
+    else:
+        title, kind = "textrl tiny GPT-2", "GPT-2-architecture"
+        layout = (
+            f"GPT-2, {arch['n_layer']} layers, width {arch['n_embd']}, {arch['n_head']} heads, "
+            f"context {arch['n_positions']}"
+        )
+        params = f"{s['parameters']:,} (input and output embeddings tied)"
+        use = 'the default model for RL experiments (`textrl.load_lm("tiny")`)'
     samples = "\n".join(f"Prompt `{p!r}`:\n\n```\n{p}{t}\n```\n" for p, t in s["samples"].items())
-    return f"""# textrl tiny GPT-2
+    return f"""# {title}
 
-A small GPT-2-architecture causal LM pre-trained from scratch by `textrl pretrain`, shipped inside
-`textrl-suite` as the default model for RL experiments (`textrl.load_lm("tiny")`).
+A small {kind} causal LM pre-trained from scratch by `textrl pretrain`, shipped inside
+`textrl-suite` as {use}.
 
 | | |
 |-|-|
 | corpus | {s["corpus"]} ({s["documents"]["train"]} train / {s["documents"]["heldout"]} held-out documents) |
 | tokens | {s["tokens"]["train"]:,} train, {s["tokens"]["heldout"]:,} held-out |
 | tokenizer | byte-level BPE, {s["vocab_size"]} tokens, `<|endoftext|>` = eos/bos, `<|pad|>` = pad |
-| architecture | GPT-2, {arch["n_layer"]} layers, width {arch["n_embd"]}, {arch["n_head"]} heads, \
-context {arch["n_positions"]} |
-| parameters | {s["parameters"]:,} (input and output embeddings tied) |
+| architecture | {layout} |
+| parameters | {params} |
 | training | {s["steps"]} steps, {s["tokens_seen"]:,} tokens seen, \
 {s["wall_clock_seconds"] / 60:.1f} min on {s["machine"]} |
 | held-out loss | {s["heldout_loss"]:.3f} nats/token (perplexity {s["heldout_perplexity"]:.1f}) |
