@@ -1,4 +1,4 @@
-"""The ``textrl`` command line: ``textrl train``, ``generate``, ``export``, ``pretrain`` and ``plot``.
+"""The ``textrl`` command line: ``train``, ``generate``, ``export``, ``pretrain``, ``sft``, ``reward-train``, ``plot``.
 
 Flags are generated from the config dataclasses (:mod:`textrl.config`), so each option is documented
 once, next to its field. ``--config FILE`` (YAML or TOML) gives the same settings from a file: its keys
@@ -94,6 +94,41 @@ def _pretrain(args: argparse.Namespace) -> int:
         f"unigram baseline {summary['unigram_loss']:.3f} (perplexity {summary['unigram_perplexity']:.1f})"
     )
     print(f"model saved to {summary['config']['out']}; TensorBoard logs in {summary['run']}")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from textrl.sft import SFTConfig, sft
+
+    s = sft(from_args(SFTConfig, args))
+    if s["heldout_loss_before"] is not None:
+        print(
+            f"held-out loss {s['heldout_loss_before']:.3f} -> {s['heldout_loss_after']:.3f} "
+            f"({s['rows']['heldout']} demonstrations, {s['steps']} steps, {s['tokens']:,} tokens)"
+        )
+    else:
+        print(f"no held-out demonstrations (--heldout-fraction 0); last training loss {s['last_train_loss']:.3f}")
+    if s["truncated"]:
+        print(f"{s['truncated']} demonstrations were cut to {s['max_length']} tokens (--truncate)")
+    adapter = f" (LoRA adapters in {s['adapter']})" if s["adapter"] else ""
+    print(f"model saved to {s['out']}{adapter}; TensorBoard logs and checkpoints in {s['run']}")
+    return 0
+
+
+def _reward_train(args: argparse.Namespace) -> int:
+    from textrl.reward_model import RewardTrainConfig, reward_train
+
+    s = reward_train(from_args(RewardTrainConfig, args))
+    if s["heldout_accuracy_before"] is not None:
+        print(
+            f"held-out pair accuracy {s['heldout_accuracy_before']:.3f} -> {s['heldout_accuracy_after']:.3f}, "
+            f"loss {s['heldout_loss_before']:.3f} -> {s['heldout_loss_after']:.3f} "
+            f"({s['pairs']['heldout']} pairs, {s['steps']} steps)"
+        )
+    else:
+        print(f"no held-out pairs (--heldout-fraction 0); last training loss {s['last_train_loss']:.3f}")
+    print(f"reward model saved to {s['out']}; TensorBoard logs in {s['run']}")
+    print(f"use it as a reward: textrl.rewards.reward_model({s['out']!r})")
     return 0
 
 
@@ -211,12 +246,16 @@ def _command_configs(command: str, agent: str | None) -> list[tuple[type, tuple[
     from agents.runner import TrainConfig
     from textrl.plot import PlotConfig
     from textrl.pretrain import PretrainConfig
+    from textrl.reward_model import RewardTrainConfig
+    from textrl.sft import SFTConfig
 
     configs: dict[str, list[tuple[type, tuple[str, ...]]]] = {
         "train": [(TrainConfig, ()), (AGENTS.get(agent or "ppo", AGENTS["ppo"]).config_class, ())],
         "generate": [(GenerateConfig, ())],
         "export": [(ExportConfig, ("source", "out", "force", "merge"))],
         "pretrain": [(PretrainConfig, ())],
+        "sft": [(SFTConfig, ())],
+        "reward-train": [(RewardTrainConfig, ())],
         "plot": [(PlotConfig, ("runs",))],
     }
     return configs.get(command, [])
@@ -246,9 +285,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "generate": "print sampled continuations of a prompt",
         "export": "write a run's or checkpoint's policy as a plain Hugging Face model folder",
         "pretrain": "pre-train a small GPT-2 (tokenizer + model) from scratch",
+        "sft": "supervised fine-tuning on demonstrations (prompt/completion or chat rows), all weights or LoRA",
+        "reward-train": "train a reward model on preference pairs (chosen vs rejected), starting from a pretrained LM",
         "plot": "draw learning curves from TensorBoard logs to a PNG",
     }
-    funcs = {"train": _train, "generate": _generate, "export": _export, "pretrain": _pretrain, "plot": _plot}
+    funcs = {
+        "train": _train,
+        "generate": _generate,
+        "export": _export,
+        "pretrain": _pretrain,
+        "sft": _sft,
+        "reward-train": _reward_train,
+        "plot": _plot,
+    }
     agent = _agent_name(argv or []) or _resumed_agent(argv or [])
     for command, help_text in helps.items():
         p = sub.add_parser(command, help=help_text)
@@ -405,7 +454,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from textrl.corpus import CorpusError
 
     # errors whose message is written for users: OSError covers LMNotFoundError, ValueError NotACausalLMError,
-    # ConfigFileError and RewardError; FloatingPointError is agents.guards.NonFiniteError (NaN/inf in training)
+    # ConfigFileError, RewardError and DataError (a bad row of a data file); FloatingPointError is
+    # agents.guards.NonFiniteError (NaN/inf in training)
     return (ValueError, TypeError, OSError, CorpusError, CheckpointError, FloatingPointError)
 
 

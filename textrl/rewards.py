@@ -26,6 +26,9 @@ A bare function is a sequence reward; :func:`immediate` marks an immediate one (
 exists for symmetry). A class instance works the same way; give it ``kind = "immediate"`` or decorate it.
 Several rewards combine as a list (weights 1) or a ``{reward: weight}`` dict; each component is reported.
 
+A learned reward model (any local Hugging Face sequence-classification folder, e.g. one made by
+``textrl reward-train``) is :func:`reward_model` (from :mod:`textrl.reward_model`, imported on first use).
+
 Every output is checked: NaN, inf, a wrong length, a non-numeric value or an exception raises
 :class:`RewardError` naming the reward and the offending sample; there is never a silent zero (the
 combining and checking live in :mod:`textrl.reward_set`).
@@ -285,3 +288,13 @@ REWARDS: dict[str, Callable[[], Callable]] = {
 from textrl.reward_library import LIBRARY_REWARDS  # noqa: E402  (no cycle: it imports nothing from here)
 
 REWARDS.update(LIBRARY_REWARDS)
+
+
+def __getattr__(name: str) -> Any:
+    """``reward_model`` and ``RewardModel`` from :mod:`textrl.reward_model`, imported on first use (they load
+    models; importing them here would also make a cycle)."""
+    if name in ("reward_model", "RewardModel"):
+        from textrl import reward_model as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
