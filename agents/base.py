@@ -141,6 +141,13 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
             model, self.config.value_model, reference=use_ref, reference_is_base=self.reference_is_base
         ).to(self.device)
         self.policy.replay_memory_mb = self.config.replay_memory_mb
+        if self.config.router_aux_coef > 0:
+            if not self.policy.has_router:
+                raise ValueError(
+                    "router_aux_coef > 0 needs a mixture-of-experts policy that runs on the engine; this one "
+                    f"runs on {self.policy.runs_on} with no router (set router_aux_coef to 0)"
+                )
+            self.policy.router_balance = True
         # fused: one kernel over all parameters instead of a loop of small kernels per tensor
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(

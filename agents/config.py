@@ -54,6 +54,10 @@ class AgentConfig(Sampling):
     blocks, not the LM head)."""
     lora_layers: list[int] = dataclasses.field(default_factory=list)
     """Indices of the blocks that get adapters (empty = all)."""
+    router_aux_coef: float = 0.0
+    """Mixture-of-experts policies: weight of the router's load-balancing loss (Switch Transformer's, as
+    in pre-training) added to the update's loss, so RL does not collapse the routing onto few experts
+    (0 = off)."""
     device: str = "auto"
     """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
     autocast: Literal["none", "bf16", "fp16"] = "none"
@@ -89,6 +93,7 @@ class AgentConfig(Sampling):
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
             (0.0 <= self.gamma <= 1.0, "gamma must be in [0, 1]"),
             (self.kl_coef >= 0, "kl_coef must be >= 0"),
+            (self.router_aux_coef >= 0, "router_aux_coef must be >= 0"),
             (self.kl_estimator in ("k1", "k3"), "kl_estimator must be 'k1' or 'k3'"),
             (self.kl_target is None or self.kl_target > 0, "kl_target must be > 0 (or None)"),
             (self.kl_horizon >= 1, "kl_horizon must be >= 1"),

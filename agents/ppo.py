@@ -126,6 +126,8 @@ class PPO(BaseAgent):
                 v_loss = clipped_value_loss(values, rollout.values[mb], returns[mb], m, cfg.clip_range_vf, count)
                 ent = masked_mean(entropy, m, count)
                 loss = pg_loss + cfg.vf_coef * v_loss - cfg.ent_coef * ent
+                if self.policy.router_loss is not None:  # MoE: keep the routing balanced
+                    loss = loss + cfg.router_aux_coef * self.policy.router_loss
                 with torch.no_grad():
                     log_ratio = logprobs - rollout.logprobs[mb]
                     approx_kl = masked_mean(log_ratio.exp() - 1 - log_ratio, m, count)  # k3 estimate of KL(old || new)
@@ -138,6 +140,8 @@ class PPO(BaseAgent):
                     )
                 self.backward(loss)
                 stats["gn"].append(self.clip_and_step())
+                if self.policy.router_loss is not None:
+                    stats.setdefault("router", []).append(self.runtime.reduce_float(self.policy.router_loss.item()))
                 for key, value in zip(("pg", "vf", "ent", "kl", "clip"), figures, strict=True):
                     stats[key].append(value)
                 if cfg.target_kl is not None and kl > 1.5 * cfg.target_kl:
@@ -156,4 +160,4 @@ class PPO(BaseAgent):
             "losses/explained_variance": ev,
             "losses/grad_norm": float(np.mean(stats["gn"])),
             "losses/epochs": _epoch + 1,
-        }
+        } | ({"losses/router_balance": float(np.mean(stats["router"]))} if "router" in stats else {})

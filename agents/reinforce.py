@@ -92,6 +92,9 @@ class REINFORCE(BaseAgent):
         pg_loss = -masked_mean(logprobs * adv, mask, count)
         entropy_mean = masked_mean(entropy, mask, count)
         loss = pg_loss - self.config.ent_coef * entropy_mean
+        router = self.policy.router_loss
+        if router is not None:  # MoE: keep the routing balanced (router_aux_coef)
+            loss = loss + self.config.router_aux_coef * router
         pg, ent = self.batch_total(torch.stack([pg_loss, entropy_mean])).tolist()  # whole-batch figures
         if not math.isfinite(pg - self.config.ent_coef * ent):
             self.nonfinite(
@@ -106,13 +109,16 @@ class REINFORCE(BaseAgent):
         approx_kl = masked_mean(rollout.logprobs - logprobs.detach(), mask, count)
         parts = [approx_kl.double(), valid_adv.new_tensor(valid_adv.numel()), valid_adv.sum(), (valid_adv**2).sum()]
         kl, n, total, squares = self.batch_total(torch.stack(parts)).tolist()
-        return {
+        figures = {
             "losses/policy_loss": pg,
             "losses/entropy": ent,
             "losses/approx_kl": kl,
             "losses/grad_norm": grad_norm,
             "losses/advantage_std": max(0.0, (squares - total * total / n) / (n - 1)) ** 0.5 if n > 1 else 0.0,
         }
+        if router is not None:
+            figures["losses/router_balance"] = self.runtime.reduce_float(router.item())
+        return figures
 
     def extra_state(self):
         return {"moving_average": self.moving_average}

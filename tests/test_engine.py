@@ -438,3 +438,53 @@ def test_decode_sessions_are_independent(request, kind):
     with pytest.raises(RuntimeError, match="closed"):
         a.step(ids[:, P])
     a.close()  # closing twice is harmless
+
+
+# --- mixture of experts: the router's load-balancing loss ------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["mixtral_dir", "qwen2_moe_dir"])
+def test_router_balance_loss_equals_hf_aux_loss(request, arch):
+    """The routing the engine logs gives HF's own load-balancing loss (``aux_loss``), padding excluded."""
+    from textrl.core import positions_from_mask
+    from textrl.ops import router_balance_loss
+
+    model = _model(request, arch)
+    ids, mask = _batch(_vocab(model))
+    with torch.no_grad():
+        hf = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), output_router_logits=True
+        )
+    core = Engine(model)
+    core.router_log = []
+    core.forward(ids, mask)
+    sparse = sum(layer.moe is not None for layer in core.spec.layers)  # Qwen2-MoE may keep dense layers
+    assert sparse >= 1 and len(core.router_log) == sparse
+    assert sum(len(p) for p, _ in core.router_log) == sparse * int(mask.sum())  # the real tokens only
+    torch.testing.assert_close(router_balance_loss(core.router_log), hf.aux_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_an_agent_keeps_the_router_balanced_when_asked(mixtral_dir, llama_gqa_dir):
+    from agents import REINFORCE, REINFORCEConfig
+    from envs import TextGenEnv
+
+    def env(lm):
+        return TextGenEnv(lm=str(lm), prompts=["The old king"], reward="keyword_reward", max_new_tokens=5, stop=None)
+
+    def router_grad(coef: float) -> torch.Tensor:
+        config = REINFORCEConfig(batch_size=4, group_size=2, router_aux_coef=coef, max_grad_norm=0.0)
+        agent = REINFORCE(env(mixtral_dir), config=config, seed=0)
+        router = agent.policy.core.spec.layers[0].moe.router.weight
+        grads: list[torch.Tensor] = []
+        router.register_post_accumulate_grad_hook(lambda p: grads.append(p.grad.clone()))
+        stats: list[dict] = []
+        agent.learn(1, callback=lambda a, s: stats.append(s))
+        assert ("losses/router_balance" in stats[0]) == (coef > 0)
+        if coef > 0:
+            assert stats[0]["losses/router_balance"] >= 2.0 - 1e-4  # top_k = 2 at perfect balance
+        return grads[0]
+
+    plain, balanced = router_grad(0.0), router_grad(1.0)
+    assert not torch.allclose(plain, balanced)  # the balance term reaches the router
+    with pytest.raises(ValueError, match="router_aux_coef > 0 needs a mixture-of-experts policy"):
+        REINFORCE(env(llama_gqa_dir), config=REINFORCEConfig(batch_size=4, group_size=2, router_aux_coef=0.1))

@@ -79,6 +79,9 @@ class Engine(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) by position, (N, D)
         self._cache: KVCache | None = None  # the last session's cache buffers, reused by the next of its shape
         self._record: Record | None = None  # the last recorded rollout (replay)
+        self.router_log: list | None = None
+        """Set to a list to collect every MoE layer's routing in :meth:`forward` (see
+        :func:`textrl.ops.router_balance_loss`); None: nothing is kept."""
         self.replayed = 0
         """How many ``forward`` calls took their linear layers from a rollout record (tests, benchmarks)."""
         self.record_limit: int | None = None
@@ -145,12 +148,13 @@ class Engine(nn.Module):
             q, k = rotate(q, *angles), rotate(k, *angles)
         return q, k, v
 
-    def _block(self, layer: Layer, x: torch.Tensor, angles, attend, lin=linear) -> torch.Tensor | None:
+    def _block(self, layer: Layer, x: torch.Tensor, angles, attend, lin=linear, valid=None) -> torch.Tensor | None:
         """One Transformer block.
 
         The modes differ in two functions: ``attend(q, k, v) -> (B, H, S, D)`` (the attention; None when only
         the keys and values were wanted, and the block stops there) and ``lin(x, module)`` (every linear layer:
-        computed, computed into a rollout record, or replayed from one).
+        computed, computed into a rollout record, or replayed from one). ``valid`` (B, S): the real tokens, whose
+        routing :attr:`router_log` keeps.
         """
         B, S, _ = x.shape
         q, k, v = self._qkv(layer, norm(x, layer.norm1), angles, lin)
@@ -160,7 +164,7 @@ class Engine(nn.Module):
         x = x + lin(att.transpose(1, 2).reshape(B, S, -1), layer.out)
         h = norm(x, layer.norm2)
         if layer.moe is not None:
-            return x + moe(layer.moe, h, lin)
+            return x + moe(layer.moe, h, lin, self.router_log, valid)
         if layer.gate is not None:
             h = F.silu(lin(h, layer.gate)) * lin(h, layer.up)
         else:
@@ -249,7 +253,7 @@ class Engine(nn.Module):
             x, angles = self._embed(ids, positions)
             for layer in self.spec.layers:
                 attend = lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m)  # noqa: E731
-                x = self._block(layer, x, angles, attend, lin)
+                x = self._block(layer, x, angles, attend, lin, mask)
             return self._head(x[:, start:], rec, rows, start)
         first, inverse = shared
         n, last = start, self.spec.layers[-1]
@@ -269,8 +273,8 @@ class Engine(nn.Module):
             def attend_rows(q, k, v, m=m[:, :, n:], kv=kv):
                 return self._sdpa(q, torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2), m)
 
-            x = self._block(layer, x, angles_x, attend_prefix, lin_x)
-            y = self._block(layer, y, angles_y, attend_rows, lin_y)
+            x = self._block(layer, x, angles_x, attend_prefix, lin_x, mask[first, :n])
+            y = self._block(layer, y, angles_y, attend_rows, lin_y, mask[:, n:])
         return self._head(y, rec, rows, n)
 
     @staticmethod

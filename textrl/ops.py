@@ -165,12 +165,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
-def moe(moe: Moe, h: torch.Tensor, lin) -> torch.Tensor:
+def moe(moe: Moe, h: torch.Tensor, lin, log: list | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """A sparse mixture of experts on h (B, S, E), as the HF block computes it: router softmax, top-k,
-    each chosen expert on its tokens weighted by its probability, plus the gated shared expert."""
+    each chosen expert on its tokens weighted by its probability, plus the gated shared expert.
+
+    ``log``: a list that receives ``(probs (N, n_experts), chosen (N, k))`` of the tokens where ``valid``
+    (B, S) is true (all when None), for :func:`router_balance_loss`.
+    """
     flat = h.reshape(-1, h.shape[-1])  # (N, E)
     probs = F.softmax(F.linear(flat, moe.router.weight), dim=-1, dtype=torch.float)  # (N, n_experts)
     top, chosen = torch.topk(probs, moe.top_k, dim=-1)  # (N, k)
+    if log is not None:
+        keep = slice(None) if valid is None else valid.reshape(-1).bool()
+        log.append((probs[keep], chosen[keep]))
     if moe.normalize:
         top = top / top.sum(dim=-1, keepdim=True)
     top = top.to(flat.dtype)
@@ -186,3 +193,15 @@ def moe(moe: Moe, h: torch.Tensor, lin) -> torch.Tensor:
         shared = lin(F.silu(lin(h, gate)) * lin(h, up), down)
         out = out + (torch.sigmoid(lin(h, moe.shared_gate)) * shared).reshape(out.shape)
     return out.view(h.shape)
+
+
+def router_balance_loss(log: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss over the routing decisions :func:`moe` logged, pooled over
+    layers as HF's ``load_balancing_loss_func`` pools them: ``n_experts * sum(f * P)``, with ``f`` the share
+    of (token, slot) choices each expert got per top-k slot and ``P`` its mean router probability. It is
+    ``top_k`` when the load is even and grows as the router favours some experts."""
+    probs = torch.cat([p for p, _ in log])  # (M, n_experts)
+    chosen = torch.cat([c for _, c in log])  # (M, k)
+    n_experts = probs.shape[-1]
+    share = F.one_hot(chosen, n_experts).float().mean(0)  # (k, n_experts)
+    return n_experts * (share * probs.mean(0)).sum()

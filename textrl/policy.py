@@ -31,6 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from textrl.core import core_name, make_core
+from textrl.ops import router_balance_loss
 
 
 def shape_logits(
@@ -249,6 +250,18 @@ class ActorCritic(nn.Module):
         ``torch.autograd.graph.increment_version(params)`` after each step, or set this to False."""
         self.replay_memory_mb: float | None = None
         """Largest rollout record in MB (None: no limit); a rollout that needs more is not recorded."""
+        self.router_balance = False
+        """Mixture-of-experts policies: when True, :meth:`logits_and_values` also computes the router's
+        load-balancing loss over the real tokens of its input (:func:`textrl.ops.router_balance_loss`), kept
+        in :attr:`router_loss` for the agent to add to its loss."""
+        self.router_loss: torch.Tensor | None = None
+        """The load-balancing loss of the last :meth:`logits_and_values` call (with gradients), or None."""
+
+    @property
+    def has_router(self) -> bool:
+        """Whether the policy is a mixture of experts that runs on the engine (which can log its routing)."""
+        spec = getattr(self.core, "spec", None)
+        return spec is not None and any(layer.moe is not None for layer in spec.layers)
 
     def train(self, mode: bool = True):
         """Keep every HF module in eval mode (no dropout); only our own flag changes."""
@@ -295,7 +308,14 @@ class ActorCritic(nn.Module):
             ``logits`` (B, T, V) predicting tokens ``prompt_len..S-1`` and ``values`` (B, T) or None.
         """
         start = prompt_len - 1  # the position that predicts the first generated token
-        logits, hidden = self.core.forward(ids[:, :-1], mask[:, :-1], start, rows)  # (B, T, V), (B, T, E)
+        if self.router_balance:
+            self.core.router_log = []
+        try:
+            logits, hidden = self.core.forward(ids[:, :-1], mask[:, :-1], start, rows)  # (B, T, V), (B, T, E)
+            self.router_loss = router_balance_loss(self.core.router_log) if self.router_balance else None
+        finally:
+            if self.router_balance:
+                self.core.router_log = None
         values = None
         if need_values:
             if self.value_model is not None:
