@@ -216,6 +216,18 @@ def test_reward_set_calls_it_like_any_reward(trained):
     assert direct[0] > direct[1]  # it learned which is kinder
 
 
+def test_named_by_its_folder_where_a_reward_name_goes(trained):
+    """``"reward_model:FOLDER"`` works wherever a built-in reward's name does (e.g. ``--env-kwargs`` of
+    ``textrl train``)."""
+    _, out = trained
+    rs = RewardSet({f"reward_model:{out}": 1.0})
+    completions = [" my king was kind today.", " my king was cruel today."]
+    total, _ = rs.sequence(["Then", "Then"], completions, [[1], [2]], {})
+    assert total.tolist() == pytest.approx(reward_model(out)(prompts=["Then", "Then"], completions=completions))
+    with pytest.raises(ValueError, match="reward_model:FOLDER for a learned one"):
+        RewardSet("no_such_reward")
+
+
 def test_exported_from_textrl_rewards(trained):
     import textrl.reward_model
     import textrl.rewards

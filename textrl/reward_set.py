@@ -43,8 +43,15 @@ def _wants(fn: Callable) -> frozenset[str] | None:
 
 def _resolve(item: Callable | str) -> Callable:
     if isinstance(item, str):
+        if item.startswith("reward_model:"):  # a learned reward: "reward_model:FOLDER" (e.g. from --env-kwargs)
+            from textrl.reward_model import reward_model
+
+            return reward_model(item.split(":", 1)[1])
         if item not in REWARDS:
-            raise ValueError(f"unknown reward {item!r}; built-in rewards: {sorted(REWARDS)}")
+            raise ValueError(
+                f"unknown reward {item!r}; built-in rewards: {sorted(REWARDS)}, "
+                "or reward_model:FOLDER for a learned one"
+            )
         return REWARDS[item]()
     if not callable(item):
         raise TypeError(f"a reward must be callable or the name of a built-in, got {type(item).__name__}")
