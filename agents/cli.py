@@ -281,7 +281,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
-        "train": "train an agent (ppo or reinforce) on an env; flags depend on --agent",
+        "train": "train an agent (ppo, reinforce or grpo) on an env; flags depend on --agent",
         "generate": "print sampled continuations of a prompt",
         "export": "write a run's or checkpoint's policy as a plain Hugging Face model folder",
         "pretrain": "pre-train a small GPT-2 (tokenizer + model) from scratch",

@@ -14,6 +14,10 @@ Baselines (``baseline=``):
 sample's group score is its episode return ``G_0``. A baseline that does not depend on the sample's own
 actions keeps the gradient unbiased.
 
+Dynamic sampling (``dynamic_sampling``, with ``rloo`` or ``grpo``): groups whose samples all score the same,
+which give zero gradient under a group baseline, are dropped and replaced by fresh ones
+(:mod:`agents.dynamic_sampling`).
+
 Guards (``nonfinite``): the returns (before they update the moving average), the advantages, the loss
 and the gradient are checked before the step.
 """
@@ -28,6 +32,7 @@ import torch
 
 from agents.base import BaseAgent
 from agents.config import AgentConfig
+from agents.dynamic_sampling import DynamicSamplingMixin, dynamic_sampling_errors
 from textrl.advantages import discounted_returns, group_baseline, masked_mean
 from textrl.rollout import Rollout
 
@@ -42,9 +47,19 @@ class REINFORCEConfig(AgentConfig):
     """Decay of the moving-average baseline."""
     group_size: int = 4
     """Samples of each prompt per iteration."""
+    dynamic_sampling: bool = False
+    """Drop groups whose samples all score the same (zero gradient under rloo and grpo) and collect fresh
+    groups until the batch is full (DAPO's dynamic sampling, Yu et al. 2025; agents.dynamic_sampling)."""
+    max_resample: int = 4
+    """Dynamic sampling: most extra rollouts per iteration; then the update runs on what was kept (none:
+    no update)."""
 
     def validate(self) -> None:
         super().validate()
+        for message in dynamic_sampling_errors(self):
+            raise ValueError(f"REINFORCEConfig: {message}")
+        if self.dynamic_sampling and self.baseline not in ("rloo", "grpo"):
+            raise ValueError("REINFORCEConfig: dynamic_sampling needs a group baseline (rloo or grpo)")
         if self.baseline not in ("none", "moving_average", "rloo", "grpo"):
             raise ValueError(f"REINFORCEConfig: unknown baseline {self.baseline!r}")
         if self.baseline == "rloo" and self.group_size < 2:
@@ -53,7 +68,7 @@ class REINFORCEConfig(AgentConfig):
             raise ValueError("REINFORCEConfig: baseline_decay must be in [0, 1)")
 
 
-class REINFORCE(BaseAgent):
+class REINFORCE(DynamicSamplingMixin, BaseAgent):
     """Monte-Carlo policy gradient on a Transformer policy. See the module docstring."""
 
     name: ClassVar[str] = "reinforce"

@@ -29,7 +29,7 @@ class TrainConfig:
     env_kwargs: str = "{}"
     """JSON object of keywords for a registered env, e.g. '{"reward": "keyword_reward"}'."""
     agent: str = "ppo"
-    """Agent: ppo or reinforce."""
+    """Agent: ppo, reinforce or grpo."""
     lm: str | None = None
     """Policy LM (embedded name or HF folder); default: the env's own LM."""
     total_timesteps: int = 20000
