@@ -80,7 +80,7 @@ class RespondError(ValueError):
     """``respond`` raised, returned something that is not a reply, or its reply does not fit the context."""
 
 
-DIALOGUE_KEYWORDS = ("respond", "max_turns", "max_turn_tokens", "turn_stop", "reply_template", "on_error")
+DIALOGUE_KEYWORDS = ("respond", "max_turns", "max_turn_tokens", "turn_stop", "reply_template", "on_error", "chat")
 """The keywords a multi-turn env adds to :data:`envs.engine.ENV_KEYWORDS`."""
 
 
@@ -97,9 +97,13 @@ class DialogueBatch(TokenBatch):
         reply_template: str,
         on_error: str,
         truncate_replies: bool,
+        turn_close: Sequence[int] = (),
     ):
-        """``engine_args``: :class:`envs.engine.TokenBatch`'s (its ``max_new_tokens`` is ``max_turn_tokens``)."""
+        """``engine_args``: :class:`envs.engine.TokenBatch`'s (its ``max_new_tokens`` is ``max_turn_tokens``);
+        ``turn_close``: the tokens that close an agent turn in the chat template, put before a text reply when
+        the turn did not end with them itself."""
         super().__init__(*engine_args)
+        self.turn_close = [int(t) for t in turn_close]
         self.respond_fn, self.max_turns, self.max_turn_tokens = respond, max_turns, max_turn_tokens
         self.stop = tuple(turn_stop)  # a stop string ends the turn (the base engine scans the current turn)
         self._stop_window = max((4 * len(s) for s in self.stop), default=0)
@@ -228,6 +232,9 @@ class DialogueBatch(TokenBatch):
             ids: list[int] = []
         elif isinstance(reply, str):
             ids = self.tokenizer.encode(self.reply_template.format(reply=reply), add_special_tokens=False)
+            close = self.turn_close
+            if close and self.tokens[row, self.length[row] - len(close) : self.length[row]].tolist() != close:
+                ids = close + ids  # chat: the turn ended at its token limit or a stop string, not at eos
         else:
             ids = [int(t) for t in reply]
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -256,6 +263,39 @@ class DialogueBatch(TokenBatch):
         return obs
 
 
+def chat_turns(tokenizer, role: str = "user") -> tuple[str, str]:
+    """How the tokenizer's chat template continues a conversation after an agent turn: ``(close, template)``.
+
+    ``close`` is the text that ends the assistant's turn when it is the eos token (the agent's turn usually
+    ends by sampling it, so it is the agent's token), else ""; ``template`` is the rest up to the next
+    assistant turn's generation prompt, with ``{reply}`` where a ``role`` message's content goes. Both are
+    read off the template itself by rendering a conversation with marker contents, so any template works
+    whose rendering of a conversation starts with its rendering of that conversation's first turns.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or the template does not render the conversation.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "chat=True renders the conversation with the tokenizer's chat template, and this tokenizer has none; "
+            "set tokenizer.chat_template or use reply_template"
+        )
+    agent, reply = "AGENTTURNMARKER", "ENVREPLYMARKER"
+    turns = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": agent}]
+    try:
+        full = tokenizer.apply_chat_template(
+            [*turns, {"role": role, "content": reply}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as e:  # a template's own checks, e.g. roles that must alternate
+        raise ValueError(f"the chat template cannot render a {role!r} reply after an agent turn: {e}") from e
+    if full.count(agent) != 1 or full.count(reply) != 1 or full.index(agent) > full.index(reply):
+        raise ValueError(f"the chat template does not render the agent's turn and a {role!r} reply in order")
+    after = full[full.index(agent) + len(agent) :]
+    eos = tokenizer.eos_token or ""
+    close = eos if eos and after.startswith(eos) else ""
+    return close, after[len(close) :].replace("{", "{{").replace("}", "}}").replace(reply, "{reply}")
+
+
 def build_dialogue(num_rows: int, keywords: Mapping[str, Any], dialogue: Mapping[str, Any]) -> DialogueBatch:
     """Validate the multi-turn keywords and build the engine (shared by both envs)."""
     respond = dialogue["respond"]
@@ -273,6 +313,18 @@ def build_dialogue(num_rows: int, keywords: Mapping[str, Any], dialogue: Mapping
     turn_stop = dialogue["turn_stop"]
     turn_stop = [turn_stop] if isinstance(turn_stop, str) else [s for s in (turn_stop or []) if s]
     keywords = dict(keywords)
+    chat, close = dialogue.get("chat", False), []
+    if chat:
+        if template != "{reply}":
+            raise ValueError("chat renders the replies with the chat template; leave reply_template out")
+        if keywords.get("tokenizer") is None:
+            from textrl.lm import lm_context_length, load_tokenizer
+
+            keywords["tokenizer"] = load_tokenizer(keywords["lm"])
+            keywords["tokenizer"].textrl_context_length = lm_context_length(keywords["lm"])
+        role = "user" if chat is True else chat
+        close_text, template = chat_turns(keywords["tokenizer"], role)
+        close = keywords["tokenizer"].encode(close_text, add_special_tokens=False) if close_text else []
     if keywords.get("context_length") is None:  # the replies' lengths are unknown: the model's whole context
         from textrl.lm import lm_context_length
 
@@ -294,6 +346,8 @@ def build_dialogue(num_rows: int, keywords: Mapping[str, Any], dialogue: Mapping
         reply_template=template,
         on_error=dialogue["on_error"],
         truncate_replies=bool(dialogue["truncate_replies"]),
+        chat=bool(chat),
+        turn_close=close,
     )
 
 
@@ -318,7 +372,9 @@ class MultiTurnEnv(TextGenEnv):
     ## Arguments
     ``respond`` (required), ``max_turns`` (default 4), ``max_turn_tokens`` (default 32), ``turn_stop`` (strings
     that end a turn), ``reply_template`` (default ``"{reply}"``), ``on_error`` (``"raise"`` or ``"reply"``),
-    ``truncate_replies``, and :class:`envs.TextGenEnv`'s ``lm``, ``prompts``, ``reward``, ``tokenizer``,
+    ``truncate_replies``, ``chat`` (True or a role such as ``"tool"``: render the prompt and every reply with
+    the tokenizer's chat template, the replies as messages of that role, ``"user"`` for True), and
+    :class:`envs.TextGenEnv`'s ``lm``, ``prompts``, ``reward``, ``tokenizer``,
     ``context_length`` (default: the model's context), ``truncate_prompts`` and ``render_mode``.
 
     ## Info
@@ -341,6 +397,7 @@ class MultiTurnEnv(TextGenEnv):
         reply_template: str = "{reply}",
         on_error: str = "raise",
         truncate_replies: bool = False,
+        chat: bool | str = False,
         tokenizer=None,
         context_length: int | None = None,
         truncate_prompts: bool = False,
@@ -384,6 +441,7 @@ class MultiTurnVectorEnv(TextGenVectorEnv):
         reply_template: str = "{reply}",
         on_error: str = "raise",
         truncate_replies: bool = False,
+        chat: bool | str = False,
         tokenizer=None,
         context_length: int | None = None,
         truncate_prompts: bool = False,

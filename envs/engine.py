@@ -226,6 +226,7 @@ def build_engine(
     truncate_prompts: bool,
     max_episode_steps: int | None = None,
     engine: type[TokenBatch] | None = None,
+    chat: bool = False,
     **engine_options: Any,
 ) -> TokenBatch:
     """Validate the env keywords and build the engine (shared by both envs): a :class:`TokenBatch`, or the
@@ -251,7 +252,8 @@ def build_engine(
     if limit is not None and limit <= max_new_tokens:
         raise ValueError(f"context_length ({limit}) must exceed max_new_tokens ({max_new_tokens})")
     max_prompt = limit - max_new_tokens if limit is not None else 1 << 30
-    prompt_set = PromptSet(DEFAULT_PROMPTS if prompts is None else prompts, tokenizer, max_prompt, truncate_prompts)
+    source = DEFAULT_PROMPTS if prompts is None else prompts
+    prompt_set = PromptSet(source, tokenizer, max_prompt, truncate_prompts, chat=chat)
     # Observation width: given, else just wide enough for the longest prompt plus the completion.
     width = context_length or min(limit or 1 << 30, prompt_set.max_len + max_new_tokens)
     prompt_set._max_prompt = width - max_new_tokens  # ad-hoc prompts from reset(options) must fit the width

@@ -43,6 +43,22 @@ def _read_file(path: Path) -> list[str | dict[str, Any]]:
     return [line.replace("\\n", "\n") for line in text.splitlines() if line.strip()]
 
 
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+
+
+def render_chat(tokenizer, messages: list[Mapping[str, str]]) -> str:
+    """``messages`` rendered with the tokenizer's chat template, ending with the assistant's generation prompt."""
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
 class PromptSet:
     """Prompts, their extra fields and their token ids, checked once up front.
 
@@ -53,9 +69,19 @@ class PromptSet:
         max_prompt_tokens: longest allowed prompt in tokens.
         truncate: if True, over-long prompts keep their last ``max_prompt_tokens`` tokens
             (left-truncation); if False (default) they are an error naming the prompt.
+        chat: render each prompt with the tokenizer's chat template, as a user message followed by the
+            assistant's generation prompt; a row may give ``messages`` (e.g. with a system message) instead
+            of ``prompt``. :attr:`texts` are then the rendered texts, which the model reads.
     """
 
-    def __init__(self, source: PromptSource, tokenizer, max_prompt_tokens: int, truncate: bool = False):
+    def __init__(
+        self, source: PromptSource, tokenizer, max_prompt_tokens: int, truncate: bool = False, chat: bool = False
+    ):
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise PromptError(
+                "chat=True renders prompts with the tokenizer's chat template, and this tokenizer has none; set "
+                "tokenizer.chat_template (a Jinja string) or leave chat off"
+            )
         if isinstance(source, (str, Path)) and (isinstance(source, Path) or Path(source).suffix in (".txt", ".jsonl")):
             rows: list[Any] = _read_file(Path(source))
             origin = str(source)
@@ -83,11 +109,18 @@ class PromptSet:
             elif isinstance(row, Mapping) and isinstance(row.get("prompt"), str):
                 self.texts.append(row["prompt"])
                 extra.append({k: v for k, v in row.items() if k != "prompt"})
+            elif chat and isinstance(row, Mapping) and _is_messages(row.get("messages")):
+                self.texts.append(render_chat(tokenizer, row["messages"]))
+                extra.append({k: v for k, v in row.items() if k != "messages"})
+                continue
             else:
                 raise PromptError(
                     f"prompt row {i} of {origin} is {type(row).__name__} {row!r:.80}; "
                     "expected a string or a mapping with a string 'prompt' field"
+                    + (" or a 'messages' list of {'role', 'content'} dicts" if chat else "")
                 )
+            if chat:
+                self.texts[-1] = render_chat(tokenizer, [{"role": "user", "content": self.texts[-1]}])
         keys = sorted({k for e in extra for k in e})
         for k in keys:
             missing = [i for i, e in enumerate(extra) if k not in e]
@@ -96,7 +129,8 @@ class PromptSet:
         self.fields: dict[str, list[Any]] = {k: [e[k] for e in extra] for k in keys}
 
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        encoded = tokenizer(self.texts, add_special_tokens=True)["input_ids"]
+        # a rendered chat holds its own special tokens (a bos the template writes): add none
+        encoded = tokenizer(self.texts, add_special_tokens=not chat)["input_ids"]
         self.ids: list[np.ndarray] = []
         for i, ids in enumerate(encoded):
             if not ids:  # the empty prompt starts from the bos (or eos) token
@@ -112,12 +146,15 @@ class PromptSet:
             self.ids.append(np.asarray(ids, dtype=np.int64))
         self.max_len = max(len(x) for x in self.ids)
         self._tokenizer, self._max_prompt, self._truncate, self._start = tokenizer, max_prompt_tokens, truncate, start
+        self._chat = chat
 
     def encode_extra(self, text: str) -> np.ndarray:
         """Token ids of an ad-hoc prompt (``reset(options={"prompt": ...})``), with the same length rules."""
         if not isinstance(text, str):
             raise PromptError(f"options['prompt'] must be a string, got {type(text).__name__}")
-        ids = self._tokenizer(text, add_special_tokens=True)["input_ids"] or [self._start]
+        if self._chat:
+            text = render_chat(self._tokenizer, [{"role": "user", "content": text}])
+        ids = self._tokenizer(text, add_special_tokens=not self._chat)["input_ids"] or [self._start]
         if len(ids) > self._max_prompt:
             if not self._truncate:
                 raise PromptError(

@@ -404,3 +404,90 @@ def test_say_word_user_answers_what_the_agent_said():
             if info["turn_end"]:
                 break
     assert term and total == 2.0
+
+
+CHAT = (
+    "{% for m in messages %}<|pad|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|pad|>assistant\n{% endif %}"
+)
+"""A ChatML-like template on the test tokenizer's two special tokens: ``<|pad|>`` opens a message, the eos closes it."""
+
+
+@pytest.fixture
+def chat_tok(tok):
+    import copy
+
+    chat = copy.deepcopy(tok)
+    chat.chat_template = CHAT
+    return chat
+
+
+def test_chat_template_renders_the_conversation(chat_tok):
+    """With chat=True the observation is exactly the chat template's rendering of the conversation so far: the
+    prompt as a user message, the agent's turns as assistant messages, the replies as messages of the role
+    asked for; the closing eos is the agent's token when it sampled it, the env's when the turn hit its limit."""
+    tok = chat_tok
+    eos, three = tok.eos_token_id, one(tok, "3")
+    env = MultiTurnEnv(
+        tokenizer=tok,
+        prompts=["guess"],
+        respond=lambda state, turn: Reply("lower" if state["turn"] == 0 else "higher"),
+        chat="tool",
+        max_turns=3,
+        max_turn_tokens=2,
+        context_length=128,
+    )
+
+    def rendered(ids) -> str:
+        return tok.decode(ids, skip_special_tokens=False)
+
+    messages = [{"role": "user", "content": "guess"}]
+    obs, _ = env.reset(seed=0)
+    P = int(obs["attention_mask"].sum())
+    assert rendered(obs["input_ids"][:P]) == tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert obs["input_ids"][:P].tolist() == tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+
+    env.step(three)
+    obs, _, _, _, info = env.step(eos)  # turn 0 ends at the agent's own eos
+    messages += [{"role": "assistant", "content": "3"}, {"role": "tool", "content": "lower"}]
+    L = int(obs["attention_mask"].sum())
+    assert rendered(obs["input_ids"][:L]) == tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert obs["action_mask"][P : P + 2].tolist() == [1, 1] and obs["action_mask"][P + 2 : L].sum() == 0
+    assert info["env_tokens"] == L - P - 2
+
+    env.step(three)
+    obs, _, _, _, info = env.step(three)  # turn 1 hits max_turn_tokens: the env closes it with the eos
+    messages += [{"role": "assistant", "content": "33"}, {"role": "tool", "content": "higher"}]
+    end = int(obs["attention_mask"].sum())
+    assert rendered(obs["input_ids"][:end]) == tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert obs["input_ids"][L + 2] == eos and obs["action_mask"][L + 2] == 0  # the closing eos is an env token
+    assert info["env_tokens"] == end - L - 2
+
+
+def test_chat_needs_a_template_and_its_own_replies(tok, chat_tok):
+    with pytest.raises(ValueError, match="has none"):
+        MultiTurnEnv(tokenizer=tok, prompts=["guess"], respond=guess, chat=True, context_length=64)
+    with pytest.raises(ValueError, match="leave reply_template out"):
+        MultiTurnEnv(
+            tokenizer=chat_tok,
+            prompts=["guess"],
+            respond=guess,
+            chat=True,
+            reply_template="> {reply}",
+            context_length=64,
+        )
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "guess"}], "secret": 3}
+    ]
+    env = MultiTurnEnv(tokenizer=chat_tok, prompts=rows, respond=guess, chat=True, context_length=128)
+    obs, _ = env.reset(seed=0)
+    P = int(obs["attention_mask"].sum())
+    assert chat_tok.decode(obs["input_ids"][:P]) == chat_tok.apply_chat_template(
+        rows[0]["messages"], add_generation_prompt=True, tokenize=False
+    )
