@@ -3,19 +3,28 @@ dynamic sampling (tied groups refilled, never trained on), equality with REINFOR
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents import AGENTS, GRPO, REINFORCE, GRPOConfig, REINFORCEConfig
-from agents.dynamic_sampling import concat_rollouts, take_rows, tied_groups
+from agents.dynamic_sampling import concat_rollouts, pad_steps, take_rows, tied_groups
 from agents.grpo import grpo_loss, normalise, soft_overlong_penalty
 from envs import TextGenEnv
 from textrl.rewards import immediate
+from textrl.rollout import Rollout
 
 PROMPTS = ["The old king", "The young queen", "The brave knight sees", "A river"]
 
@@ -479,3 +488,98 @@ def test_bad_config_values(bad, message):
 def test_reinforce_dynamic_sampling_needs_a_group_baseline():
     with pytest.raises(ValueError, match="needs a group baseline"):
         REINFORCEConfig(baseline="moving_average", dynamic_sampling=True).validate()
+
+
+# --- data parallel -----------------------------------------------------------------------------------------
+
+WORKER = Path(__file__).resolve().parent / "grpo_distributed_worker.py"
+
+
+def _launch(args: list[str], world: int = 2, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """``world`` processes of ``python args...`` with the variables torchrun sets (gloo on CPU)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    root = str(WORKER.parent.parent)
+    base |= {
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([root, base.get("PYTHONPATH", "")]),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *args],
+            env=base
+            | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world)}
+            | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def test_two_processes_update_as_one_on_the_combined_batch_and_agree_on_dynamic_sampling(gpt2_dir, tmp_path):
+    """Data parallel (2 processes, gloo): each loss type's update (its steps' all-reduced gradients) equals one
+    process's on the combined batch; with dynamic sampling the processes agree on the rounds and stay identical."""
+    for rank, r in enumerate(_launch([str(WORKER), str(gpt2_dir), str(tmp_path)])):
+        assert r.returncode == 0, f"rank {rank}:\n{r.stderr[-3000:]}"
+    spec = importlib.util.spec_from_file_location("grpo_distributed_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    for kind in worker.KINDS:
+        agent = worker.make(kind, str(gpt2_dir))
+        assert agent.runtime.world_size == 1
+        parts = [load_file(tmp_path / f"{kind}-rollout-{r}.safetensors") for r in (0, 1)]
+        rollouts = [
+            Rollout(
+                **{
+                    k: p[k]
+                    for k in ("ids", "attention_mask", "actions", "logprobs", "values", "rewards", "action_mask")
+                },
+                prompt_len=int(p["prompt_len"]),
+                prompt_index=np.zeros(4, dtype=np.int64),
+                prompts=[""] * 4,
+                completions=[""] * 4,
+                components={},
+                terminated=np.zeros(4, dtype=bool),
+            )
+            for p in parts
+        ]
+        rollout = concat_rollouts(rollouts, agent.env.pad_id)
+        T = rollout.actions.shape[1]
+        penalised, kl, ref = (
+            torch.cat([pad_steps(p[k], T) for p in parts]) for k in ("penalised", "kl", "ref_logprobs")
+        )
+        agent.round_extras = {"ref_logprobs": ref}
+        grads: dict[str, torch.Tensor] = {}
+        step = agent.optimizer.step
+
+        def capturing(*args, agent=agent, step=step, grads=grads, **kwargs):
+            i = len(grads) // len(agent.policy.trainable_parameters())
+            for name, p in agent.policy.named_parameters():
+                if p.requires_grad:
+                    grads[f"step{i}.{name}"] = (torch.zeros_like(p) if p.grad is None else p.grad).clone()
+            return step(*args, **kwargs)
+
+        agent.optimizer.step = capturing
+        agent._guarded_train(rollout, penalised, kl)
+        theirs = load_file(tmp_path / f"{kind}-grads-0.safetensors")
+        assert theirs.keys() == grads.keys()
+        assert len({k.split(".")[0] for k in grads}) == agent.config.num_iterations
+        largest = max(float(g.abs().max()) for g in grads.values())
+        assert largest > 1e-3
+        for name, g in grads.items():
+            torch.testing.assert_close(theirs[name], g, rtol=0, atol=1e-5 * largest, msg=f"{kind} {name}")
+    final = [load_file(tmp_path / f"dynamic-final-{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    summaries = [json.loads((tmp_path / f"dynamic-{r}.json").read_text()) for r in (0, 1)]
+    assert summaries[0] == summaries[1] and summaries[0]["iterations"] >= 3
+    assert 0 < summaries[0]["last"]["charts/groups_dropped"] < 1
