@@ -583,3 +583,18 @@ def test_two_processes_update_as_one_on_the_combined_batch_and_agree_on_dynamic_
     summaries = [json.loads((tmp_path / f"dynamic-{r}.json").read_text()) for r in (0, 1)]
     assert summaries[0] == summaries[1] and summaries[0]["iterations"] >= 3
     assert 0 < summaries[0]["last"]["charts/groups_dropped"] < 1
+
+
+def test_grpo_learning_benchmark_prints_a_row_per_agent(gpt2_dir, tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_learning.py"
+    spec = importlib.util.spec_from_file_location("grpo_learning", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_learning"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    argv = ["--tasks", "QuestionMark", "--agents", "reinforce", "grpo-dynamic", "--budget", "40"]
+    argv += ["--eval-episodes", "4", "--batch-size", "8", "--lm", str(gpt2_dir), "--runs", str(tmp_path)]
+    results = module.main(argv)
+    out = capsys.readouterr().out
+    assert [r["agent"] for r in results] == ["reinforce", "grpo-dynamic"]
+    assert all(r["tokens"] >= 40 for r in results) and results[1]["groups_dropped"] is not None
+    assert "| QuestionMark | grpo-dynamic |" in out and "| QuestionMark | reinforce |" in out
