@@ -15,6 +15,7 @@ and the built-in tasks, one module each, with their own prompts and rewards (see
 import gymnasium
 
 from envs.arithmetic import ArithmeticEnv
+from envs.calculator import CalculatorEnv
 from envs.dialogue import MultiTurnEnv, MultiTurnVectorEnv, Reply, RespondError
 from envs.engine import DEFAULT_PROMPTS, TokenBatch
 from envs.guess import GuessNumberEnv
@@ -31,6 +32,7 @@ from envs.vector import TextGenVectorEnv
 __all__ = [
     "DEFAULT_PROMPTS",
     "ArithmeticEnv",
+    "CalculatorEnv",
     "GuessNumberEnv",
     "KeywordsEnv",
     "MultiTurnEnv",
@@ -77,6 +79,7 @@ TASKS: dict[str, tuple[type[TaskEnv], float]] = {
 MULTI_TURN_TASKS: dict[str, tuple[type[MultiTurnEnv], float]] = {
     "textrl/GuessNumber-v0": (GuessNumberEnv, 1.0),
     "textrl/SayWord-v0": (SayWordEnv, 1.5),
+    "textrl/Calculator-v0": (CalculatorEnv, 1.0),
 }
 """Task ids -> (env class, reward_threshold)."""
 for _id, (_cls, _threshold) in {**TASKS, **MULTI_TURN_TASKS}.items():
