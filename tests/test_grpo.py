@@ -271,6 +271,7 @@ def test_learns_and_logs(gpt2_dir, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(before, _params(agent), strict=True))
     (s,) = stats
     assert s["losses/steps"] == 4  # 2 passes x 2 minibatches
+    assert agent.policy.core.replayed == 1  # the first minibatch replays the rollout record; later ones cannot
     assert s["losses/ratio_min"] <= s["losses/ratio_mean"] <= s["losses/ratio_max"]
     assert 0 <= s["losses/clipfrac_low"] <= 1 and 0 <= s["losses/clipfrac_high"] <= 1
     events = EventAccumulator(str(agent.run_dir), size_guidance={"scalars": 0}).Reload()
