@@ -37,6 +37,8 @@ CALL_REWARD = 0.1
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 """The chat template of :func:`demonstrations`' rows for ``textrl sft``: the messages' contents concatenated,
 without role markers, so that a rendered demonstration is exactly the env's transcript."""
+N_PROBLEMS = 256
+"""The default size of the env's problem set."""
 MAX_OPERATIONS = 8
 """The most operators one call may have."""
 MAX_VALUE = 10**12
@@ -250,10 +252,6 @@ def write_demonstrations(path: str | Path, rows: Sequence[dict[str, Any]], templ
     template = Path(template) if template else path.with_suffix(".jinja")
     template.write_text(CHAT_TEMPLATE, encoding="utf-8")
     return template
-
-
-N_PROBLEMS = 256
-"""The default size of the env's problem set."""
 
 
 def _keywords(n_problems: int, steps: int, seed: int, max_turns: int | None, kwargs: dict[str, Any]) -> dict:

@@ -4,9 +4,12 @@ exactly as the env's transcript, the env checkers and the registration."""
 
 import builtins
 import copy
+import importlib.util
 import json
 import re
+import sys
 import warnings
+from pathlib import Path
 
 import gymnasium
 import pytest
@@ -230,3 +233,20 @@ def test_registered_checked_and_vectorised(env):
     assert (other.engine.max_turns, other.engine.max_turn_tokens) == (5, 31)
     with pytest.raises(ValueError, match=r"steps must be in 2\.\.4"):
         problems(4, steps=1)
+
+
+def test_benchmark_runs_the_recipe_with_tiny_budgets(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "calculator_benchmark", Path(__file__).parents[1] / "benchmarks" / "calculator.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["calculator_benchmark"] = module
+    spec.loader.exec_module(module)
+    module.main(
+        ["--work", str(tmp_path / "work"), "--runs", str(tmp_path / "runs"), "--demos", "12", "--sft-steps", "2",
+         "--sft-batch-size", "4", "--budget", "100", "--budget-tiny", "0", "--eval-episodes", "8", "--batch-size", "8"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    stages = re.findall(r"^\| (tiny \(untrained\)|SFT \(12 demos, 2 steps\)|SFT \+ reinforce) \|", out, re.M)
+    assert stages == ["tiny (untrained)", "SFT (12 demos, 2 steps)", "SFT + reinforce"]
+    assert (tmp_path / "work" / "sft" / "config.json").is_file() and (tmp_path / "work" / "demos.jinja").is_file()
