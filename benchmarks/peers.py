@@ -4,8 +4,15 @@ Systems (``--systems``), all on the same model, prompts, reward and sampling:
 
 - ``ppo``: textrl PPO, one optimisation step per batch (``n_epochs=1``, ``minibatch_size=B``);
 - ``reinforce``: textrl REINFORCE, RLOO baseline over groups of 4 samples of a prompt;
+- ``textrl-grpo``, ``textrl-grpo-mu2``: textrl GRPO with TRL GRPOTrainer's settings (``group_size=4``, one
+  minibatch of B per pass, ``loss_type="dapo"``, ``scale_rewards="group"``, ``epsilon=0.2``, the k3 KL in the
+  loss with ``kl_coef`` = TRL's ``beta``) and ``num_iterations`` (GRPO's mu) 1 or 2: mu optimisation steps per
+  generation batch;
 - ``grpo``, ``rloo``: TRL ``GRPOTrainer`` / ``RLOOTrainer`` (the installed TRL), B completions per step as B/4
   prompts x ``num_generations=4``, one optimisation step per generation batch (see ``trl_systems.py``);
+- ``grpo-mu2``: TRL ``GRPOTrainer`` as ``grpo`` with ``num_iterations=2``: each generation batch is reused for
+  2 optimisation steps (``steps_per_generation=1``, so both steps take the whole batch, as ``textrl-grpo-mu2``;
+  TRL then adds a no-grad old-log-prob pass to the rollout, which textrl takes from the sampling instead);
 - ``trl-ppo``: TRL 1.12's ``PPOTrainer`` (removed from TRL after 1.12), run by ``--trl-ppo-python``: the
   reward function wrapped as a parameter-free "reward model", a separate value model, one epoch of one
   minibatch;
@@ -27,8 +34,8 @@ KL (``--kl``, default on, textrl's default): textrl ``kl_coef=0.05`` (a referenc
 With ``--kl off`` every coefficient is 0 and the reference model is dropped, except TRL PPO's, which always runs.
 ``--lora-rank R`` (default 0: full fine-tuning) trains LoRA adapters (peft) of rank R, alpha 2R, dropout 0, on
 every linear layer of the blocks (not the LM head) instead of every weight, in the systems that can: textrl PPO
-and REINFORCE (``lora_rank``/``lora_alpha``; their reference is the base with the adapters off) and TRL GRPO and
-RLOO (``peft_config``); it is then the default set of ``--systems``, and naming another (``plain``, ``sb3``,
+REINFORCE and GRPO (``lora_rank``/``lora_alpha``; their reference is the base with the adapters off) and TRL GRPO
+and RLOO (``peft_config``); it is then the default set of ``--systems``, and naming another (``plain``, ``sb3``,
 ``sb3-policy``, ``trl-ppo``) is an argparse error. The FLOP bound (which counts full fine-tuning's weight
 gradients) is skipped.
 
@@ -38,15 +45,18 @@ load hit all alike; a run does ``--warmup`` iterations, then ``--iters`` timed o
 median over rounds of each run's median, the spread (half the range over rounds, as a percentage) and
 each figure's ratio to textrl PPO at the same B. "Rollout" is everything before the first gradient pass
 (generation, reward, and the reference/old-log-prob passes where a system has them), measured inside the
-same iterations. Naive SB3 runs only up to ``--sb3-max-batch`` (16) with ``--sb3-iters`` (1) timed iteration
+same iterations. An iteration is one generation batch and every optimisation step taken on it (two for the mu=2
+systems: TRL's two trainer steps are summed into one row), and tokens/s counts its B x T generated tokens once
+in every system. Naive SB3 runs only up to ``--sb3-max-batch`` (16) with ``--sb3-iters`` (1) timed iteration
 after one warm-up (~20 s an iteration and ~3.6 GB at B = 16). The FLOP bound (``flop_bound.py``) is measured
 in its own subprocess each round too; the best round's is reported, with every system's fraction of it and
 the issue's speed targets ticked. The report is printed and written to ``--out`` (default
 ``benchmarks/results/peers-<date>.md``).
 
-    python benchmarks/peers.py                                   # the full table (~15 min on 2 cores)
+    python benchmarks/peers.py                                   # the full table (~20 min on 2 cores)
     python benchmarks/peers.py --batch-sizes 16 --systems ppo grpo --rounds 1 --iters 2   # a quick look
     python benchmarks/peers.py --learning                        # wall-clock to a reward: textrl PPO vs GRPO
+    python benchmarks/peers.py --systems textrl-grpo grpo textrl-grpo-mu2 grpo-mu2   # GRPO, mu = 1 and 2
     python benchmarks/peers.py --arch llama --size small         # a random Llama, 8 layers x 512 (engine_decode.py)
     python benchmarks/peers.py --arch llama --size large --lora-rank 16 --batch-sizes 16   # LoRA, a ~150M Llama
     python benchmarks/peers.py --lm ~/models/Qwen2.5-0.5B --batch-sizes 16 --systems ppo grpo   # any HF causal LM
@@ -81,7 +91,10 @@ import trl_systems  # noqa: E402
 SYSTEMS = {
     "ppo": "textrl PPO (1 epoch, 1 minibatch)",
     "reinforce": "textrl REINFORCE (RLOO, group 4)",
+    "textrl-grpo": "textrl GRPO (group 4, mu=1)",
+    "textrl-grpo-mu2": "textrl GRPO (group 4, mu=2)",
     "grpo": "TRL GRPOTrainer (4 generations)",
+    "grpo-mu2": "TRL GRPOTrainer (4 generations, mu=2)",
     "rloo": "TRL RLOOTrainer (4 generations)",
     "trl-ppo": "TRL 1.12 PPOTrainer (1 epoch, 1 minibatch)",
     "sb3-policy": "SB3 PPO + TransformerActorCriticPolicy",
@@ -92,8 +105,10 @@ SYSTEMS = {
 KL_COEF = 0.05
 """KL coefficient of every system that has a reference model, with ``--kl on`` (textrl's default)."""
 DEFAULT_TRL_PPO_PYTHON = HERE.parents[1] / ".venv-trl112" / "bin" / "python"
-LORA_SYSTEMS = ("ppo", "reinforce", "grpo", "rloo")
+LORA_SYSTEMS = ("ppo", "reinforce", "textrl-grpo", "textrl-grpo-mu2", "grpo", "grpo-mu2", "rloo")
 """The systems that train LoRA adapters with ``--lora-rank``; the others train every weight only."""
+GRPO_PASSES = {"textrl-grpo": 1, "textrl-grpo-mu2": 2, "grpo": 1, "grpo-mu2": 2}
+"""GRPO systems -> ``num_iterations`` (GRPO's mu): optimisation steps per generation batch."""
 
 
 def training(lora_rank: int) -> str:
@@ -230,6 +245,77 @@ class Stopwatch:
         return seconds
 
 
+class GRPORunner(rl_speed.TextRLRunner):
+    """textrl GRPO with TRL GRPOTrainer's settings, as ``trl_systems.run_group_trainer`` sets them: groups of
+    ``GROUP_SIZE`` samples, ``num_iterations`` passes of one minibatch (the whole batch) each, loss ``"dapo"``,
+    rewards scaled by the group's std, clip 0.2, the k3 KL in the loss (``kl_coef`` as TRL's ``beta``; 0 drops
+    the reference model), no entropy bonus, gradient norm clipped at 1; eos suppressed as in
+    ``rl_speed.TextRLRunner``. An iteration (``iteration()``) is one rollout and its ``num_iterations`` steps."""
+
+    def __init__(self, work, batch: int, seed: int, num_iterations: int, kl_coef: float, lora_rank: int = 0):
+        from agents import GRPO, GRPOConfig
+        from envs import TextGenEnv
+
+        env = TextGenEnv(lm=work.lm, prompts=work.prompts, reward=rl_speed.the_fraction, max_new_tokens=work.new_tokens)
+        lora = {"lora_rank": lora_rank, "lora_alpha": 2.0 * lora_rank} if lora_rank > 0 else {}
+        config = GRPOConfig(
+            batch_size=batch,
+            learning_rate=rl_speed.LEARNING_RATE,
+            device="cpu",
+            suppress_tokens=[env.engine.tokenizer.eos_token_id],
+            group_size=trl_systems.GROUP_SIZE,
+            num_iterations=num_iterations,
+            minibatch_size=None,  # TRL: per_device_train_batch_size = generation batch, steps_per_generation=1
+            loss_type="dapo",
+            scale_rewards="group",
+            epsilon=0.2,
+            kl_coef=kl_coef,
+            kl_estimator="k3",
+            kl_in="loss",
+            ent_coef=0.0,
+            max_grad_norm=1.0,
+            **lora,
+        )
+        self.agent = GRPO(env, config=config, seed=seed, verbose=0)
+
+
+def trl_grpo_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0) -> list[dict]:
+    """TRL GRPOTrainer (``grpo``, ``grpo-mu2``) with ``num_iterations`` = ``GRPO_PASSES[system]``: ``steps``
+    rows, each one generation batch and its mu trainer steps (their times summed)."""
+    import trl
+
+    mu = GRPO_PASSES[system]
+    config_class = trl.GRPOConfig
+
+    def config(**kwargs):  # trl_systems.run_group_trainer sets num_iterations=1
+        return config_class(**{**kwargs, "num_iterations": mu})
+
+    trl.GRPOConfig = config  # run_group_trainer imports it from trl when called
+    try:
+        rows = trl_systems.run_group_trainer(
+            "grpo",
+            work.lm,
+            work.prompts,
+            rl_speed.the_fraction,
+            batch,
+            work.new_tokens,
+            steps * mu,
+            learning_rate=rl_speed.LEARNING_RATE,
+            beta=KL_COEF if kl else 0.0,
+            seed=seed,
+            lora_rank=lora_rank,
+        )
+    finally:
+        trl.GRPOConfig = config_class
+    out = []
+    for i in range(0, len(rows), mu):
+        chunk = rows[i : i + mu]
+        if [r["tokens"] > 0 for r in chunk] != [True] + [False] * (mu - 1):
+            raise RuntimeError(f"{system}: trainer steps {i + 1}-{i + mu} do not generate once, at the first")
+        out.append({key: sum(r[key] for r in chunk) for key in ("tokens", "seconds", "rollout_seconds")})
+    return out
+
+
 def stepwise_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0) -> list[dict]:
     """textrl, the plain loop and SB3: ``rl_speed`` runners, one ``iteration()`` per step."""
     if lora_rank > 0 and system not in LORA_SYSTEMS:
@@ -238,6 +324,9 @@ def stepwise_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool
     if system in ("ppo", "reinforce"):
         kl_coef = KL_COEF if kl else 0.0
         runner = rl_speed.TextRLRunner(system, work, batch, seed, kl_coef=kl_coef, lora_rank=lora_rank)
+        watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
+    elif system in ("textrl-grpo", "textrl-grpo-mu2"):
+        runner = GRPORunner(work, batch, seed, GRPO_PASSES[system], KL_COEF if kl else 0.0, lora_rank)
         watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
     elif system == "plain":
         runner = rl_speed.PlainRunner(work, batch, seed)
@@ -274,9 +363,11 @@ def measure(
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    if system in ("grpo", "rloo"):
+    if system in ("grpo", "grpo-mu2"):
+        rows = trl_grpo_rows(system, work, batch, steps, seed, kl, lora_rank)
+    elif system == "rloo":
         rows = trl_systems.run_group_trainer(
-            system,
+            "rloo",
             work.lm,
             work.prompts,
             rl_speed.the_fraction,
@@ -466,6 +557,13 @@ def main(argv: list[str] | None = None) -> None:
             if not args.in_process
             else "TRL PPO skipped: it runs in its own venv, not with --in-process"
         )
+    several = [SYSTEMS[s] for s in systems if GRPO_PASSES.get(s, 1) > 1]
+    if several:
+        skipped.append(
+            f"{', '.join(several)}: two optimisation steps per generation batch (num_iterations=2, each over the "
+            "whole batch); an iteration is the rollout and both steps, its B x T generated tokens counted once; "
+            "the FLOP bound counts one step"
+        )
     jobs = [(s, b) for b in args.batch_sizes for s in systems if s != "sb3" or b <= args.sb3_max_batch]
     if "sb3" in systems and any(b > args.sb3_max_batch for b in args.batch_sizes):
         skipped.append(f"naive SB3 run only up to B = {args.sb3_max_batch} (--sb3-max-batch): its update re-reads")
@@ -508,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
         results, bounds, errors, args, work, skipped, load, labels=SYSTEMS, kl_coef=KL_COEF, versions=library_versions()
     )
     text = with_training(text, args.lora_rank)
+    if several:  # the header's "one optimisation step per batch;"
+        text = text.replace("optimisation step per batch;", "optimisation step per batch (mu=2: two);", 1)
     print(text)
     out = args.out or HERE / "results" / f"peers-{datetime.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

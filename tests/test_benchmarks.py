@@ -78,10 +78,46 @@ PEER_ROW = re.compile(
 
 
 def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch):
+    """Every system gets a row with ratios to PPO; textrl GRPO and TRL GRPO (where TRL is installed) run with
+    num_iterations 1 and 2, the mu=2 ones taking two optimisation steps per generation batch of B x T tokens."""
     module = _load("peers", "peers_benchmark")
     for name, value in module.trl_systems.QUIET_ENV.items():  # set by the run; restored after the test
         monkeypatch.setenv(name, value)
-    systems = ["ppo", "reinforce"] + (["grpo"] if importlib.util.find_spec("trl") else [])
+    passes = []  # (num_iterations, minibatch_size, optimisation steps, generated tokens) per textrl GRPO iteration
+    runner_cls = module.GRPORunner
+
+    class Recorded(runner_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            step, self.steps = self.agent.clip_and_step, 0
+
+            def counted(*a, **kw):
+                self.steps += 1
+                return step(*a, **kw)
+
+            self.agent.clip_and_step = counted
+
+        def iteration(self):
+            before, tokens = self.steps, super().iteration()
+            config = self.agent.config
+            passes.append((config.num_iterations, config.minibatch_size, self.steps - before, tokens))
+            return tokens
+
+    monkeypatch.setattr(module, "GRPORunner", Recorded)
+    systems = ["ppo", "reinforce", "textrl-grpo", "textrl-grpo-mu2"]
+    trainers = []
+    if importlib.util.find_spec("trl"):
+        import trl
+
+        systems += ["grpo", "grpo-mu2"]
+        trainer_cls = trl.GRPOTrainer
+
+        class Trainer(trainer_cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                trainers.append(self)
+
+        monkeypatch.setattr(trl, "GRPOTrainer", Trainer)
     report = tmp_path / "peers.md"
     args = ["--tiny-random", "--in-process", "--batch-sizes", "4", "--new-tokens", "4", "--iters", "1"]
     module.main([*args, "--warmup", "1", "--rounds", "1", "--systems", *systems, "--out", str(report)])
@@ -96,6 +132,20 @@ def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch)
     assert ppo[2] == ppo[4] == ppo[6] == ppo[8] == 1.0
     assert re.search(r"Ceiling: \*\*[\d,]+ tok/s\*\* for the full iteration", out)
     assert "torch threads" in out and "transformers" in out
+    # 2 iterations (1 warm-up) of B = 4 episodes x 4 tokens each: one step per iteration at mu=1, two at mu=2
+    assert passes == [(1, None, 1, 16)] * 2 + [(2, None, 2, 16)] * 2
+    assert (
+        "one optimisation step per batch (mu=2: two);" in out and "two optimisation steps per generation batch" in out
+    )
+    if trainers:
+        mu1, mu2 = trainers
+        assert (mu1.num_iterations, mu2.num_iterations) == (1, 2)
+        for trainer in trainers:  # one generation batch of B = 4 completions, one trainer step's worth, beta 0.05
+            args = trainer.args
+            batches = (args.steps_per_generation, args.generation_batch_size, args.per_device_train_batch_size)
+            assert batches == (1, 4, 4) and (args.num_generations, trainer.beta) == (4, module.KL_COEF)
+            assert (args.loss_type, args.scale_rewards, args.epsilon) == ("dapo", "group", 0.2)
+        assert mu1.state.global_step == 2 and mu2.state.global_step == 4
 
 
 def test_flop_count_of_each_phase():
