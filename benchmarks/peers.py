@@ -282,31 +282,21 @@ class GRPORunner(rl_speed.TextRLRunner):
 def trl_grpo_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0) -> list[dict]:
     """TRL GRPOTrainer (``grpo``, ``grpo-mu2``) with ``num_iterations`` = ``GRPO_PASSES[system]``: ``steps``
     rows, each one generation batch and its mu trainer steps (their times summed)."""
-    import trl
-
     mu = GRPO_PASSES[system]
-    config_class = trl.GRPOConfig
-
-    def config(**kwargs):  # trl_systems.run_group_trainer sets num_iterations=1
-        return config_class(**{**kwargs, "num_iterations": mu})
-
-    trl.GRPOConfig = config  # run_group_trainer imports it from trl when called
-    try:
-        rows = trl_systems.run_group_trainer(
-            "grpo",
-            work.lm,
-            work.prompts,
-            rl_speed.the_fraction,
-            batch,
-            work.new_tokens,
-            steps * mu,
-            learning_rate=rl_speed.LEARNING_RATE,
-            beta=KL_COEF if kl else 0.0,
-            seed=seed,
-            lora_rank=lora_rank,
-        )
-    finally:
-        trl.GRPOConfig = config_class
+    rows = trl_systems.run_group_trainer(
+        "grpo",
+        work.lm,
+        work.prompts,
+        rl_speed.the_fraction,
+        batch,
+        work.new_tokens,
+        steps * mu,
+        learning_rate=rl_speed.LEARNING_RATE,
+        beta=KL_COEF if kl else 0.0,
+        seed=seed,
+        lora_rank=lora_rank,
+        num_iterations=mu,
+    )
     out = []
     for i in range(0, len(rows), mu):
         chunk = rows[i : i + mu]

@@ -99,11 +99,13 @@ def run_group_trainer(
     suppress_eos: bool = True,
     callbacks: list | None = None,
     lora_rank: int = 0,
+    num_iterations: int = 1,
 ) -> list[dict]:
     """TRL GRPOTrainer (``kind="grpo"``) or RLOOTrainer (``"rloo"``): ``steps`` steps of ``batch`` completions.
 
-    One optimisation step per generation batch: ``per_device_train_batch_size = generation_batch_size = batch``
-    (``batch / 4`` prompts x ``num_generations=4``), ``gradient_accumulation_steps=1``, ``num_iterations=1``.
+    ``num_iterations`` optimisation steps per generation batch (GRPO's mu; 1 by default):
+    ``per_device_train_batch_size = generation_batch_size = batch`` (``batch / 4`` prompts x
+    ``num_generations=4``), ``gradient_accumulation_steps=1``.
     Exactly ``new_tokens`` per completion: ``max_completion_length = min_new_tokens = new_tokens`` (generate
     sets the eos logit to -inf until then). fp32 (``bf16=False``), no gradient checkpointing, dropout off,
     constant learning rate, no logging, saving or reporting. ``beta`` is the KL coefficient (0 drops the
@@ -136,7 +138,7 @@ def run_group_trainer(
     args = Config(
         **_common_args(out_dir, batch, learning_rate, seed),
         num_generations=GROUP_SIZE,
-        num_iterations=1,
+        num_iterations=num_iterations,
         max_completion_length=new_tokens,
         top_p=1.0,
         top_k=0,
