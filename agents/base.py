@@ -141,6 +141,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
             model, self.config.value_model, reference=use_ref, reference_is_base=self.reference_is_base
         ).to(self.device)
         self.policy.replay_memory_mb = self.config.replay_memory_mb
+        self.policy.decode_step = self.config.decode_step
         if self.config.router_aux_coef > 0:
             if not self.policy.has_router:
                 raise ValueError(

@@ -62,6 +62,11 @@ class AgentConfig(Sampling):
     """'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."""
     autocast: Literal["none", "bf16", "fp16"] = "none"
     """Mixed-precision autocast for forwards (off on CPU by default)."""
+    decode_step: Literal["eager", "static", "graph", "compile"] = "eager"
+    """How the engine runs a decode step: eager; or one static-shape step over the whole KV cache, run as it is
+    (static), captured as a CUDA graph and replayed (graph: on a GPU, a step costs about its memory traffic
+    instead of its kernel launches) or through torch.compile, then a CUDA graph (compile). Models the engine
+    does not run, mixtures of experts and LoRA rollouts decode eagerly."""
     log_interval: int = 1
     """Iterations between TensorBoard scalar writes."""
     eval_interval: int = 0
@@ -104,6 +109,10 @@ class AgentConfig(Sampling):
             (self.lora_rank == 0 or self.value_model == "shared", "LoRA runs need value_model='shared'"),
             (self.value_model in ("shared", "separate"), "value_model must be 'shared' or 'separate'"),
             (self.autocast in ("none", "bf16", "fp16"), "autocast must be 'none', 'bf16' or 'fp16'"),
+            (
+                self.decode_step in ("eager", "static", "graph", "compile"),
+                "decode_step must be 'eager', 'static', 'graph' or 'compile'",
+            ),
             (self.log_interval >= 1, "log_interval must be >= 1"),
             (self.eval_interval >= 0, "eval_interval must be >= 0"),
             (self.eval_episodes >= 1, "eval_episodes must be >= 1"),

@@ -31,6 +31,16 @@ activations with autograd; the backward is the usual one. A mixture's routed exp
 Shared prompts: when at most half the rows are distinct over a prompt (the ``group_size`` samples that
 RLOO/GRPO-style baselines draw), the prefill runs each distinct prompt once and copies its keys/values and
 record to its rows, and ``forward`` runs the first ``start`` positions once per distinct prompt.
+
+Static decode steps (:attr:`Engine.decode_step`): the eager step attends over the cache columns filled so far
+(a shape that grows by one each step) and issues ~20 small kernels per layer from Python, which on a GPU
+leaves the step bound by launch overhead rather than by memory bandwidth. A static step has one shape for the
+whole rollout: it attends over every column of the static cache under the key mask (unfilled columns are
+masked), and writes the step's keys, values and record columns at a position held in a tensor. That makes
+it capturable: ``"graph"`` captures it as a CUDA graph (one per session's buffers, replayed every step, and by
+the next rollout of the same shape), ``"compile"`` runs it through ``torch.compile`` first (fewer, fused
+kernels), ``"static"`` runs it as it is (for tests; no faster). Mixture-of-experts layers (data-dependent
+routing) and sessions with LoRA adapters (folded anew per session) always take the eager step.
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ from textrl.core import positions_from_mask
 from textrl.ops import base_into, folded_adapters, gelu, input_major, is_lora, linear, moe, norm, rotate
 from textrl.replay import Record, _Replayed, replayed, width
 from textrl.session import KVCache, Session
+
+DECODE_STEPS = ("eager", "static", "graph", "compile")
+"""The values of :attr:`Engine.decode_step`."""
 
 
 class Engine(nn.Module):
@@ -87,6 +100,11 @@ class Engine(nn.Module):
         self.record_limit: int | None = None
         """Largest record in bytes (None: no limit): a rollout that would need more is not recorded, and the
         update computes its forward instead (see :meth:`record_bytes`)."""
+        self.decode_step: str = "eager"
+        """How a decode step runs (:data:`DECODE_STEPS`): ``"eager"``, or a static-shape step (see the module
+        docstring): ``"static"``, ``"graph"`` (CUDA graphs; on other devices as ``"static"``) or ``"compile"``
+        (``torch.compile``, then a CUDA graph on CUDA)."""
+        self._static: _StaticStep | None = None  # the static step of the last session's buffers
 
     @property
     def spec(self) -> Spec:
@@ -344,7 +362,7 @@ class Engine(nn.Module):
         cache = self._cache
         if cache is None or cache.key != key or cache.in_use:
             if cache is not None and not cache.in_use:
-                self._cache = None  # free the old buffers first
+                self._cache = self._static = None  # free the old buffers (and a static step's graphs) first
             cache = KVCache(*key[:5], s.embed.weight)
             if self._cache is None:
                 self._cache = cache  # kept for the next session of this shape
@@ -353,11 +371,11 @@ class Engine(nn.Module):
         rec = None
         if record and self.record_limit is not None and self.record_bytes(B, P, max_len) > self.record_limit:
             record = False
-            self._record = None  # over the budget: free the last record too (the memory is the point)
+            self._record = self._static = None  # over the budget: free the last record too (the memory is the point)
         if record and max_len > P and not torch.is_autocast_enabled(ids.device.type):
             rec = self._record
             if rec is None or rec.key != (B, P, max_len, s.embed.weight.dtype, ids.device) or rec.in_use:
-                self._record = rec = None  # free the old buffers before allocating new ones
+                self._record = rec = self._static = None  # free the old buffers before allocating new ones
                 rec = Record(s, B, P, max_len, s.embed.weight)
             rec.reset(self._weights_version())
             rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
@@ -404,6 +422,8 @@ class Engine(nn.Module):
             raise RuntimeError(f"KV cache full ({t} positions); start with a larger max_len")
         if rec is not None and t >= rec.capacity:
             rec = None  # the last position never feeds an update: not recorded
+        if self.decode_step != "eager" and not session.adapters and self._static_ok():
+            return self._static_step(session, tokens, rec)
         B = len(tokens)
         session.pos += 1
         cache.mask_col[t].fill_(True)
@@ -437,3 +457,123 @@ class Engine(nn.Module):
         rec.ids[:, t] = tokens
         rec.len = t + 1
         return rec.logits[:, t - rec.P + 1].copy_(logits_t.t()), hidden
+
+    def _static_ok(self) -> bool:
+        """Whether the static step can run this model: no mixture-of-experts layer (its routing has
+        data-dependent shapes)."""
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, got {self.decode_step!r}")
+        return all(layer.moe is None for layer in self.spec.layers)
+
+    def _static_step(self, session: Session, tokens: torch.Tensor, rec: Record | None):
+        """The decode step through a :class:`_StaticStep` (the static-shape body, captured or compiled by
+        mode), made for the session's buffers and kept for the next session on the same ones."""
+        static = self._static
+        if session.pos is not getattr(static, "pos", None):  # a new session (or another one) on this engine
+            key = (self.decode_step, tuple(p.data_ptr() for p in self.model.parameters()))
+            if static is None or (static.cache, static.key) != (session.cache, key):
+                self._static = None  # free the old buffers (and graphs) first
+                static = self._static = _StaticStep(self, session.cache, key)
+            static.pos.copy_(session.pos)
+            session.pos = static.pos  # its positions now live in the static buffer
+        t = session.length
+        session.pos += 1
+        static.tokens.copy_(tokens)
+        static.t.fill_(t)
+        static.run(rec)
+        session.length = t + 1
+        if rec is not None:
+            rec.len = t + 1
+            return rec.logits[:, t - rec.P + 1], static.hidden.clone()
+        return static.logits.clone(), static.hidden.clone()
+
+
+class _StaticStep:
+    """The static-shape decode step on one KV cache: input buffers (tokens, positions, the column ``t`` as a
+    0-d tensor), output buffers (logits, hidden), and the body that reads and writes only them and the record
+    it is given; run as it is, compiled, or captured as CUDA graphs (one per record written, and one without
+    any: evaluation, and the last position, which is never recorded), replayed by every later step and session
+    on the same buffers. The body is idempotent (it writes column t from its inputs alone), so the warm-up runs
+    before a capture change nothing."""
+
+    def __init__(self, engine: Engine, cache: KVCache, key: tuple):
+        s = engine.spec
+        self.engine, self.cache, self.key = engine, cache, key
+        self.mode = engine.decode_step
+        like = s.embed.weight
+        B, max_len = cache.k.shape[1], cache.k.shape[3]
+        self.tokens = torch.zeros(B, dtype=torch.long, device=like.device)
+        self.pos = torch.zeros(B, dtype=torch.long, device=like.device)
+        self.t = torch.zeros((), dtype=torch.long, device=like.device)
+        self.logits = like.new_zeros(B, s.head.weight.shape[0])
+        self.hidden = like.new_zeros(B, s.embed.weight.shape[1])
+        self.columns = torch.arange(max_len, device=like.device)
+        self.rope = None
+        if s.positions is None:  # the rope table up to max_len, kept here (the body reads these very tensors)
+            engine._angles(torch.full((1, 1), max_len - 1, device=like.device), like.dtype)
+            self.rope = engine._rope
+        self.cuda = like.device.type == "cuda" and self.mode in ("graph", "compile")
+        self.body = self._body
+        if self.mode == "compile":
+            self.body = torch.compile(self._body, dynamic=False)
+        self.graphs: dict[int | None, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by id of the record
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
+
+    def run(self, rec: Record | None) -> None:
+        if not self.cuda:
+            self.body(rec)
+            return
+        key = None if rec is None else id(rec)
+        if key not in self.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture; idempotent
+                for _ in range(2):
+                    self.body(rec)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.body(rec)
+            self.graphs[key] = (graph, rec)  # the record kept alive while its graph writes into it
+        self.graphs[key][0].replay()
+
+    def _body(self, rec: Record | None) -> None:
+        """The step at column ``t``: keys/values (and the columns of ``rec``, when given) written there, the
+        attention over the whole cache under its key mask; logits and hidden into the output buffers."""
+        engine, cache = self.engine, self.cache
+        s = engine.spec
+        t = self.t.view(1)
+        B = self.tokens.shape[0]
+        cache.keymask.index_fill_(3, t, True)
+        x = s.embed(self.tokens[:, None])  # (B, 1, E)
+        if s.positions is not None:
+            x, angles = x + s.positions(self.pos[:, None]), None
+        else:
+            cos, sin = self.rope
+            angles = (cos[self.pos][:, None, None].to(x.dtype), sin[self.pos][:, None, None].to(x.dtype))
+
+        def lin(x, module):
+            flat = x.reshape(B, -1)
+            y = base_into(flat, module)
+            if rec is not None:
+                rec.out[module].index_copy_(1, t, y[:, None])
+            return y.unsqueeze(1)
+
+        for i, layer in enumerate(s.layers):
+            mask = cache.keymask
+            if layer.window is not None:  # the key columns within the window of position column t
+                mask = mask & (self.columns > t - layer.window)
+
+            def attend(q, k, v, i=i, mask=mask):
+                cache.k[i].index_copy_(2, t, k)
+                cache.v[i].index_copy_(2, t, v)
+                return engine._sdpa(q, cache.k[i], cache.v[i], mask)
+
+            x = engine._block(layer, x, angles, attend, lin)
+        hidden = norm(x[:, 0], s.norm)  # (B, E)
+        logits = F.linear(hidden, s.head.weight)  # (B, V)
+        if rec is not None:
+            rec.ids.index_copy_(1, t, self.tokens[:, None])
+            rec.logits.index_copy_(1, t - rec.P + 1, logits[:, None])
+        self.logits.copy_(logits)
+        self.hidden.copy_(hidden)

@@ -90,6 +90,15 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 _CHUNK_BYTES = 1 << 19
 """Rows of (.., V) log-prob work are processed in chunks of about this size (512 KiB: cache-resident)."""
+_CHUNK_BYTES_GPU = 1 << 28
+"""The same on a GPU: 256 MiB (a few large kernels instead of one per row at a 150k vocabulary; the chunk's
+float temporaries stay small beside the logits)."""
+
+
+def _chunk_rows(flat: torch.Tensor) -> int:
+    """Rows of ``flat`` (N, V) per chunk of the log-prob work on its device."""
+    size = _CHUNK_BYTES if flat.device.type == "cpu" else _CHUNK_BYTES_GPU
+    return max(1, size // (flat.shape[1] * flat.element_size()))
 
 
 class _ActionLogProbs(torch.autograd.Function):
@@ -108,7 +117,7 @@ class _ActionLogProbs(torch.autograd.Function):
         flat, acts = logits.reshape(-1, logits.shape[-1]), actions.reshape(-1, 1)  # (N, V), (N, 1)
         out = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
         entropy = torch.empty_like(out) if want_entropy else None
-        rows = max(1, _CHUNK_BYTES // (flat.shape[1] * flat.element_size()))
+        rows = _chunk_rows(flat)
         floor = torch.finfo(flat.dtype).min  # -inf log-probs (filtered tokens) contribute 0 * floor = 0
         for i in range(0, flat.shape[0], rows):
             logp = F.log_softmax(_chunk(flat, i, rows, suppress), dim=-1)
@@ -127,7 +136,7 @@ class _ActionLogProbs(torch.autograd.Function):
         logits, actions = ctx.saved_tensors
         flat, acts, g = logits.reshape(-1, logits.shape[-1]), actions.reshape(-1, 1), grad.reshape(-1, 1)
         out = torch.empty_like(flat)  # (N, V)
-        rows = max(1, _CHUNK_BYTES // (flat.shape[1] * flat.element_size()))
+        rows = _chunk_rows(flat)
         for i in range(0, flat.shape[0], rows):
             chunk = out[i : i + rows]
             logp = F.log_softmax(_chunk(flat, i, rows, ctx.suppress), dim=-1)
@@ -170,7 +179,7 @@ class PolicySession:
         self.logits, self.values = main.logits, self._values(main.hidden, value and value.hidden)
 
     def _values(self, hidden: torch.Tensor, value_hidden: torch.Tensor | None) -> torch.Tensor:
-        return self.policy.value_head(hidden if value_hidden is None else value_hidden).squeeze(-1)
+        return self.policy.values(hidden if value_hidden is None else value_hidden)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,12 +259,19 @@ class ActorCritic(nn.Module):
         ``torch.autograd.graph.increment_version(params)`` after each step, or set this to False."""
         self.replay_memory_mb: float | None = None
         """Largest rollout record in MB (None: no limit); a rollout that needs more is not recorded."""
+        self.decode_step = "eager"
+        """How the engine cores run a decode step (:attr:`textrl.engine.Engine.decode_step`)."""
         self.router_balance = False
         """Mixture-of-experts policies: when True, :meth:`logits_and_values` also computes the router's
         load-balancing loss over the real tokens of its input (:func:`textrl.ops.router_balance_loss`), kept
         in :attr:`router_loss` for the agent to add to its loss."""
         self.router_loss: torch.Tensor | None = None
         """The load-balancing loss of the last :meth:`logits_and_values` call (with gradients), or None."""
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head on final hidden states (..., E): values (...), in the head's float32 (a bf16 model's
+        hidden states are cast up to it)."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     @property
     def has_router(self) -> bool:
@@ -282,6 +298,7 @@ class ActorCritic(nn.Module):
         for core in (self.core, getattr(self, "value_core", None)):
             if hasattr(core, "record_limit"):
                 core.record_limit = limit
+                core.decode_step = self.decode_step
         main = self.core.start(ids, mask, max_len, record=record)
         value = self.value_core.start(ids, mask, max_len, record=record) if self.value_model is not None else None
         return PolicySession(self, main, value)
@@ -320,7 +337,7 @@ class ActorCritic(nn.Module):
         if need_values:
             if self.value_model is not None:
                 _, hidden = self.value_core.forward(ids[:, :-1], mask[:, :-1], start, rows)
-            values = self.value_head(hidden).squeeze(-1)  # (B, T)
+            values = self.values(hidden)  # (B, T)
         return logits, values
 
     @torch.no_grad()
