@@ -35,27 +35,51 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class Shape:
-    """The architecture numbers the count needs (from a GPT-2 ``config.json``)."""
+    """The architecture numbers the count needs (from a GPT-2 ``config.json``; or a Llama-style one, with
+    grouped-query attention and a SwiGLU MLP: ``gated``)."""
 
     n_layer: int
     n_embd: int
     vocab_size: int
     n_inner: int
+    n_head: int = 0
+    """Query heads (0: GPT-2's, n_embd / 64 or whatever: only the width H x D = n_embd matters there)."""
+    n_kv_head: int = 0
+    head_dim: int = 0
+    gated: bool = False
+    """A Llama-style block: separate q, k, v (H x D, G x D, G x D wide), SwiGLU (gate, up, down)."""
 
     @classmethod
     def from_config(cls, config: dict) -> Shape:
-        inner = config.get("n_inner") or 4 * config["n_embd"]
-        return cls(config["n_layer"], config["n_embd"], config["vocab_size"], inner)
+        if "n_embd" in config:  # GPT-2
+            inner = config.get("n_inner") or 4 * config["n_embd"]
+            return cls(config["n_layer"], config["n_embd"], config["vocab_size"], inner)
+        e, h = config["hidden_size"], config["num_attention_heads"]
+        g, d = config.get("num_key_value_heads") or h, config.get("head_dim") or e // h
+        return cls(config["num_hidden_layers"], e, config["vocab_size"], config["intermediate_size"], h, g, d, True)
+
+    @property
+    def attention_width(self) -> int:
+        """H x D: the width of queries (and of the attention's output)."""
+        return self.n_head * self.head_dim if self.gated else self.n_embd
+
+    @property
+    def kv_width(self) -> int:
+        """G x D: the width of the keys (and of the values) a position keeps in the KV cache."""
+        return self.n_kv_head * self.head_dim if self.gated else self.n_embd
 
     def block_matmuls(self, m: int) -> list[tuple[int, int, int]]:
-        """One layer's weight matmuls ``(M, K, N)`` for M positions: qkv, attention out, fc, mlp out."""
+        """One layer's weight matmuls ``(M, K, N)`` for M positions: qkv, attention out, fc (gate and up), mlp
+        out."""
         e, f = self.n_embd, self.n_inner
+        if self.gated:
+            a, kv = self.attention_width, self.kv_width
+            return [(m, e, a + 2 * kv), (m, a, e), (m, e, 2 * f), (m, f, e)]
         return [(m, e, 3 * e), (m, e, e), (m, e, f), (m, f, e)]
 
     def matmul_params(self) -> int:
         """Weights that take part in a matmul per token: the blocks' and the LM head's (tied or not)."""
-        e, f = self.n_embd, self.n_inner
-        return self.n_layer * (4 * e * e + 2 * e * f) + e * self.vocab_size
+        return self.n_layer * sum(k * n for _, k, n in self.block_matmuls(1)) + self.n_embd * self.vocab_size
 
 
 FORWARD = ("fwd",)
@@ -67,6 +91,7 @@ def phases(shape: Shape, batch: int, prompt: int, new: int, group: int = 1) -> d
     """Per phase: ``matmuls`` as ``[(M, K, N, count, layouts)]`` and ``attention`` FLOPs, for one iteration
     of ``batch`` rows that are ``group`` samples each of ``batch / group`` distinct prompts."""
     L, E, V = shape.n_layer, shape.n_embd, shape.vocab_size
+    A = shape.attention_width  # E for GPT-2
     B, P, T = batch, prompt, new
     if group < 1 or B % group:
         raise ValueError(f"batch {B} is not a multiple of group {group}")
@@ -79,15 +104,36 @@ def phases(shape: Shape, batch: int, prompt: int, new: int, group: int = 1) -> d
     decode_ctx = sum(P + t for t in range(1, T))  # keys each decode step attends to
     rollout = {
         "matmuls": grouped(U * P, U, FORWARD) + grouped(B, B, FORWARD, count=T - 1),
-        "attention": 4 * L * E * (U * P * (P + 1) // 2 + B * decode_ctx),
+        "attention": 4 * L * A * (U * P * (P + 1) // 2 + B * decode_ctx),
     }
     S = P + T - 1  # positions of a training sequence: the first P - 1 shared within a group, T per row
     positions = U * (P - 1) + B * T
     pairs = U * (P - 1) * P // 2 + B * (S * (S + 1) // 2 - (P - 1) * P // 2)  # (query, key) pairs, causal
-    train_attn = 4 * L * E * pairs
+    train_attn = 4 * L * A * pairs
     training = {"matmuls": grouped(positions, B * T, BACKWARD), "attention": 2 * train_attn}
     reference = {"matmuls": grouped(positions, B * T, FORWARD), "attention": train_attn}
     return {"rollout": rollout, "training": training, "reference": reference}
+
+
+def update_flops(shape: Shape, batch: int, prompt: int, new: int) -> float:
+    """Model FLOPs of one update on B sequences of P + T - 1 positions: the forward and its backward (twice the
+    forward's matmuls), the blocks at every position, the LM head at the T that predict a new token, causal
+    attention; ``3 x forward``, the usual "6 N per token" count. What a system skips (textrl's replayed
+    forward matmuls, a shared prompt's positions) is counted all the same: MFU is model FLOPs over time."""
+    L, B, T, S = shape.n_layer, batch, new, prompt + new - 1
+    blocks = 2 * B * S * (shape.matmul_params() - shape.n_embd * shape.vocab_size)
+    head = 2 * B * T * shape.n_embd * shape.vocab_size
+    attention = 4 * L * shape.attention_width * B * S * (S + 1) // 2
+    return 3.0 * (blocks + head + attention)
+
+
+def decode_bytes(shape: Shape, batch: int, prompt: int, new: int, element_bytes: int) -> float:
+    """Bytes the T - 1 decode steps of a rollout must read from memory at least: every matmul weight once per
+    step (the blocks' and the LM head's), and the keys and values of every position so far (the step feeding
+    position P + t - 1 attends to P + t), ``element_bytes`` each (2 for bf16)."""
+    weights = shape.matmul_params() * element_bytes
+    per_position = 2 * shape.n_layer * batch * shape.kv_width * element_bytes  # keys and values, every layer
+    return sum(weights + per_position * (prompt + t) for t in range(1, new))
 
 
 def phase_flops(phase: dict) -> float:

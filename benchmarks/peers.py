@@ -60,6 +60,23 @@ the issue's speed targets ticked. The report is printed and written to ``--out``
     python benchmarks/peers.py --arch llama --size small         # a random Llama, 8 layers x 512 (engine_decode.py)
     python benchmarks/peers.py --arch llama --size large --lora-rank 16 --batch-sizes 16   # LoRA, a ~150M Llama
     python benchmarks/peers.py --lm ~/models/Qwen2.5-0.5B --batch-sizes 16 --systems ppo grpo   # any HF causal LM
+    python benchmarks/peers.py --device cuda --dtype bf16 --shape qwen2-0.5b --batch-sizes 64 \
+        --prompt-tokens 128 --new-tokens 256 --systems reinforce ppo grpo plain --decode-step graph   # a GPU
+
+On a GPU (``--device cuda``; ``benchmarks/gpu.sh`` runs the H200 set): ``--dtype bf16`` loads every system's
+model in bf16 (textrl's weights through its runtime dtype, TRL with ``model_init_kwargs`` dtype bf16 and
+``bf16=True``, the plain loop's), so weights, activations and Adam's state are bf16 everywhere; ``--shape`` is a
+random model of a real model's shape (``engine_decode.SHAPES``: ``qwen2-0.5b``, ``llama-1b``) with the embedded
+tokenizer widened to its vocabulary by placeholder tokens (prompts encode as before; every vocabulary entry
+can be sampled, as with a real tokenizer); ``--decode-step`` sets textrl's decode step (``graph``: CUDA
+graphs). The report then adds, per system, the peak GPU memory (``torch.cuda.max_memory_allocated`` of its
+process), the update's time (iteration minus rollout) and its MFU: model FLOPs of the update
+(``flop_bound.update_flops``: forward and backward over B x (P + T - 1) positions, the usual 6N per token, and
+mu times that for GRPO with mu passes) per second over ``--peak-tflops`` (989, an H200's dense bf16); and a decode
+measurement in a process of its own: the engine's decode steps (eager, and ``--decode-step``) and HF
+``generate``'s, prefill timed apart, against the memory-bandwidth bound (every matmul weight and the KV cache
+so far read once per step, ``flop_bound.decode_bytes``, at ``--peak-bandwidth``, 4.8 TB/s); then the GPU targets.
+``--log FILE`` appends every run's result as a JSON line as it finishes (partial results survive a timeout).
 
 TRL PPO needs its own venv (TRL 1.12; install torch first, or pip pulls a CUDA build):
 ``python3 -m venv ../.venv-trl112 && ../.venv-trl112/bin/pip install torch==2.13.0 &&
@@ -74,6 +91,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,8 +125,41 @@ KL_COEF = 0.05
 DEFAULT_TRL_PPO_PYTHON = HERE.parents[1] / ".venv-trl112" / "bin" / "python"
 LORA_SYSTEMS = ("ppo", "reinforce", "textrl-grpo", "textrl-grpo-mu2", "grpo", "grpo-mu2", "rloo")
 """The systems that train LoRA adapters with ``--lora-rank``; the others train every weight only."""
+SHAPE_NAMES = ["qwen2-0.5b", "llama-1b", "qwen2-tiny"]
+"""``--shape`` (``engine_decode.SHAPES``; imported late, so this list is checked against it in the tests)."""
 GRPO_PASSES = {"textrl-grpo": 1, "textrl-grpo-mu2": 2, "grpo": 1, "grpo-mu2": 2}
 """GRPO systems -> ``num_iterations`` (GRPO's mu): optimisation steps per generation batch."""
+GPU_SYSTEMS = ("ppo", "reinforce", "textrl-grpo", "textrl-grpo-mu2", "grpo", "grpo-mu2", "rloo", "plain")
+"""The systems that run on a GPU (``--device cuda``); TRL 1.12 PPO and SB3 run on the CPU only."""
+H200_TFLOPS = 989.0
+"""Dense bf16 TFLOP/s of an NVIDIA H200 (SXM; the datasheet's 1,979 is with 2:4 sparsity)."""
+H200_TBS = 4.8
+"""HBM3e TB/s of an NVIDIA H200."""
+DEFAULT_PLACE = {"device": "cpu", "dtype": "fp32", "decode_step": "eager", "replay_memory_mb": None}
+"""Where and how the systems run (``--device``, ``--dtype``, textrl's ``--decode-step`` and
+``--replay-memory-mb``)."""
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def textrl_overrides(place: dict) -> dict:
+    """textrl config fields from the placement: the decode step, and the replay budget when given."""
+    out = {"decode_step": place["decode_step"]}
+    if place.get("replay_memory_mb") is not None:
+        out["replay_memory_mb"] = place["replay_memory_mb"]
+    return out
+
+
+def synchronize(place: dict) -> None:
+    """Wait for queued GPU work (timers read wall-clock time)."""
+    if place["device"].startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def training(lora_rank: int) -> str:
@@ -133,15 +184,15 @@ def with_training(text: str, lora_rank: int) -> str:
 # --- the workload ---------------------------------------------------------------------------------------
 
 
-def export_lm(source: str, folder: Path):
-    """Save ``source`` as a plain HF folder (model + tokenizer, pad and eos set) with all dropout at 0:
-    ``(model, tokenizer)`` as saved."""
+def export_lm(source: str, folder: Path, dtype: str = "fp32"):
+    """Save ``source`` as a plain HF folder (model + tokenizer, pad and eos set) with all dropout at 0, its
+    weights in ``dtype``: ``(model, tokenizer)`` as saved."""
     from transformers.utils import logging
 
     from textrl.lm import load_lm
 
     logging.disable_progress_bar()  # "Writing model shards"
-    model, tokenizer = load_lm(source)
+    model, tokenizer = load_lm(source, dtype=torch_dtype(dtype))
     for name, value in model.config.to_dict().items():  # GPT-2's attn_pdrop ..., Llama's attention_dropout, ...
         if name.endswith(("pdrop", "dropout")) and isinstance(value, float):
             setattr(model.config, name, 0.0)
@@ -159,9 +210,12 @@ def describe(model) -> str:
     return f"{config.model_type}, {layers} layers x {width}, {size} parameters"
 
 
-def folder_workload(lm: str, folder: Path, prompt_tokens: int, new_tokens: int, seed: int) -> rl_speed.Workload:
-    """The HF causal LM in ``lm`` with its own tokenizer, exported to ``folder``; prompts of exactly
-    ``prompt_tokens`` tokens of that tokenizer. A folder that is not a causal LM with a tokenizer: SystemExit."""
+def folder_workload(
+    lm: str, folder: Path, prompt_tokens: int, new_tokens: int, seed: int, dtype: str = "fp32"
+) -> rl_speed.Workload:
+    """The HF causal LM in ``lm`` with its own tokenizer, exported to ``folder`` (weights in ``dtype``); prompts of
+    exactly ``prompt_tokens`` tokens of that tokenizer. A folder that is not a causal LM with a tokenizer:
+    SystemExit."""
     from textrl import corpus
     from textrl.checkpoint import CheckpointError
     from textrl.lm import LMNotFoundError, NotACausalLMError, load_tokenizer
@@ -175,7 +229,7 @@ def folder_workload(lm: str, folder: Path, prompt_tokens: int, new_tokens: int, 
 
     try:
         load_tokenizer(lm)  # before the weights: a folder without a tokenizer fails at once
-        model, tokenizer = export_lm(lm, folder)
+        model, tokenizer = export_lm(lm, folder, dtype)
     except (LMNotFoundError, NotACausalLMError, CheckpointError) as e:
         raise fail(e) from None
     try:
@@ -206,15 +260,43 @@ def random_model(arch: str, size: str, folder: Path) -> tuple[str, str]:
     return str(folder), f"a random {type(model).__name__} ({shape})"
 
 
+def shape_model(name: str, folder: Path, dtype: str) -> tuple[str, str]:
+    """A randomly initialised model of a real model's shape (``engine_decode.SHAPES``) with the embedded
+    tokenizer widened to its vocabulary, saved to ``folder`` in ``dtype`` (no dropout in these families):
+    ``(folder, description)``."""
+    import engine_decode
+    from transformers.utils import logging
+
+    from textrl.lm import load_tokenizer
+
+    logging.disable_progress_bar()
+    tokenizer = load_tokenizer("tiny")
+    model = engine_decode.build_shape(name, tokenizer.eos_token_id).to(torch_dtype(dtype))
+    wide = engine_decode.widen_tokenizer(tokenizer, model.config.vocab_size)
+    model.save_pretrained(folder)
+    wide.save_pretrained(folder)
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())  # the tied head counted once
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    heads = f"{c.num_attention_heads} heads, {c.num_key_value_heads} kv heads"
+    shape = f"{c.num_hidden_layers} layers x {c.hidden_size}, {heads}"
+    what = f"{shape}, vocabulary {c.vocab_size:,}, {size} parameters, {dtype}"
+    return str(folder), f"a random {type(model).__name__} of {name}'s shape ({what}; embedded tokenizer widened)"
+
+
 def build(workdir: Path, args) -> rl_speed.Workload:
     if args.lm:  # the prompts are made with the folder's own tokenizer
-        work = folder_workload(args.lm, workdir / "hf-model", args.prompt_tokens, args.new_tokens, args.seed)
+        P, T = args.prompt_tokens, args.new_tokens
+        work = folder_workload(args.lm, workdir / "hf-model", P, T, args.seed, args.dtype)
     else:
         work = rl_speed.build_workload(workdir, args.tiny_random, args.prompt_tokens, args.new_tokens, args.seed)
-        if args.arch:  # the prompts are made with the embedded tokenizer, which the random model shares
-            work.lm, work.source = random_model(args.arch, args.size, workdir / "arch-model")
-        export_lm(work.lm, workdir / "hf-model")
-        work.lm = str(workdir / "hf-model")
+        if args.shape:  # the prompts are the embedded tokenizer's, which the widened one encodes alike
+            work.lm, work.source = shape_model(args.shape, workdir / "hf-model", args.dtype)
+        else:
+            if args.arch:  # the prompts are made with the embedded tokenizer, which the random model shares
+                work.lm, work.source = random_model(args.arch, args.size, workdir / "arch-model")
+            export_lm(work.lm, workdir / "hf-model", args.dtype)
+            work.lm = str(workdir / "hf-model")
     (workdir / "workload.json").write_text(json.dumps(asdict(work)))
     return work
 
@@ -225,8 +307,9 @@ def build(workdir: Path, args) -> rl_speed.Workload:
 class Stopwatch:
     """Accumulates the time spent in the methods it wraps (the rollout part of an iteration)."""
 
-    def __init__(self):
+    def __init__(self, place: dict | None = None):
         self.seconds = 0.0
+        self.place = place or DEFAULT_PLACE
 
     def wrap(self, owner, name: str) -> None:
         fn = getattr(owner, name)
@@ -236,6 +319,7 @@ class Stopwatch:
             try:
                 return fn(*args, **kwargs)
             finally:
+                synchronize(self.place)  # the GPU work it queued counts as its own
                 self.seconds += time.perf_counter() - t0
 
         setattr(owner, name, timed)
@@ -252,16 +336,28 @@ class GRPORunner(rl_speed.TextRLRunner):
     the reference model), no entropy bonus, gradient norm clipped at 1; eos suppressed as in
     ``rl_speed.TextRLRunner``. An iteration (``iteration()``) is one rollout and its ``num_iterations`` steps."""
 
-    def __init__(self, work, batch: int, seed: int, num_iterations: int, kl_coef: float, lora_rank: int = 0):
+    def __init__(
+        self,
+        work,
+        batch: int,
+        seed: int,
+        num_iterations: int,
+        kl_coef: float,
+        lora_rank: int = 0,
+        place: dict | None = None,
+    ):
         from agents import GRPO, GRPOConfig
         from envs import TextGenEnv
+        from textrl.runtime import Runtime
+
+        place = place or DEFAULT_PLACE
 
         env = TextGenEnv(lm=work.lm, prompts=work.prompts, reward=rl_speed.the_fraction, max_new_tokens=work.new_tokens)
         lora = {"lora_rank": lora_rank, "lora_alpha": 2.0 * lora_rank} if lora_rank > 0 else {}
         config = GRPOConfig(
             batch_size=batch,
             learning_rate=rl_speed.LEARNING_RATE,
-            device="cpu",
+            device=place["device"],
             suppress_tokens=[env.engine.tokenizer.eos_token_id],
             group_size=trl_systems.GROUP_SIZE,
             num_iterations=num_iterations,
@@ -275,14 +371,19 @@ class GRPORunner(rl_speed.TextRLRunner):
             ent_coef=0.0,
             max_grad_norm=1.0,
             **lora,
+            **textrl_overrides(place),
         )
-        self.agent = GRPO(env, config=config, seed=seed, verbose=0)
+        runtime = Runtime.local(place["device"], torch_dtype(place["dtype"]))
+        self.agent = GRPO(env, config=config, seed=seed, verbose=0, runtime=runtime)
 
 
-def trl_grpo_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0) -> list[dict]:
+def trl_grpo_rows(
+    system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0, place: dict | None = None
+) -> list[dict]:
     """TRL GRPOTrainer (``grpo``, ``grpo-mu2``) with ``num_iterations`` = ``GRPO_PASSES[system]``: ``steps``
     rows, each one generation batch and its mu trainer steps (their times summed)."""
     mu = GRPO_PASSES[system]
+    place = place or DEFAULT_PLACE
     rows = trl_systems.run_group_trainer(
         "grpo",
         work.lm,
@@ -296,6 +397,8 @@ def trl_grpo_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool
         seed=seed,
         lora_rank=lora_rank,
         num_iterations=mu,
+        device=place["device"],
+        bf16=place["dtype"] == "bf16",
     )
     out = []
     for i in range(0, len(rows), mu):
@@ -306,20 +409,26 @@ def trl_grpo_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool
     return out
 
 
-def stepwise_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0) -> list[dict]:
+def stepwise_rows(
+    system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0, place: dict | None = None
+) -> list[dict]:
     """textrl, the plain loop and SB3: ``rl_speed`` runners, one ``iteration()`` per step."""
     if lora_rank > 0 and system not in LORA_SYSTEMS:
         raise ValueError(f"{system} cannot train LoRA adapters")
-    watch = Stopwatch()
+    place = place or DEFAULT_PLACE
+    watch = Stopwatch(place)
+    device, dtype = place["device"], torch_dtype(place["dtype"])
     if system in ("ppo", "reinforce"):
         kl_coef = KL_COEF if kl else 0.0
-        runner = rl_speed.TextRLRunner(system, work, batch, seed, kl_coef=kl_coef, lora_rank=lora_rank)
+        runner = rl_speed.TextRLRunner(
+            system, work, batch, seed, kl_coef, lora_rank, device, dtype, overrides=textrl_overrides(place)
+        )
         watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
     elif system in ("textrl-grpo", "textrl-grpo-mu2"):
-        runner = GRPORunner(work, batch, seed, GRPO_PASSES[system], KL_COEF if kl else 0.0, lora_rank)
+        runner = GRPORunner(work, batch, seed, GRPO_PASSES[system], KL_COEF if kl else 0.0, lora_rank, place)
         watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
     elif system == "plain":
-        runner = rl_speed.PlainRunner(work, batch, seed)
+        runner = rl_speed.PlainRunner(work, batch, seed, device, dtype)
         watch.wrap(runner, "_generate")  # generate + decode + reward
     else:
         runner = rl_speed.SB3Runner(work, batch, seed, cached=system == "sb3-policy")
@@ -329,6 +438,7 @@ def stepwise_rows(system: str, work, batch: int, steps: int, seed: int, kl: bool
         watch.take()
         t0 = time.perf_counter()
         tokens = runner.iteration()
+        synchronize(place)
         rows.append({"tokens": tokens, "seconds": time.perf_counter() - t0, "rollout_seconds": watch.take()})
     return rows
 
@@ -343,18 +453,34 @@ def library_versions() -> dict[str, str]:
 
 
 def measure(
-    system: str, work, batch: int, steps: int, warmup: int, threads: int, seed: int, kl: bool, lora_rank: int = 0
+    system: str,
+    work,
+    batch: int,
+    steps: int,
+    warmup: int,
+    threads: int,
+    seed: int,
+    kl: bool,
+    lora_rank: int = 0,
+    place: dict | None = None,
 ) -> dict:
     """Build one system and run ``steps`` iterations (the first ``warmup`` are not timed); per-step rows.
-    ``lora_rank > 0``: LoRA adapters of that rank (``LORA_SYSTEMS`` only)."""
+    ``lora_rank > 0``: LoRA adapters of that rank (``LORA_SYSTEMS`` only); ``place``: device, dtype, textrl's
+    decode step and replay budget (:data:`DEFAULT_PLACE`); on a GPU also its peak memory (``gpu_peak_mb``)."""
     import torch
 
+    place = place or DEFAULT_PLACE
+    cuda = place["device"].startswith("cuda")
+    if cuda and system not in GPU_SYSTEMS:
+        raise ValueError(f"{system} runs on the CPU only")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     trl_systems.quiet()
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     if system in ("grpo", "grpo-mu2"):
-        rows = trl_grpo_rows(system, work, batch, steps, seed, kl, lora_rank)
+        rows = trl_grpo_rows(system, work, batch, steps, seed, kl, lora_rank, place)
     elif system == "rloo":
         rows = trl_systems.run_group_trainer(
             "rloo",
@@ -368,6 +494,8 @@ def measure(
             beta=KL_COEF if kl else 0.0,
             seed=seed,
             lora_rank=lora_rank,
+            device=place["device"],
+            bf16=place["dtype"] == "bf16",
         )
     elif system == "trl-ppo":
         if lora_rank > 0:
@@ -384,7 +512,7 @@ def measure(
             seed=seed,
         )
     else:
-        rows = stepwise_rows(system, work, batch, steps, seed, kl, lora_rank)
+        rows = stepwise_rows(system, work, batch, steps, seed, kl, lora_rank, place)
     expected = batch * work.new_tokens
     for i, row in enumerate(rows):
         if row["tokens"] != expected:
@@ -399,7 +527,25 @@ def measure(
         "rss_peak_mb": rl_speed.peak_rss_mb(),
         "threads": torch.get_num_threads(),
         "versions": library_versions(),
+        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }
+
+
+def measure_decode(work, batch: int, place: dict, repeats: int = 2) -> dict:
+    """The decode alone (``engine_decode.decode_times``): textrl's engine with the eager step and with
+    ``place``'s decode step, and HF ``generate``; the bytes its steps must read (``flop_bound.decode_bytes``)."""
+    import engine_decode
+    import torch
+
+    from textrl.lm import load_lm
+
+    model, _ = load_lm(work.lm, device=place["device"], dtype=torch_dtype(place["dtype"]))
+    modes = list(dict.fromkeys(["eager", place["decode_step"]]))
+    times = engine_decode.decode_times(model, batch, work.prompt_tokens, work.new_tokens, modes, repeats=repeats)
+    shape = flop_bound.Shape.from_config(json.loads((Path(work.lm) / "config.json").read_text()))
+    element = torch.finfo(torch_dtype(place["dtype"])).bits // 8
+    moved = flop_bound.decode_bytes(shape, batch, work.prompt_tokens, work.new_tokens, element)
+    return {"decoders": times, "bytes": moved, "steps": work.new_tokens - 1}
 
 
 def measure_flops(work, batch: int, threads: int, kl: bool) -> dict:
@@ -415,11 +561,130 @@ def measure_flops(work, batch: int, threads: int, kl: bool) -> dict:
 # --- the driver -----------------------------------------------------------------------------------------
 
 
+def gpu_name() -> str:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+def num(x: float) -> str:
+    """``1,234`` from 100 on, else 3 significant digits (``0.0123``)."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def gpu_section(runs: dict, decodes: dict, args, config: dict, work, peaks: dict) -> list[str]:
+    """The report's GPU part: per B, each system's update (time, model TFLOP/s, MFU at ``peaks["tflops"]``)
+    and peak GPU memory; the decode alone against the bandwidth bound at ``peaks["bandwidth"]``; the targets."""
+    P, T = work.prompt_tokens, work.new_tokens
+    dense = not any(k in config for k in ("num_experts", "num_local_experts"))  # experts: FLOPs per token differ
+    shape = flop_bound.Shape.from_config(config) if dense else None
+    tflops, bandwidth = peaks["tflops"], peaks["bandwidth"]
+    lines = ["## GPU: the update's MFU, peak memory, the decode's bandwidth", ""]
+    lines.append(
+        f"Update = iteration - rollout (its optimisation step(s), advantages included); model FLOPs per update "
+        f"(forward + backward over B x {P + T - 1} positions, 6N per token plus attention; x mu for GRPO with mu "
+        f"passes) / its time; MFU against {f'{tflops:g} TFLOP/s' if tflops else 'no peak given (--peak-tflops)'}. "
+        "Peak GPU memory: `torch.cuda.max_memory_allocated()` of the system's process."
+    )
+    lines.append("")
+    found: dict[tuple[str, int], dict] = {}
+    for batch in args.batch_sizes:
+        flops = flop_bound.update_flops(shape, batch, P, T) if shape else None
+        lines += [
+            f"### B = {batch}" + (f": {num(flops / 1e12)} TFLOP per update" if flops else ""),
+            "",
+            "| system | iteration tok/s | update s | update TFLOP/s | MFU | peak GPU MB | vs TRL GRPO |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for system in args.systems:
+            ok = [r for r in runs.get((system, batch), []) if "error" not in r]
+            if not ok:
+                continue
+            rate = statistics.median(statistics.median(x["tokens"] / x["seconds"] for x in r["rows"]) for r in ok)
+            update = statistics.median(
+                statistics.median(max(x["seconds"] - x["rollout_seconds"], 1e-9) for x in r["rows"]) for r in ok
+            )
+            peak = max((r.get("gpu_peak_mb") or 0 for r in ok), default=0) or None
+            speed = GRPO_PASSES.get(system, 1) * flops / update / 1e12 if flops else None
+            found[system, batch] = {"iteration": rate, "speed": speed, "peak": peak}
+        base = found.get(("grpo", batch))
+        for system in args.systems:
+            f = found.get((system, batch))
+            if f is None:
+                continue
+            mfu = f"{100 * f['speed'] / tflops:.0f}%" if f["speed"] and tflops else "-"
+            memory = f"{f['peak']:,.0f}" if f["peak"] else "-"
+            versus = f"{f['peak'] / base['peak']:.2f}x" if f["peak"] and base and base["peak"] else "-"
+            update_s = GRPO_PASSES.get(system, 1) * flops / (f["speed"] * 1e12) if f["speed"] else None
+            cells = [SYSTEMS[system], f"{f['iteration']:,.0f}", f"{update_s:.3f}" if update_s else "-"]
+            cells += [num(f["speed"]) if f["speed"] else "-", mfu, memory, versus]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        decode = decodes.get(batch)
+        if decode:
+            moved = decode["bytes"]
+            bound = f"{num(moved / (bandwidth * 1e12) * 1e3)} ms at {bandwidth:g} TB/s" if bandwidth else "-"
+            lines += [
+                f"Decode alone at B = {batch} ({decode['steps']} steps after a {P}-token prefill, timed apart): "
+                f"{num(moved / 1e9)} GB to read (every matmul weight once per step, and the KV cache so far); "
+                f"bound {bound}.",
+                "",
+                "| decoder | prefill ms | ms/step | decode tok/s | GB/s | % of bandwidth bound |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for name, d in decode["decoders"].items():
+                speed = moved / d["decode"]
+                frac = f"{100 * speed / (bandwidth * 1e12):.0f}%" if bandwidth else "-"
+                cells = [name, f"{1e3 * d['prefill']:.1f}", f"{1e3 * d['decode'] / d['steps']:.3f}"]
+                cells += [f"{batch * d['steps'] / d['decode']:,.0f}", num(speed / 1e9), frac]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    targets = []
+    for batch in args.batch_sizes:
+        mine, theirs = found.get(("reinforce", batch)), found.get(("grpo", batch))
+        if mine and theirs:
+            ratio = mine["iteration"] / theirs["iteration"]
+            tick = "x" if ratio >= 2 else " "
+            targets.append(f"- [{tick}] B = {batch}: textrl REINFORCE / TRL GRPO = {ratio:.2f}x (target >= 2x)")
+        if mine and mine["speed"] and tflops:
+            mfu = mine["speed"] / tflops
+            tick = "x" if mfu >= 0.35 else " "
+            targets.append(f"- [{tick}] B = {batch}: textrl REINFORCE's update at {100 * mfu:.0f}% MFU (target >= 35%)")
+        decode = decodes.get(batch)
+        engines = {k: v for k, v in (decode or {}).get("decoders", {}).items() if k.startswith("engine")}
+        if engines and bandwidth:
+            name, d = min(engines.items(), key=lambda kv: kv[1]["decode"])
+            frac = decode["bytes"] / d["decode"] / (bandwidth * 1e12)
+            tick = "x" if frac >= 0.5 else " "
+            what = f"the decode ({name}) at {100 * frac:.0f}% of the bandwidth bound"
+            targets.append(f"- [{tick}] B = {batch}: {what} (target >= 50%)")
+        if mine and theirs and mine["peak"] and theirs["peak"]:
+            tick = "x" if mine["peak"] <= theirs["peak"] else " "
+            targets.append(
+                f"- [{tick}] B = {batch}: textrl REINFORCE's peak GPU memory {mine['peak']:,.0f} MB vs TRL GRPO's "
+                f"{theirs['peak']:,.0f} MB (target <=)"
+            )
+    if targets:
+        lines += ["### GPU targets", "", *targets, ""]
+    return lines
+
+
 def interpreter(system: str, args) -> str | None:
     if system != "trl-ppo":
         return sys.executable
     path = args.trl_ppo_python
     return str(path) if path and Path(path).exists() else None
+
+
+def placement(args) -> dict:
+    """The systems' placement from the command line (:data:`DEFAULT_PLACE`'s keys)."""
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "decode_step": args.decode_step,
+        "replay_memory_mb": args.replay_memory_mb,
+    }
 
 
 def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
@@ -431,12 +696,17 @@ def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
     if args.in_process:
         if system == "flops":
             return measure_flops(work, batch, args.threads, args.kl == "on")
+        if system == "decode":
+            return measure_decode(work, batch, placement(args), args.decode_repeats)
         kl = args.kl == "on"
-        return measure(system, work, batch, steps, warmup, args.threads, args.seed, kl, args.lora_rank)
+        return measure(system, work, batch, steps, warmup, args.threads, args.seed, kl, args.lora_rank, placement(args))
     command = [interpreter(system, args), __file__, "--worker", system, "--batch", str(batch)]
     command += ["--workdir", str(workdir), "--steps", str(steps), "--warmup", str(warmup)]
     command += ["--threads", str(args.threads), "--seed", str(args.seed), "--kl", args.kl]
-    command += ["--lora-rank", str(args.lora_rank)]
+    command += ["--lora-rank", str(args.lora_rank), "--device", args.device, "--dtype", args.dtype]
+    command += ["--decode-step", args.decode_step, "--decode-repeats", str(args.decode_repeats)]
+    if args.replay_memory_mb is not None:
+        command += ["--replay-memory-mb", str(args.replay_memory_mb)]
     env = {**os.environ, **trl_systems.QUIET_ENV}
     try:
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -478,6 +748,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, prompts and sampling")
     parser.add_argument("--tiny-random", action="store_true", help="a tiny random model instead (for tests)")
     model = parser.add_mutually_exclusive_group()
+    model.add_argument("--shape", choices=SHAPE_NAMES, help="a random model of this real model's shape instead")
     model.add_argument(
         "--arch", choices=["gpt2", "llama", "mistral", "qwen2", "qwen3"], help="a random model of this family instead"
     )
@@ -490,6 +761,23 @@ def main(argv: list[str] | None = None) -> None:
         default="tiny",
         help="its size (with --arch; large: 12 x 1024)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the GPU (the systems that can run there)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="every system's weights")
+    parser.add_argument(
+        "--decode-step",
+        choices=["eager", "static", "graph", "compile"],
+        default="eager",
+        help="textrl's decode step (graph: CUDA graphs)",
+    )
+    parser.add_argument("--replay-memory-mb", type=float, help="textrl's replay_memory_mb (default: its default)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="for the update's MFU (default on CUDA: 989, an H200's dense bf16)"
+    )
+    parser.add_argument(
+        "--peak-bandwidth", type=float, help="TB/s, for the decode's bound (default on CUDA: 4.8, an H200's)"
+    )
+    parser.add_argument("--decode-repeats", type=int, default=2, help="timed rollouts of the decode measurement")
+    parser.add_argument("--log", type=Path, help="append every run's result here as a JSON line when it finishes")
     parser.add_argument("--in-process", action="store_true", help="run every system in this process (tests)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-bound measurement")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a run is abandoned")
@@ -508,8 +796,22 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"argument --lora-rank: must be >= 0 (0 = full fine-tuning), got {args.lora_rank}")
     if args.lora_rank > 0 and args.learning:
         parser.error("argument --lora-rank: not allowed with argument --learning")
+    if args.shape and args.tiny_random:
+        parser.error("argument --shape: not allowed with argument --tiny-random")
+    try:
+        from textrl.device import resolve_device
+
+        cuda = resolve_device(args.device).type == "cuda"
+    except ValueError as e:
+        parser.error(f"argument --device: {e}")
+    if cuda and args.learning:
+        parser.error("argument --device: --learning runs on the CPU only")
+    off_gpu = [s for s in args.systems or () if s not in GPU_SYSTEMS]
+    if cuda and off_gpu:
+        parser.error(f"argument --systems: {', '.join(off_gpu)} run on the CPU only, not with --device {args.device}")
     if args.systems is None:
         args.systems = [s for s in SYSTEMS if s in LORA_SYSTEMS or not args.lora_rank]
+        args.systems = [s for s in args.systems if s in GPU_SYSTEMS or not cuda]
     cannot = [s for s in args.systems if s not in LORA_SYSTEMS]
     if args.lora_rank > 0 and cannot:
         parser.error(
@@ -522,13 +824,16 @@ def main(argv: list[str] | None = None) -> None:
         work = rl_speed.Workload(**json.loads((args.workdir / "workload.json").read_text()))
         if args.worker == "flops":
             result = measure_flops(work, args.batch, args.threads, args.kl == "on")
+        elif args.worker == "decode":
+            result = measure_decode(work, args.batch, placement(args), args.decode_repeats)
         elif args.worker.startswith("learn-"):
             import peer_learning
 
             result = peer_learning.worker(args.worker, work, args)
         else:
             kl, lora = args.kl == "on", args.lora_rank
-            result = measure(args.worker, work, args.batch, args.steps, args.warmup, args.threads, args.seed, kl, lora)
+            steps, warmup, threads, place = args.steps, args.warmup, args.threads, placement(args)
+            result = measure(args.worker, work, args.batch, steps, warmup, threads, args.seed, kl, lora, place)
         print(json.dumps(result))
         return
     if args.learning:
@@ -569,8 +874,19 @@ def main(argv: list[str] | None = None) -> None:
             skipped.append(
                 "FLOP bound skipped: it counts full fine-tuning's weight gradients, which LoRA does not take"
             )
+        if cuda and not args.no_flops:
+            args.no_flops = True
+            skipped.append("FLOP bound skipped: it times the CPU's matmuls; on the GPU see the MFU below")
         if not args.no_flops:
             jobs += [("flops", b) for b in args.batch_sizes]
+        peaks = {
+            "tflops": args.peak_tflops or (H200_TFLOPS if cuda else None),
+            "bandwidth": args.peak_bandwidth or (H200_TBS if cuda else None),
+        }
+        if peaks["bandwidth"]:  # the decode alone, against the memory-bandwidth bound
+            jobs = [("decode", b) for b in args.batch_sizes] + jobs
+        if cuda:
+            skipped.append(f"GPU: {gpu_name()}")
         runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
         for i in range(args.rounds):  # interleaved, so drifts in machine load hit every system alike
             for job in jobs:
@@ -578,12 +894,26 @@ def main(argv: list[str] | None = None) -> None:
                 runs[job].append(run(job, args, Path(tmp), work))
                 elapsed = time.perf_counter() - t0
                 print(f"round {i + 1}/{args.rounds}: {job[0]} B={job[1]} {elapsed:.0f} s", file=sys.stderr)
-    results, errors, bounds = {}, {}, {}
+                if args.log:
+                    with args.log.open("a") as log:
+                        log.write(json.dumps({"job": job[0], "batch": job[1], "round": i + 1, **runs[job][-1]}) + "\n")
+        config = json.loads((Path(work.lm) / "config.json").read_text())
+    results, errors, bounds, decodes = {}, {}, {}, {}
     for (system, batch), rs in runs.items():
         if system == "flops":
             ok = [r for r in rs if "error" not in r]
             if ok:  # the best round: the bound is what the machine can do
                 bounds[batch] = max(ok, key=lambda r: r["ceiling"])
+            continue
+        if system == "decode":
+            ok = [r for r in rs if "error" not in r]
+            if ok:  # per decoder, its best round
+                decodes[batch] = {"bytes": ok[0]["bytes"], "steps": ok[0]["steps"], "decoders": {}}
+                for name in ok[0]["decoders"]:
+                    best = min((r["decoders"][name] for r in ok), key=lambda d: d["decode"])
+                    decodes[batch]["decoders"][name] = best
+            else:
+                errors[system, batch] = f"{len(rs)} of {len(rs)} runs: {rs[-1]['error']}"
             continue
         failed = [r["error"] for r in rs if "error" in r]
         if failed:
@@ -598,6 +928,8 @@ def main(argv: list[str] | None = None) -> None:
     text = with_training(text, args.lora_rank)
     if several:  # the header's "one optimisation step per batch;"
         text = text.replace("optimisation step per batch;", "optimisation step per batch (mu=2: two);", 1)
+    if peaks["tflops"] or peaks["bandwidth"] or cuda:
+        text += "\n" + "\n".join(gpu_section(runs, decodes, args, config, work, peaks)) + "\n"
     print(text)
     out = args.out or HERE / "results" / f"peers-{datetime.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -129,19 +129,28 @@ def _pseudo_english(n_docs: int, seed: int = 0) -> list[str]:
 
 
 def make_prompts(tokenizer, docs: list[str], n: int, length: int, seed: int = 0) -> list[str]:
-    """``n`` distinct lines cut to exactly ``length`` tokens (checked to re-encode to the same tokens).
+    """``n`` distinct lines cut to exactly ``length`` tokens (checked to re-encode to the same tokens); when too
+    few lines are that long (long prompts), passages of consecutive lines joined by spaces.
 
     Tokens that the tokenizer adds itself (a Llama tokenizer's bos) count, and are left out of the text."""
     lines = [line.strip() for doc in docs for line in doc.splitlines() if len(line.strip()) > 20]
     random.Random(seed).shuffle(lines)
+    words = " ".join(docs).split()  # consecutive lines (across documents, which may be short) joined by spaces
+    passages = [" ".join(words[i : i + 3 * length]) for i in range(0, len(words), 3 * length)]  # 3 words a token
+    random.Random(seed).shuffle(passages)
+    candidates = [line for line in lines if len(line) >= length] + passages  # shorter lines: (nearly) too few tokens
     prompts: list[str] = []
-    for line in lines:
-        ids = tokenizer(line)["input_ids"][:length]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if len(ids) == length and tokenizer(text)["input_ids"] == ids and text not in prompts:
-            prompts.append(text)
-            if len(prompts) == n:
-                return prompts
+    for i in range(0, len(candidates), 1024):  # encoded a batch at a time (one call each)
+        chunk = candidates[i : i + 1024]
+        for ids in tokenizer(chunk)["input_ids"]:
+            ids = ids[:length]
+            if len(ids) < length:
+                continue
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            if tokenizer(text)["input_ids"] == ids and text not in prompts:
+                prompts.append(text)
+                if len(prompts) == n:
+                    return prompts
     raise RuntimeError(f"found only {len(prompts)} prompts of {length} tokens")
 
 
@@ -186,31 +195,45 @@ class TextRLRunner:
     """A textrl agent: an iteration is one ``learn()`` iteration, a rollout is ``collect()``."""
 
     def __init__(
-        self, system: str, work: Workload, batch: int, seed: int, kl_coef: float | None = None, lora_rank: int = 0
+        self,
+        system: str,
+        work: Workload,
+        batch: int,
+        seed: int,
+        kl_coef: float | None = None,
+        lora_rank: int = 0,
+        device: str = "cpu",
+        dtype=None,
+        overrides: dict | None = None,
     ):
         """``kl_coef`` (when given) replaces the system's own KL coefficient (0, or the default for ``ppo-kl``);
         ``lora_rank > 0`` trains LoRA adapters of that rank (alpha 2 x rank, every linear layer of the blocks)
-        instead of every weight."""
+        instead of every weight; ``device`` and ``dtype`` (a ``torch.dtype``; None: float32) place the policy;
+        ``overrides``: further config fields (e.g. ``decode_step``)."""
         from agents import PPO, REINFORCE, PPOConfig, REINFORCEConfig
         from envs import TextGenEnv
+        from textrl.runtime import Runtime
 
         env = TextGenEnv(lm=work.lm, prompts=work.prompts, reward=the_fraction, max_new_tokens=work.new_tokens)
         kl = kl_coef if kl_coef is not None else PPOConfig().kl_coef if system == "ppo-kl" else 0.0
         # eos is never sampled (and removed from the distribution trained on): every episode is exactly
         # new_tokens long, as with generate(min_new_tokens=...) in the other systems
         eos = env.engine.tokenizer.eos_token_id
-        common = {"batch_size": batch, "learning_rate": LEARNING_RATE, "device": "cpu", "kl_coef": kl}
+        common = {"batch_size": batch, "learning_rate": LEARNING_RATE, "device": device, "kl_coef": kl}
         common["suppress_tokens"] = [eos]
         if lora_rank > 0:  # lora_targets: the default, all-linear (not the LM head)
             common |= {"lora_rank": lora_rank, "lora_alpha": 2.0 * lora_rank}
+        common |= overrides or {}
+        place = {"runtime": Runtime.local(device, dtype)} if dtype is not None else {}
         if system in ("ppo", "ppo-kl"):
-            agent = PPO(env, config=PPOConfig(**common, n_epochs=1, minibatch_size=batch), seed=seed, verbose=0)
+            config = PPOConfig(**common, n_epochs=1, minibatch_size=batch)
+            agent = PPO(env, config=config, seed=seed, verbose=0, **place)
         elif system == "ppo-4epochs":
             config = PPOConfig(**common, minibatch_size=min(PPOConfig().minibatch_size, batch))
-            agent = PPO(env, config=config, seed=seed, verbose=0)
+            agent = PPO(env, config=config, seed=seed, verbose=0, **place)
         elif system == "reinforce":
             config = REINFORCEConfig(**common, group_size=4, baseline="rloo")
-            agent = REINFORCE(env, config=config, seed=seed, verbose=0)
+            agent = REINFORCE(env, config=config, seed=seed, verbose=0, **place)
         else:
             raise ValueError(system)
         self.agent = agent
@@ -228,23 +251,26 @@ class TextRLRunner:
 class PlainRunner:
     """A plain PyTorch loop: HF ``generate`` with KV cache, reward, one REINFORCE step with Adam."""
 
-    def __init__(self, work: Workload, batch: int, seed: int):
+    def __init__(self, work: Workload, batch: int, seed: int, device: str = "cpu", dtype=None):
+        """``device`` and ``dtype`` (a ``torch.dtype``; None: float32) place the model (and Adam's state)."""
         import torch
 
         from textrl.lm import load_lm
 
         torch.manual_seed(seed)
-        self.model, self.tokenizer = load_lm(work.lm)  # eval mode: no dropout, as in textrl
+        self.device = torch.device(device)
+        place = {"device": self.device} | ({"dtype": dtype} if dtype is not None else {})
+        self.model, self.tokenizer = load_lm(work.lm, **place)  # eval mode: no dropout, as in textrl
         self.tokenizer.padding_side = "left"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE, eps=1e-5)
         self.work, self.batch, self.rng = work, batch, np.random.default_rng(seed)
-        self.eos = torch.tensor([self.tokenizer.eos_token_id])
+        self.eos = torch.tensor([self.tokenizer.eos_token_id], device=self.device)
 
     def _generate(self):
         import torch
 
         prompts = [self.work.prompts[i] for i in self.rng.integers(len(self.work.prompts), size=self.batch)]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         T = self.work.new_tokens
         with torch.no_grad():
             out = self.model.generate(
@@ -260,7 +286,7 @@ class PlainRunner:
             )  # (B, P + T)
         P = enc["input_ids"].shape[1]
         completions = self.tokenizer.batch_decode(out[:, P:], skip_special_tokens=True)
-        rewards = torch.tensor(the_fraction(prompts=prompts, completions=completions))  # (B,)
+        rewards = torch.tensor(the_fraction(prompts=prompts, completions=completions), device=self.device)  # (B,)
         return enc, out, rewards
 
     def rollout(self) -> int:

@@ -44,6 +44,14 @@ def quiet(logs: bool = False) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, if any (timers read wall-clock time; CUDA runs asynchronously)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _step_timer(rows: list[dict], state: dict):
     """A TrainerCallback appending ``{"seconds", "rollout_seconds", "tokens"}`` at every ``on_step_end``."""
     from transformers import TrainerCallback
@@ -53,6 +61,7 @@ def _step_timer(rows: list[dict], state: dict):
             state["last"] = time.perf_counter()
 
         def on_step_end(self, args, st, control, **kwargs):
+            _synchronize()
             now = time.perf_counter()
             rows.append(
                 {"seconds": now - state["last"], "rollout_seconds": state["rollout"], "tokens": state["tokens"]}
@@ -62,10 +71,11 @@ def _step_timer(rows: list[dict], state: dict):
     return StepTimer()
 
 
-def _common_args(out_dir: str, batch: int, learning_rate: float, seed: int) -> dict:
+def _common_args(out_dir: str, batch: int, learning_rate: float, seed: int, device: str = "cpu", bf16=False) -> dict:
     """The trainer settings every TRL system shares, so the workload cannot drift between them: B samples
-    per optimisation step, temperature 1, a constant learning rate, fp32 and no gradient checkpointing (TRL
-    defaults to bf16 and checkpointing), CPU, and no logging, saving, reporting or progress bar."""
+    per optimisation step, temperature 1, a constant learning rate, fp32 (``bf16``: TRL's bf16 mixed precision,
+    over a model loaded in bf16) and no gradient checkpointing (TRL defaults to bf16 and checkpointing), the CPU
+    (``device="cuda"``: the GPU), and no logging, saving, reporting or progress bar."""
     return {
         "output_dir": out_dir,
         "per_device_train_batch_size": batch,
@@ -73,9 +83,9 @@ def _common_args(out_dir: str, batch: int, learning_rate: float, seed: int) -> d
         "temperature": 1.0,
         "learning_rate": learning_rate,
         "lr_scheduler_type": "constant",
-        "bf16": False,
+        "bf16": bf16,
         "gradient_checkpointing": False,
-        "use_cpu": True,
+        "use_cpu": device == "cpu",
         "report_to": "none",
         "logging_strategy": "no",
         "save_strategy": "no",
@@ -100,6 +110,8 @@ def run_group_trainer(
     callbacks: list | None = None,
     lora_rank: int = 0,
     num_iterations: int = 1,
+    device: str = "cpu",
+    bf16: bool = False,
 ) -> list[dict]:
     """TRL GRPOTrainer (``kind="grpo"``) or RLOOTrainer (``"rloo"``): ``steps`` steps of ``batch`` completions.
 
@@ -113,7 +125,8 @@ def run_group_trainer(
     from the reward). RLOO always runs an extra no-grad pass for the old log-probs; GRPO skips it when
     generation and optimisation are aligned, as here. ``lora_rank > 0`` trains peft LoRA adapters of that rank
     (``peft_config``: alpha 2 x rank, dropout 0, every linear layer of the blocks, ``"all-linear"``) instead of
-    every weight; the reference is then the base with the adapters off.
+    every weight; the reference is then the base with the adapters off. ``device="cuda"``: on the GPU;
+    ``bf16``: the policy and reference loaded in bf16 (``model_init_kwargs``) and TRL's ``bf16=True``.
 
     Returns:
         The per-step rows.
@@ -136,7 +149,8 @@ def run_group_trainer(
     tokenizer = AutoTokenizer.from_pretrained(lm)
     out_dir = tempfile.mkdtemp(prefix=f"textrl-peers-{kind}-")  # nothing is saved there; removed at the end
     args = Config(
-        **_common_args(out_dir, batch, learning_rate, seed),
+        **_common_args(out_dir, batch, learning_rate, seed, device, bf16),
+        model_init_kwargs={"dtype": "bfloat16"} if bf16 else None,
         num_generations=GROUP_SIZE,
         num_iterations=num_iterations,
         max_completion_length=new_tokens,
@@ -172,6 +186,7 @@ def run_group_trainer(
     def timed_generate(inputs):
         t0 = time.perf_counter()
         out = generate(inputs)
+        _synchronize()
         state["rollout"] += time.perf_counter() - t0
         state["tokens"] += int(out["completion_mask"].sum())
         return out

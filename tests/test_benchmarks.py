@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
@@ -345,3 +346,79 @@ def test_multiturn_benchmark_compares_with_a_single_turn_rollout(capsys):
     rows = dict(re.findall(r"^\| (single turn|multi-turn) \| (\d+ \| \d+) \|", out, re.M))
     # single turn: 2 x (3 + 2) = 10 actions; multi-turn: 2 turns of 3 actions and one reply of 2 in between
     assert rows == {"single turn": "10 | 10", "multi-turn": "8 | 6"}
+
+
+# --- the GPU benchmark (issue 22): its counts, the widened tokenizer, and gpu.sh smoked on the CPU -----------
+
+
+def test_flop_and_byte_counts_of_a_llama_style_shape():
+    """A Llama-style config (grouped-query attention, SwiGLU, tied head): the matmul weights per token are the
+    model's own linear weights plus the head; the update's model FLOPs and a decode's bytes by hand."""
+    flop_bound = _load("flop_bound", "flop_bound")
+    engine_decode = _load("engine_decode", "engine_decode")
+    model = engine_decode.build_shape("qwen2-tiny", eos=0)
+    shape = flop_bound.Shape.from_config(model.config.to_dict())
+    assert (shape.n_head, shape.n_kv_head, shape.head_dim, shape.gated) == (2, 1, 32, True)
+    linears = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert shape.matmul_params() == linears + 64 * 6000  # the tied head is a matmul too
+    B, P, T = 4, 16, 8
+    S = P + T - 1
+    blocks = linears
+    expected = 3 * (2 * B * S * blocks + 2 * B * T * 64 * 6000 + 4 * 2 * 64 * B * S * (S + 1) // 2)
+    assert flop_bound.update_flops(shape, B, P, T) == expected
+    kv = 2 * 2 * B * 32 * 2  # keys and values, 2 layers, 1 kv head of 32, bf16
+    assert flop_bound.decode_bytes(shape, B, P, T, 2) == sum(
+        2 * shape.matmul_params() + kv * (P + t) for t in range(1, T)
+    )
+    gpt2 = flop_bound.Shape.from_config({"n_layer": 2, "n_embd": 32, "vocab_size": 300})
+    assert gpt2.matmul_params() == 2 * 12 * 32 * 32 + 32 * 300 and gpt2.kv_width == 32
+
+
+def test_the_widened_tokenizer_encodes_as_before(tokenizer):
+    engine_decode = _load("engine_decode", "engine_decode")
+    wide = engine_decode.widen_tokenizer(tokenizer, 1000)
+    assert len(wide) == 1000 and wide.eos_token_id == tokenizer.eos_token_id
+    text = "The old king sees the young queen by the river."
+    assert wide(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert wide.decode([999]) == " unused999"
+    peers = _load("peers", "peers_benchmark")
+    assert sorted(peers.SHAPE_NAMES) == sorted(engine_decode.SHAPES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_peers_benchmark_on_a_missing_gpu_is_an_argparse_error(capsys):
+    module = _load("peers", "peers_benchmark")
+    with pytest.raises(SystemExit):
+        module.main(["--device", "cuda", "--systems", "reinforce"])
+    assert "argument --device: device 'cuda': CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_gpu_script_smoke_on_the_cpu(tmp_path):
+    """``GPU_SMOKE=1 bash benchmarks/gpu.sh``: the CUDA tests collected (and skipped here), then peers.py with the
+    GPU flags on a tiny random Qwen2 of a widened vocabulary in bf16: every system's row with its update's MFU,
+    the decode alone (eager, static, generate) against a bandwidth bound, the GPU targets, a JSON line per run."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "GPU_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    script = BENCHMARKS / "gpu.sh"
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "gpu.log").read_text()
+    assert "tests: done" in log and "peers qwen2-tiny: done" in log, log
+    assert re.search(r"\d+ skipped", (tmp_path / "tests.txt").read_text())
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    report = (tmp_path / "peers-qwen2-tiny.md").read_text()
+    assert "a random Qwen2ForCausalLM of qwen2-tiny's shape" in report and "vocabulary 6,000" in report
+    rows = re.findall(r"^\| ([^|]+) \| ([\d,]+) \| ([\d.]+) \| ([\d.e-]+) \| (\d+)% \| - \| - \|$", report, re.M)
+    systems = [label for label, *_ in rows]
+    assert "textrl REINFORCE (RLOO, group 4)" in systems and "PyTorch loop: HF generate + REINFORCE" in systems
+    decoders = re.findall(
+        r"^\| (engine|engine \(graph\)|generate) \| [\d.]+ \| [\d.]+ \| [\d,]+ \| [\d.e-]+ \| \d+% \|$", report, re.M
+    )
+    assert decoders == ["engine", "engine (graph)", "generate"], report
+    assert re.search(r"^- \[[ x]\] B = 4: the decode \(engine.*\) at \d+% of the bandwidth bound", report, re.M)
+    assert re.search(r"^- \[[ x]\] B = 4: textrl REINFORCE's update at \d+% MFU \(target >= 35%\)", report, re.M)
+    jobs = [json.loads(line)["job"] for line in (tmp_path / "peers.jsonl").read_text().splitlines()]
+    assert jobs[0] == "decode" and "reinforce" in jobs and "plain" in jobs
