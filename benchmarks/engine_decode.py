@@ -235,12 +235,13 @@ def decode_table(args) -> None:
     device = resolve_device(args.device)
     tokenizer_eos = load_tokenizer("tiny").eos_token_id
     context = max(64, args.prompt_len + args.new_tokens)
-    if args.shape:
-        model = build_shape(args.shape, tokenizer_eos)
-        what = args.shape
-    else:
-        model = build(args.arch, args.size, len(load_tokenizer("tiny")), context, args.window, tokenizer_eos)
-        what = f"{args.arch} {args.size}"
+    with torch.device(device):  # initialised where it runs (a GPU draws a billion weights in a moment)
+        if args.shape:
+            model = build_shape(args.shape, tokenizer_eos)
+            what = args.shape
+        else:
+            model = build(args.arch, args.size, len(load_tokenizer("tiny")), context, args.window, tokenizer_eos)
+            what = f"{args.arch} {args.size}"
     model = model.to(device=device, dtype=DTYPES[args.dtype])
     shape = flop_bound.Shape.from_config(model.config.to_dict())
     element = torch.finfo(DTYPES[args.dtype]).bits // 8

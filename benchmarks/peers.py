@@ -260,18 +260,21 @@ def random_model(arch: str, size: str, folder: Path) -> tuple[str, str]:
     return str(folder), f"a random {type(model).__name__} ({shape})"
 
 
-def shape_model(name: str, folder: Path, dtype: str) -> tuple[str, str]:
+def shape_model(name: str, folder: Path, dtype: str, device: str = "cpu") -> tuple[str, str]:
     """A randomly initialised model of a real model's shape (``engine_decode.SHAPES``) with the embedded
     tokenizer widened to its vocabulary, saved to ``folder`` in ``dtype`` (no dropout in these families):
-    ``(folder, description)``."""
+    ``(folder, description)``. Initialised on ``device`` (a GPU draws a billion weights in a moment)."""
     import engine_decode
+    import torch
     from transformers.utils import logging
 
     from textrl.lm import load_tokenizer
 
     logging.disable_progress_bar()
     tokenizer = load_tokenizer("tiny")
-    model = engine_decode.build_shape(name, tokenizer.eos_token_id).to(torch_dtype(dtype))
+    with torch.device(device):
+        model = engine_decode.build_shape(name, tokenizer.eos_token_id)
+    model = model.to("cpu", torch_dtype(dtype))
     wide = engine_decode.widen_tokenizer(tokenizer, model.config.vocab_size)
     model.save_pretrained(folder)
     wide.save_pretrained(folder)
@@ -291,7 +294,7 @@ def build(workdir: Path, args) -> rl_speed.Workload:
     else:
         work = rl_speed.build_workload(workdir, args.tiny_random, args.prompt_tokens, args.new_tokens, args.seed)
         if args.shape:  # the prompts are the embedded tokenizer's, which the widened one encodes alike
-            work.lm, work.source = shape_model(args.shape, workdir / "hf-model", args.dtype)
+            work.lm, work.source = shape_model(args.shape, workdir / "hf-model", args.dtype, args.device)
         else:
             if args.arch:  # the prompts are made with the embedded tokenizer, which the random model shares
                 work.lm, work.source = random_model(args.arch, args.size, workdir / "arch-model")
