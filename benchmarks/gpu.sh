@@ -15,10 +15,11 @@
 #   4. peers.py on cuda in bf16, a random Qwen2-0.5B-shaped model, B = 64, 128-token prompts, 256 new tokens:
 #      textrl REINFORCE, TRL GRPO, textrl PPO, the plain loop, textrl GRPO; textrl with CUDA-graph decode steps;
 #      the decode alone against the bandwidth bound; MFU of the update; peak GPU memory
-#      ($OUT/peers-qwen2-0.5b.md; every finished run also in $OUT/peers.jsonl);
+#      ($OUT/peers-qwen2-0.5b.md; every finished run also in $OUT/peers.jsonl; progress in $OUT/gpu.log);
 #   5. the same with a random Llama-3.2-1B-shaped model ($OUT/peers-llama-1b.md);
 #   6. if time is left, the decode alone with torch.compile'd steps ($OUT/decode-compile.md).
-# $OUT defaults to benchmarks/results/gpu-<date>/. A part that fails or runs out of time is logged and the
+# $OUT defaults to benchmarks/results/gpu-<date>/ and gets at most 7 files (the device tool brings back 8).
+# A part that fails or runs out of time is logged and the
 # script goes on; it exits 0 once it has run, whatever the parts did ($OUT/gpu.log says what each did).
 #
 # GPU_SMOKE=1: the same script on the CPU in ~30 s (the test suite runs it): no install, the tests collected
@@ -37,9 +38,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS
 
 log() { echo "== $(date +%T) (+$(($(date +%s) - START)) s) $*" | tee -a "$OUT/gpu.log"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-part() { # part NAME SECONDS COMMAND...: run under timeout, at most what is left of the budget (minus 10 s)
-    local name=$1 want=$2
-    shift 2
+part() { # part NAME SECONDS FILE COMMAND...: under timeout, at most what is left of the budget (minus 10 s),
+    # its output shown and appended to $OUT/FILE
+    local name=$1 want=$2 file=$OUT/$3
+    shift 3
     local allowed
     allowed=$(($(left) - 10))
     if [ "$allowed" -lt 20 ]; then
@@ -48,8 +50,8 @@ part() { # part NAME SECONDS COMMAND...: run under timeout, at most what is left
     fi
     [ "$want" -lt "$allowed" ] && allowed=$want
     log "$name: start (at most $allowed s)"
-    timeout -k 10 "$allowed" "$@"
-    local rc=$?
+    timeout -k 10 "$allowed" "$@" 2>&1 | tee -a "$file"
+    local rc=${PIPESTATUS[0]}
     case $rc in
         0) log "$name: done" ;;
         124 | 137) log "$name: TIMED OUT after $allowed s" ;;
@@ -109,31 +111,28 @@ cat "$OUT/env.txt"
 # 3. the CUDA tests (all skipped without a GPU: the smoke collects them)
 per_test=()
 "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 90)
-part tests 150 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --maxfail 10 "${per_test[@]}" 2>&1 \
-    | tee "$OUT/tests.txt"
+part tests 150 tests.txt "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --maxfail 10 "${per_test[@]}"
 
 # 4.-5. textrl vs TRL GRPO vs the plain loop
 peers() { # peers SHAPE SECONDS PER-RUN-TIMEOUT ITERS EXTRA...
     local shape=$1 seconds=$2 per_run=$3 iters=$4
     shift 4
-    part "peers $shape" "$seconds" "$PY" benchmarks/peers.py --device cuda --dtype bf16 --shape "$shape" \
+    part "peers $shape" "$seconds" gpu.log "$PY" benchmarks/peers.py --device cuda --dtype bf16 --shape "$shape" \
         --batch-sizes 64 --prompt-tokens 128 --new-tokens 256 --decode-step graph --rounds 1 --warmup 1 \
-        --iters "$iters" --timeout "$per_run" --log "$OUT/peers.jsonl" --out "$OUT/peers-$shape.md" "$@" 2>&1 \
-        | tee "$OUT/peers-$shape.txt"
+        --iters "$iters" --timeout "$per_run" --log "$OUT/peers.jsonl" --out "$OUT/peers-$shape.md" "$@"
 }
 if [ "$SMOKE" = 0 ]; then
     peers qwen2-0.5b 270 100 2 --systems reinforce grpo ppo plain textrl-grpo
     peers llama-1b 200 80 1 --systems reinforce grpo ppo plain
-    part "decode compile" 120 "$PY" benchmarks/engine_decode.py --device cuda --dtype bf16 --shape qwen2-0.5b \
-        --batch-sizes 64 --prompt-len 128 --new-tokens 256 --rounds 2 --decode-steps eager graph compile 2>&1 \
-        | tee "$OUT/decode-compile.md"
+    part "decode compile" 120 decode-compile.md "$PY" benchmarks/engine_decode.py --device cuda --dtype bf16 \
+        --shape qwen2-0.5b --batch-sizes 64 --prompt-len 128 --new-tokens 256 --rounds 2 \
+        --decode-steps eager graph compile
 else
     systems=(reinforce plain)
     "$PY" -c "import trl" 2> /dev/null && systems+=(grpo)
-    part "peers qwen2-tiny" 120 "$PY" benchmarks/peers.py --device cpu --dtype bf16 --shape qwen2-tiny \
+    part "peers qwen2-tiny" 120 gpu.log "$PY" benchmarks/peers.py --device cpu --dtype bf16 --shape qwen2-tiny \
         --batch-sizes 4 --prompt-tokens 16 --new-tokens 8 --decode-step graph --rounds 1 --warmup 1 --iters 1 \
         --in-process --threads 1 --peak-tflops 0.1 --peak-bandwidth 0.02 --decode-repeats 1 \
-        --log "$OUT/peers.jsonl" --out "$OUT/peers-qwen2-tiny.md" --systems "${systems[@]}" 2>&1 \
-        | tee "$OUT/peers-qwen2-tiny.txt"
+        --log "$OUT/peers.jsonl" --out "$OUT/peers-qwen2-tiny.md" --systems "${systems[@]}"
 fi
 log "end; $OUT: $(ls "$OUT" | tr '\n' ' ')"
