@@ -278,6 +278,16 @@ def test_a_static_decode_step_samples_the_eager_tokens(llama_gqa_dir, device, de
         torch.testing.assert_close(pa, pb, atol=1e-4, rtol=1e-3)
 
 
+def test_a_graph_decode_step_under_bf16_autocast(llama_gqa_dir, device):
+    """autocast="bf16" (weights fp32, the decode's matmuls bf16) with the CUDA-graph step: rollouts and updates
+    run, and every episode has its tokens."""
+    env = _env(llama_gqa_dir)
+    kw = {"suppress_tokens": [env.tokenizer.eos_token_id], "autocast": "bf16", "decode_step": "graph"}
+    agent = REINFORCE(env, config=_config(REINFORCE, device, **kw), seed=0, verbose=0)
+    agent.learn(2 * 8 * 8)
+    assert agent.iteration == 2 and agent.num_timesteps == 2 * 8 * 8
+
+
 def _compiler_works() -> bool:
     try:
         torch.compile(lambda x: x * 2)(torch.ones(2))

@@ -564,9 +564,9 @@ class _StaticStep:
             if layer.window is not None:  # the key columns within the window of position column t
                 mask = mask & (self.columns > t - layer.window)
 
-            def attend(q, k, v, i=i, mask=mask):
-                cache.k[i].index_copy_(2, t, k)
-                cache.v[i].index_copy_(2, t, v)
+            def attend(q, k, v, i=i, mask=mask):  # (under autocast, bf16 keys into the weights' dtype, as copy_ does)
+                cache.k[i].index_copy_(2, t, k.to(cache.k.dtype))
+                cache.v[i].index_copy_(2, t, v.to(cache.v.dtype))
                 return engine._sdpa(q, cache.k[i], cache.v[i], mask)
 
             x = engine._block(layer, x, angles, attend, lin)
