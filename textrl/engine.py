@@ -45,6 +45,8 @@ routing) and sessions with LoRA adapters (folded anew per session) always take t
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -516,23 +518,26 @@ class _StaticStep:
         self.body = self._body
         if self.mode == "compile":
             self.body = torch.compile(self._body, dynamic=False)
-        self.graphs: dict[int | None, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by id of the record
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by record and autocast dtype
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
 
     def run(self, rec: Record | None) -> None:
         if not self.cuda:
             self.body(rec)
             return
-        key = None if rec is None else id(rec)
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (None if rec is None else id(rec), autocast)  # a graph runs in the precision it was captured in
         if key not in self.graphs:
+            # autocast's cache of cast weights must not outlive a capture: captured without it
+            cast = torch.autocast("cuda", dtype=autocast, cache_enabled=False) if autocast else contextlib.nullcontext()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (and compilation) outside the capture; idempotent
+            with torch.cuda.stream(side), cast:  # warm-up (and compilation) outside the capture; idempotent
                 for _ in range(2):
                     self.body(rec)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool), cast:
                 self.body(rec)
             self.graphs[key] = (graph, rec)  # the record kept alive while its graph writes into it
         self.graphs[key][0].replay()
