@@ -537,7 +537,7 @@ class _StaticStep:
                     self.body(rec)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool), cast:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), cast:
                 self.body(rec)
             self.graphs[key] = (graph, rec)  # the record kept alive while its graph writes into it
         self.graphs[key][0].replay()
