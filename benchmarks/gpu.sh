@@ -20,8 +20,8 @@
 #   6. if time is left, the decode alone with torch.compile'd steps ($OUT/decode-compile.md).
 # $OUT defaults to benchmarks/results/gpu-<date>/ and gets at most 7 files (the device tool brings back 8).
 # A part that fails or runs out of time is logged and the script goes on; it exits 0 once it has run, whatever
-# the parts did ($OUT/gpu.log says what each did). A peers part cut short leaves no report, but every run it
-# finished is in peers.jsonl.
+# the parts did ($OUT/gpu.log says what each did). A peers part cut short still writes its report, of the runs
+# it finished (peers.py takes SIGTERM as Ctrl-C), and each of those is in peers.jsonl too.
 #
 # GPU_SMOKE=1: the same script on the CPU in ~30 s (the test suite runs it): no install, the tests collected
 # and skipped, one tiny random Qwen2 (peers.py --shape qwen2-tiny, B = 4, 16 + 8 tokens, in one process) with

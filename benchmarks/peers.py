@@ -76,7 +76,8 @@ mu times that for GRPO with mu passes) per second over ``--peak-tflops`` (989, a
 measurement in a process of its own: the engine's decode steps (eager, and ``--decode-step``) and HF
 ``generate``'s, prefill timed apart, against the memory-bandwidth bound (every matmul weight and the KV cache
 so far read once per step, ``flop_bound.decode_bytes``, at ``--peak-bandwidth``, 4.8 TB/s); then the GPU targets.
-``--log FILE`` appends every run's result as a JSON line as it finishes (partial results survive a timeout).
+``--log FILE`` appends every run's result as a JSON line as it finishes. SIGTERM (``timeout``) or Ctrl-C stops the
+measuring and the report of the runs done so far is written, saying so.
 
 TRL PPO needs its own venv (TRL 1.12; install torch first, or pip pulls a CUDA build):
 ``python3 -m venv ../.venv-trl112 && ../.venv-trl112/bin/pip install torch==2.13.0 &&
@@ -91,6 +92,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -891,15 +893,25 @@ def main(argv: list[str] | None = None) -> None:
         if cuda:
             skipped.append(f"GPU: {gpu_name()}")
         runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
-        for i in range(args.rounds):  # interleaved, so drifts in machine load hit every system alike
-            for job in jobs:
-                t0 = time.perf_counter()
-                runs[job].append(run(job, args, Path(tmp), work))
-                elapsed = time.perf_counter() - t0
-                print(f"round {i + 1}/{args.rounds}: {job[0]} B={job[1]} {elapsed:.0f} s", file=sys.stderr)
-                if args.log:
-                    with args.log.open("a") as log:
-                        log.write(json.dumps({"job": job[0], "batch": job[1], "round": i + 1, **runs[job][-1]}) + "\n")
+        # SIGTERM (a time limit: `timeout`) ends the measuring as Ctrl-C does: the report of the runs done is written
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            for i in range(args.rounds):  # interleaved, so drifts in machine load hit every system alike
+                for job in jobs:
+                    t0 = time.perf_counter()
+                    runs[job].append(run(job, args, Path(tmp), work))
+                    elapsed = time.perf_counter() - t0
+                    print(f"round {i + 1}/{args.rounds}: {job[0]} B={job[1]} {elapsed:.0f} s", file=sys.stderr)
+                    if args.log:
+                        line = {"job": job[0], "batch": job[1], "round": i + 1, **runs[job][-1]}
+                        with args.log.open("a") as log:
+                            log.write(json.dumps(line) + "\n")
+        except KeyboardInterrupt:
+            done, total = sum(map(len, runs.values())), args.rounds * len(jobs)
+            skipped.append(f"STOPPED (SIGTERM or Ctrl-C) after {done} of {total} runs: the rest is missing")
+            print(f"peers.py: {skipped[-1]}", file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         config = json.loads((Path(work.lm) / "config.json").read_text())
     results, errors, bounds, decodes = {}, {}, {}, {}
     for (system, batch), rs in runs.items():
@@ -915,7 +927,7 @@ def main(argv: list[str] | None = None) -> None:
                 for name in ok[0]["decoders"]:
                     best = min((r["decoders"][name] for r in ok), key=lambda d: d["decode"])
                     decodes[batch]["decoders"][name] = best
-            else:
+            elif rs:
                 errors[system, batch] = f"{len(rs)} of {len(rs)} runs: {rs[-1]['error']}"
             continue
         failed = [r["error"] for r in rs if "error" in r]
