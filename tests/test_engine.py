@@ -481,7 +481,7 @@ def test_an_agent_keeps_the_router_balanced_when_asked(mixtral_dir, llama_gqa_di
         agent.learn(1, callback=lambda a, s: stats.append(s))
         assert ("losses/router_balance" in stats[0]) == (coef > 0)
         if coef > 0:
-            assert stats[0]["losses/router_balance"] >= 2.0 - 1e-4  # top_k = 2 at perfect balance
+            assert 1.5 < stats[0]["losses/router_balance"] < 4.0  # about top_k = 2 near an even load
         return grads[0]
 
     plain, balanced = router_grad(0.0), router_grad(1.0)

@@ -60,8 +60,9 @@ def test_load_tiny(tiny):
     assert load_lm()[0].config.to_dict() == model.config.to_dict()  # "tiny" is the default
 
 
-def test_tiny_ships_small_safetensors_with_a_model_card():
-    folder = EMBEDDED_MODELS["tiny"]
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_tiny_ships_small_safetensors_with_a_model_card(name):
+    folder = EMBEDDED_MODELS[name]
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= files
     assert not {"pytorch_model.bin", "training_args.bin"} & files
@@ -73,10 +74,32 @@ def test_tiny_ships_small_safetensors_with_a_model_card():
         assert words in card
 
 
-def test_tiny_beat_the_unigram_baseline():
+@pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
+def test_tiny_beat_the_unigram_baseline(name):
     """The committed model was trained: its recorded held-out loss is well below the unigram baseline."""
-    summary = json.loads((EMBEDDED_MODELS["tiny"] / "training_summary.json").read_text())
+    summary = json.loads((EMBEDDED_MODELS[name] / "training_summary.json").read_text())
     assert summary["heldout_loss"] < summary["unigram_loss"] - 0.5
+
+
+def test_tiny_moe_is_a_sparse_model_at_the_dense_ones_active_size_and_runs_on_the_engine():
+    """The second embedded model: a Mixtral-style MoE with about tiny's active parameters, trained on the same
+    tokens; the engine runs it on its fast path, with the HF forward's logits."""
+    from textrl.core import core_name, make_core
+
+    dense = json.loads((EMBEDDED_MODELS["tiny"] / "training_summary.json").read_text())
+    sparse = json.loads((EMBEDDED_MODELS["tiny-moe"] / "training_summary.json").read_text())
+    assert sparse["arch"] == "moe" and sparse["tokens_seen"] == dense["tokens_seen"]
+    assert abs(sparse["active_parameters"] / dense["parameters"] - 1) < 0.1
+    assert sparse["heldout_loss"] < dense["heldout_loss"]  # the reason it ships
+    model, tokenizer = load_lm("tiny-moe")
+    assert type(model).__name__ == "MixtralForCausalLM" and len(tokenizer) == 4096
+    ids = tokenizer(["And God said unto Moses"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        hf = model(input_ids=ids).logits
+        core = make_core(model)
+        assert core_name(core) == "engine (mixtral)"
+        ours = core.forward(ids, torch.ones_like(ids))[0]
+    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -274,7 +274,7 @@ def test_moe_run_learns_and_balances_its_router(moe_run):
     events.Reload()
     aux = [e.value for e in events.Scalars("train/router_aux_loss")]
     assert len(aux) == cfg.steps
-    assert all(v >= 2.0 - 1e-4 for v in aux)  # the load-balancing loss is at least top_k (its value at balance)
+    assert all(1.5 < v < 3.0 for v in aux)  # about top_k = 2 at an even load, larger as the router favours some
     assert aux[-1] < 2.5  # and the router stays near balance while the loss is trained with it
     assert Path(summary["run"]).name.startswith("pretrain__moe-")
     assert "mixture-of-experts" in (Path(cfg.out) / "README.md").read_text()

@@ -25,8 +25,15 @@ from transformers import (
 )
 
 MODELS_DIR = Path(__file__).parent / "models"
-EMBEDDED_MODELS: dict[str, Path] = {"tiny": MODELS_DIR / "tiny"}
-"""Registry of the models that ship inside the package: name -> folder."""
+EMBEDDED_MODELS: dict[str, Path] = {"tiny": MODELS_DIR / "tiny", "tiny-moe": MODELS_DIR / "tiny-moe"}
+"""Registry of the models that ship inside the package: name -> folder. ``tiny`` is a dense GPT-2 (the default);
+``tiny-moe`` a Mixtral-style mixture of experts with about as many active parameters, pre-trained on the same
+corpus for the same number of tokens."""
+
+_RECIPES = {
+    "tiny": "textrl pretrain --out textrl/models/tiny",
+    "tiny-moe": "textrl pretrain --arch moe --out textrl/models/tiny-moe",
+}
 
 
 class LMNotFoundError(FileNotFoundError):
@@ -55,7 +62,7 @@ def resolve_lm_path(name_or_path: str | os.PathLike) -> Path | str:
         if not (path / "config.json").is_file():
             raise LMNotFoundError(
                 f"the embedded model {name!r} is missing from {path}; reinstall textrl-suite "
-                "or rebuild it with `textrl pretrain --out textrl/models/tiny`"
+                f"or rebuild it with `{_RECIPES[name]}`"
             )
         return path
     path = Path(name).expanduser()

@@ -198,7 +198,7 @@ def moe(moe: Moe, h: torch.Tensor, lin, log: list | None = None, valid: torch.Te
 def router_balance_loss(log: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Switch Transformer's load-balancing loss over the routing decisions :func:`moe` logged, pooled over
     layers as HF's ``load_balancing_loss_func`` pools them: ``n_experts * sum(f * P)``, with ``f`` the share
-    of (token, slot) choices each expert got per top-k slot and ``P`` its mean router probability. It is
+    of (token, slot) choices each expert got per top-k slot and ``P`` its mean router probability. It is about
     ``top_k`` when the load is even and grows as the router favours some experts."""
     probs = torch.cat([p for p, _ in log])  # (M, n_experts)
     chosen = torch.cat([c for _, c in log])  # (M, k)

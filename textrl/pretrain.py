@@ -357,7 +357,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         batch = train_t[starts[:, None] + offsets]  # (B, C + 1)
         out = model(input_ids=batch[:, :-1], **({"output_router_logits": True} if moe else {}))
         loss = F.cross_entropy(out.logits.flatten(0, 1), batch[:, 1:].flatten())  # logits (B, C, V)
-        if moe:  # HF's aux_loss: the unweighted load-balancing loss, top_k when the load is even
+        if moe:  # HF's aux_loss: the unweighted load-balancing loss, about top_k when the load is even
             writer.add_scalar("train/router_aux_loss", out.aux_loss.item(), step)
             loss = loss + cfg.router_aux_coef * out.aux_loss
         if not torch.isfinite(loss):
