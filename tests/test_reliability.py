@@ -649,7 +649,7 @@ def env_file(gpt2_dir, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--agent", "nope"], "unknown agent 'nope'; choose from ['ppo', 'reinforce']"),
+        (["--agent", "nope"], "unknown agent 'nope'; choose from ['grpo', 'ppo', 'reinforce']"),
         (["--agent", "ppo", "--clip-range", "0"], "PPOConfig: clip_range must be > 0"),
         (["--agent", "ppo", "--clip-range=-0.2"], "PPOConfig: clip_range must be > 0"),
         (["--agent", "ppo", "--learning-rate=-1e-4"], "PPOConfig: learning_rate must be > 0"),
