@@ -282,6 +282,15 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         purge = self.num_timesteps + 1 if self.num_timesteps else None
         self.logger = RunLogger(self.run_dir, self.config, purge_step=purge)
 
+    def reference_kl(self, rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference model's log-probs of the rollout's actions and the per-token KL estimate
+        (``config.kl_estimator``) against them, both (B, T); the KL is zero off the action positions."""
+        with self.autocast():
+            ref = self.policy.reference_logprobs(
+                rollout.ids, rollout.attention_mask, rollout.prompt_len, rollout.actions, self.sampling.suppress_tokens
+            )
+        return ref, kl_penalty(rollout.logprobs, ref, self.config.kl_estimator) * rollout.action_mask
+
     def collect(self) -> tuple[Rollout, torch.Tensor, torch.Tensor | None]:
         """One rollout; returns it with the KL-penalised rewards (B, T) and the per-token KL (or None)."""
         with self.autocast():
@@ -291,15 +300,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         rewards = rollout.rewards.clone()
         kl = None
         if self.policy.reference:
-            with self.autocast():
-                ref = self.policy.reference_logprobs(
-                    rollout.ids,
-                    rollout.attention_mask,
-                    rollout.prompt_len,
-                    rollout.actions,
-                    self.sampling.suppress_tokens,
-                )
-            kl = kl_penalty(rollout.logprobs, ref, self.config.kl_estimator) * rollout.action_mask
+            _, kl = self.reference_kl(rollout)
             rewards = rewards - self.kl_ctl.coef * kl
         return rollout, rewards, kl
 

@@ -60,7 +60,7 @@ import torch
 from agents.base import BaseAgent
 from agents.config import AgentConfig
 from agents.dynamic_sampling import DynamicSamplingMixin, dynamic_sampling_errors
-from textrl.advantages import discounted_returns, group_baseline, kl_penalty, masked_mean
+from textrl.advantages import discounted_returns, group_baseline, masked_mean
 from textrl.rollout import Rollout, collect_rollout
 
 
@@ -301,15 +301,7 @@ class GRPO(DynamicSamplingMixin, BaseAgent):
                 rollout = collect_rollout(
                     self.policy, self.env, self._draw_prompts(), self.sampling, self.generator, self.device, True
                 )
-            with self.autocast():
-                ref = self.policy.reference_logprobs(
-                    rollout.ids,
-                    rollout.attention_mask,
-                    rollout.prompt_len,
-                    rollout.actions,
-                    self.sampling.suppress_tokens,
-                )
-            kl = kl_penalty(rollout.logprobs, ref, cfg.kl_estimator) * rollout.action_mask
+            ref, kl = self.reference_kl(rollout)
             rewards, extras = rollout.rewards.clone(), {"ref_logprobs": ref}
         else:
             rollout, rewards, kl, extras = super().collect_round()

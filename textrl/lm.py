@@ -132,6 +132,20 @@ def _hub_error(name: str, cause: Exception) -> LMNotFoundError:
     )
 
 
+def read_config(where: Path | str):
+    """The model config at ``where`` (a folder from :func:`resolve_lm_path`, or a hub id in the local cache).
+
+    Raises:
+        LMNotFoundError: an unreadable folder, or a hub id that is not in the local cache.
+    """
+    try:
+        return AutoConfig.from_pretrained(where, local_files_only=True)
+    except OSError as e:
+        if isinstance(where, Path):
+            raise LMNotFoundError(f"cannot read the model config in {where}: {e}") from e
+        raise _hub_error(str(where), e) from None
+
+
 def load_lm(
     name_or_path: str | os.PathLike = "tiny",
     *,
@@ -161,12 +175,7 @@ def load_lm(
     local = isinstance(where, Path)
     if local and (where / "adapter_config.json").is_file() and not (where / "config.json").is_file():
         return _load_adapter(where, device, dtype)
-    try:
-        config = AutoConfig.from_pretrained(where, local_files_only=True)
-    except OSError as e:
-        if local:
-            raise LMNotFoundError(f"cannot read the model config in {where}: {e}") from e
-        raise _hub_error(str(where), e) from None
+    config = read_config(where)
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(where, config=config, local_files_only=True, dtype=dtype)

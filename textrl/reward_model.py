@@ -139,9 +139,9 @@ def load_reward_model(folder: str | os.PathLike, device: str | torch.device = "c
         NotARewardModelError: the folder holds another kind of model, e.g. a causal LM, or its weights lack
             the classification head.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from textrl.lm import LMNotFoundError, _hub_error, _load_tokenizer, quiet_transformers, resolve_lm_path
+    from textrl.lm import LMNotFoundError, _load_tokenizer, quiet_transformers, read_config, resolve_lm_path
 
     where = resolve_lm_path(folder)
     local = isinstance(where, Path)
@@ -149,12 +149,7 @@ def load_reward_model(folder: str | os.PathLike, device: str | torch.device = "c
         raise NotARewardModelError(
             f"{where} holds no config.json (a peft adapter folder?); pass a full sequence-classification folder"
         )
-    try:
-        config = AutoConfig.from_pretrained(where, local_files_only=True)
-    except OSError as e:
-        if local:
-            raise LMNotFoundError(f"cannot read the model config in {where}: {e}") from e
-        raise _hub_error(str(where), e) from None
+    config = read_config(where)
     archs = list(getattr(config, "architectures", None) or [])
     if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
         raise _not_a_reward_model(where, config)
