@@ -49,24 +49,8 @@ def arch(request) -> str:
     return request.param
 
 
-@torch.no_grad()
-def _sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
-    """O(1) random parameters (as ``test_engine.py``): random-init HF models have norm weights 1, biases 0 and
-    near-uniform attention, which would hide a skipped norm or bias."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if p.ndim > 1:
-            p.copy_(0.15 * noise)
-        elif "norm" in name or "ln_" in name:
-            p.copy_(1 + 0.3 * noise)
-        else:
-            p.copy_(0.1 * noise)
-    return model
-
-
 def _model(request, arch: str, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return _sharpen(load_lm(request.getfixturevalue(arch))[0]).to(device=device, dtype=dtype)
+    return request.getfixturevalue("sharpen")(load_lm(request.getfixturevalue(arch))[0]).to(device=device, dtype=dtype)
 
 
 def _batch(vocab: int, device: torch.device, B: int = 3, S: int = 12):

@@ -4,7 +4,7 @@ bias) and Qwen3 (q/k RMSNorm, head size other than hidden / heads, tied LM head)
 
 Random-init HF models have every norm weight 1 and every bias 0, and weights so small that attention is
 nearly uniform: a forward that skipped a norm weight or a bias would still agree. So each model is loaded and
-then given O(1) weights, norms and biases (:func:`_sharpen`) before it is compared.
+then given O(1) weights, norms and biases (the ``sharpen`` fixture) before it is compared.
 """
 
 from __future__ import annotations
@@ -43,23 +43,8 @@ FAMILY = {
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 
-@torch.no_grad()
-def _sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
-    """O(1) random parameters: matrices N(0, 0.15^2), norm weights 1 + N(0, 0.3^2), biases N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if p.ndim > 1:
-            p.copy_(0.15 * noise)
-        elif "norm" in name or "ln_" in name:
-            p.copy_(1 + 0.3 * noise)
-        else:
-            p.copy_(0.1 * noise)
-    return model
-
-
 def _model(request, arch: str) -> nn.Module:
-    return _sharpen(load_lm(request.getfixturevalue(arch))[0])
+    return request.getfixturevalue("sharpen")(load_lm(request.getfixturevalue(arch))[0])
 
 
 def _batch(vocab: int, B: int = 3, S: int = 12, seed: int = 1):
