@@ -90,7 +90,7 @@ def test_tiny_moe_is_a_sparse_model_at_the_dense_ones_active_size_and_runs_on_th
     sparse = json.loads((EMBEDDED_MODELS["tiny-moe"] / "training_summary.json").read_text())
     assert sparse["arch"] == "moe" and sparse["tokens_seen"] == dense["tokens_seen"]
     assert abs(sparse["active_parameters"] / dense["parameters"] - 1) < 0.1
-    assert sparse["heldout_loss"] < dense["heldout_loss"]  # the reason it ships
+    assert sparse["heldout_loss"] < dense["heldout_loss"]  # better than tiny at about its active size
     model, tokenizer = load_lm("tiny-moe")
     assert type(model).__name__ == "MixtralForCausalLM" and len(tokenizer) == 4096
     ids = tokenizer(["And God said unto Moses"], return_tensors="pt").input_ids
