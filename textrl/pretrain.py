@@ -180,12 +180,18 @@ def evaluate(model: PreTrainedModel, windows: torch.Tensor, batch_size: int) -> 
     return total / count
 
 
+def cosine_lr(step: int, total: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Learning rate of the 0-based ``step``: linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay
+    to ``min_lr`` at ``total`` (pre-training's schedule, and fine-tuning's)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
 
 
 def expert_size(cfg: PretrainConfig) -> int:
@@ -245,12 +251,19 @@ def build_model(cfg: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> PreT
     return GPT2LMHeadModel(config)
 
 
-def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not model.get_input_embeddings().weight]
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of the trainable weights: weight decay on matrices, none on biases, norms and the
+    input embeddings (shared by pre-training, fine-tuning and reward-model training)."""
+    embeddings = model.get_input_embeddings().weight
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2 and p is not embeddings]
     ids = {id(p) for p in decay}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    rest = [p for p in params if id(p) not in ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:

@@ -448,13 +448,9 @@ def evaluate_pairs(model, rows, batch_size: int, device) -> tuple[float, float] 
 
 
 def _optimizer(model: torch.nn.Module, cfg: RewardTrainConfig) -> torch.optim.AdamW:
-    embeddings = {id(model.get_input_embeddings().weight)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
-    ids = {id(p) for p in decay}
-    rest = [p for p in params if id(p) not in ids]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    from textrl.pretrain import decay_groups
+
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
 
 
 def lr_at(step: int, total: int, cfg: RewardTrainConfig) -> float:

@@ -62,6 +62,7 @@ from textrl.checkpoint import (
 )
 from textrl.config import config_markdown, save_config, to_jsonable
 from textrl.jsonl import DataError, read_jsonl, require_fields
+from textrl.pretrain import cosine_lr, decay_groups
 
 IGNORE = -100
 """Label of a position that is not scored (prompt, user and system tokens, padding)."""
@@ -408,20 +409,11 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 def lr_at(step: int, total: int, cfg: SFTConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total`` (0-based step)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_lr(step, total, cfg.lr, cfg.min_lr, cfg.warmup_steps)
 
 
 def _optimizer(model: torch.nn.Module, cfg: SFTConfig) -> torch.optim.AdamW:
-    embeddings = model.get_input_embeddings().weight
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2 and p is not embeddings]
-    ids = {id(p) for p in decay}
-    rest = [p for p in params if id(p) not in ids]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(decay_groups(model, cfg.weight_decay), lr=cfg.lr)
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
