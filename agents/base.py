@@ -142,6 +142,7 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         ).to(self.device)
         self.policy.replay_memory_mb = self.config.replay_memory_mb
         self.policy.decode_step = self.config.decode_step
+        self.policy.activation_checkpointing = self.config.activation_checkpointing
         if self.config.router_aux_coef > 0:
             if not self.policy.has_router:
                 raise ValueError(

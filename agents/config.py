@@ -67,6 +67,10 @@ class AgentConfig(Sampling):
     (static), captured as a CUDA graph and replayed (graph: on a GPU, a step costs about its memory traffic
     instead of its kernel launches) or through torch.compile, then a CUDA graph (compile). Models the engine
     does not run, mixtures of experts and LoRA rollouts decode eagerly."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the update's backward pass instead of keeping them from its
+    forward (torch.utils.checkpoint): the update's activation memory drops to about one block's plus every
+    block's input, for about one more forward pass of compute. For long sequences and big batches."""
     log_interval: int = 1
     """Iterations between TensorBoard scalar writes."""
     eval_interval: int = 0

@@ -46,6 +46,10 @@ class HFCore(nn.Module):
         inner = model.get_base_model() if hasattr(model, "peft_config") else model  # a peft model passes it on
         params = inspect.signature(inner.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.checkpoint_blocks = False
+        """Activation checkpointing in :meth:`forward` under autograd, through the model's own (transformers'
+        per-layer ``torch.utils.checkpoint``, non-reentrant), as :attr:`textrl.engine.Engine.checkpoint_blocks`."""
+        self._checkpointing: list[nn.Module] | None = None  # the layers transformers checkpoints, once enabled
 
     def _run(self, ids, mask, positions, cache=None, keep: int = 0):
         out = self.model(
@@ -72,8 +76,31 @@ class HFCore(nn.Module):
         return session
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
-        logits, hidden, _ = self._run(ids, mask.long(), positions_from_mask(mask), keep=ids.shape[1] - start)
+        layers = self._checkpoint_layers() if self.checkpoint_blocks and torch.is_grad_enabled() else []
+        # transformers checkpoints a layer only in training mode; the policy keeps every module in eval mode
+        # (no dropout), so the flag is raised on the checkpointed layers alone, and only for this call
+        for layer in layers:
+            layer.training = True
+        try:
+            logits, hidden, _ = self._run(ids, mask.long(), positions_from_mask(mask), keep=ids.shape[1] - start)
+        finally:
+            for layer in layers:
+                layer.training = False
         return logits, hidden
+
+    def _checkpoint_layers(self) -> list[nn.Module]:
+        """The model's layers that transformers checkpoints, with checkpointing switched on (the first time)."""
+        if self._checkpointing is None:
+            inner = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+            if not getattr(inner, "supports_gradient_checkpointing", False):
+                raise ValueError(
+                    f"activation checkpointing: {type(inner).__name__} does not support it in transformers "
+                    "(supports_gradient_checkpointing is False); turn activation_checkpointing off"
+                )
+            enable = getattr(inner, "activation_checkpointing_enable", None) or inner.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            self._checkpointing = [m for m in inner.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        return self._checkpointing
 
 
 class HFSession:

@@ -50,6 +50,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from textrl.arch import Layer, Spec, Unsupported, describe
@@ -102,6 +103,11 @@ class Engine(nn.Module):
         self.record_limit: int | None = None
         """Largest record in bytes (None: no limit): a rollout that would need more is not recorded, and the
         update computes its forward instead (see :meth:`record_bytes`)."""
+        self.checkpoint_blocks = False
+        """Activation checkpointing in :meth:`forward` under autograd: each block keeps only its input, and the
+        backward pass recomputes the block's activations from it (``torch.utils.checkpoint``, non-reentrant).
+        The update's activation memory drops from every block's to one block's plus the block inputs, for one
+        more forward pass of compute (a replayed forward's linear outputs come from the record again)."""
         self.decode_step: str = "eager"
         """How a decode step runs (:data:`DECODE_STEPS`): ``"eager"``, or a static-shape step (see the module
         docstring): ``"static"``, ``"graph"`` (CUDA graphs; on other devices as ``"static"``) or ``"compile"``
@@ -191,6 +197,30 @@ class Engine(nn.Module):
             h = gelu(lin(h, layer.up), self.spec.act)
         return x + lin(h, layer.down)
 
+    def _checkpointed(self, layer: Layer, x: torch.Tensor, angles, attend, lin, valid) -> torch.Tensor | None:
+        """:meth:`_block`, under activation checkpointing when :attr:`checkpoint_blocks` is set and autograd
+        records. The recompute in the backward pass runs the same block on the same input (the replayed
+        linear layers read the same record columns); it logs its routing into a list of its own, not into
+        :attr:`router_log`, which the first run already filled (the same ops run, so the same tensors are
+        saved, as the recompute requires)."""
+        if not (self.checkpoint_blocks and torch.is_grad_enabled()):
+            return self._block(layer, x, angles, attend, lin, valid)
+        runs = 0
+
+        def run(x):
+            nonlocal runs
+            runs += 1
+            if runs == 1:
+                return self._block(layer, x, angles, attend, lin, valid)
+            log = self.router_log
+            self.router_log = None if log is None else []
+            try:
+                return self._block(layer, x, angles, attend, lin, valid)
+            finally:
+                self.router_log = log
+
+        return checkpoint(run, x, use_reentrant=False)
+
     def _sdpa(self, q, k, v, mask):
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
@@ -273,7 +303,7 @@ class Engine(nn.Module):
             x, angles = self._embed(ids, positions)
             for layer in self.spec.layers:
                 attend = lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m)  # noqa: E731
-                x = self._block(layer, x, angles, attend, lin, mask)
+                x = self._checkpointed(layer, x, angles, attend, lin, mask)
             return self._head(x[:, start:], rec, rows, start)
         first, inverse = shared
         n, last = start, self.spec.layers[-1]
@@ -293,8 +323,8 @@ class Engine(nn.Module):
             def attend_rows(q, k, v, m=m[:, :, n:], kv=kv):
                 return self._sdpa(q, torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2), m)
 
-            x = self._block(layer, x, angles_x, attend_prefix, lin_x, mask[first, :n])
-            y = self._block(layer, y, angles_y, attend_rows, lin_y, mask[:, n:])
+            x = self._checkpointed(layer, x, angles_x, attend_prefix, lin_x, mask[first, :n])
+            y = self._checkpointed(layer, y, angles_y, attend_rows, lin_y, mask[:, n:])
         return self._head(y, rec, rows, n)
 
     @staticmethod

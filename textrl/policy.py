@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from textrl.core import core_name, make_core
+from textrl.core import HFCore, core_name, make_core
 from textrl.ops import router_balance_loss
 
 
@@ -267,6 +267,22 @@ class ActorCritic(nn.Module):
         in :attr:`router_loss` for the agent to add to its loss."""
         self.router_loss: torch.Tensor | None = None
         """The load-balancing loss of the last :meth:`logits_and_values` call (with gradients), or None."""
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether the update's forward recomputes each block's activations in the backward pass instead of
+        keeping them (:attr:`textrl.engine.Engine.checkpoint_blocks`; on the HF path, transformers' own
+        checkpointing): less memory for about one more forward pass. Rollouts and reference passes, which keep
+        no activations, are unchanged."""
+        return self.core.checkpoint_blocks
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        for core in (self.core, getattr(self, "value_core", None)):
+            if core is not None:
+                core.checkpoint_blocks = bool(on)
+                if on and isinstance(core, HFCore):
+                    core._checkpoint_layers()  # a model transformers cannot checkpoint fails here, not mid-run
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """The value head on final hidden states (..., E): values (...), in the head's float32 (a bf16 model's
