@@ -131,7 +131,13 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         fresh = self.config.lora_rank > 0 and not is_peft(model)  # an adapter folder or object comes with its own
         if fresh:
             cfg = self.config
-            model = attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_layers)
+            # peft draws the adapters' A matrices from torch's global RNG: drawn from the run's seed, a seeded
+            # run starts from the same adapters every time (and the caller's RNG state is left as it was)
+            cuda = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model = attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_layers)
         self.reference_is_base = fresh if reference_is_base is None else reference_is_base
         self.base_identity = base_identity(model) if is_peft(model) else None
         """The base model under LoRA adapters (path and SHA-256 of config and weights), else None."""

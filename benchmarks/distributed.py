@@ -40,10 +40,13 @@ sys.path.insert(0, str(HERE))
 
 import rl_speed  # noqa: E402  (a sibling script)
 
-LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1), "2x1-free": (2, 1)}
+LAYOUTS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1), "2x1-free": (2, 1), "1x1-half": (1, 1), "2x1-weak": (2, 1)}
 """name -> (processes, threads per process). ``2x1-free`` is the machine's ceiling for any data-parallel
 scheme: two independent one-process runs of B/2 rows each at the same time, with no communication at all
-(their tokens/s summed)."""
+(their tokens/s summed). ``1x1-half`` is one process on B/2 rows alone: twice its tokens/s is what 2
+processes of B/2 rows could reach with neither communication nor any contention between them (a decode
+step streams every weight whatever the rows, so halving the rows does not halve a process's time).
+``2x1-weak`` is data parallelism that grows the batch instead: 2 processes of B rows each (2B in all)."""
 
 
 def build(workdir: Path, model: str, seed: int) -> rl_speed.Workload:
@@ -98,6 +101,10 @@ def run(work_file: Path, layout: str, batch: int, iters: int, out: Path, seed: i
         worker = [str(work_file), str(rows), str(iters), str(threads), str(result)]
         return [str(Path(__file__).resolve()), "--worker", *worker, "--seed", str(seed)]
 
+    if layout == "1x1-half":
+        batch //= 2
+    elif layout == "2x1-weak":
+        batch *= 2
     if layout == "2x1-free":  # two independent runs at once; each is its own "rank 0"
         outs = [out.with_suffix(f".{i}.json") for i in range(procs)]
         jobs = [subprocess.Popen([sys.executable, *args(batch // procs, o)], env=env) for o in outs]
@@ -118,7 +125,7 @@ def run(work_file: Path, layout: str, batch: int, iters: int, out: Path, seed: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="tiny:16,tiny:64,llama-small:16")
-    parser.add_argument("--layouts", default="1x1,1x2,2x1,2x1-free")
+    parser.add_argument("--layouts", default="1x1,1x2,1x1-half,2x1,2x1-free,2x1-weak")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -146,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     for model, source in sources.items():
         print(f"# {model}: {source}")
     print()
-    head = ["workload", "layout", "tokens/s", "x 1 process x 1 thread", "of the ceiling", "iteration ms"]
-    print("| " + " | ".join([*head, "collectives ms/iter"]) + " |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    head = ["workload", "layout", "tokens/s", "x 1 process x 1 thread", "of the ceiling", "of the bound"]
+    print("| " + " | ".join([*head, "iteration ms", "collectives ms/iter"]) + " |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for model, batch in workloads:
         for layout in layouts:
             rows = results[(model, batch, layout)]
@@ -157,24 +164,29 @@ def main(argv: list[str] | None = None) -> None:
             comm = statistics.median(r["collective_seconds"] for r in rows) * 1000
             procs, threads = LAYOUTS[layout]
             name = f"{procs} process{'es' if procs > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
-            if layout == "2x1-free":
-                name = "2 independent processes x 1 thread, B/2 each (the machine's ceiling)"
-            ceiling = ratio(results, model, batch, layout, "2x1-free") if layout == "2x1" else "-"
-            comm_text = f"{comm:.1f}" if layout == "2x1" else "-"
-            speedup = ratio(results, model, batch, layout, "1x1")
-            cells = [f"{model} B={batch}", name, f"{tps:,.0f}", speedup, ceiling.rstrip("x"), f"{ms:,.0f}", comm_text]
+            name = {
+                "2x1-free": "2 independent processes x 1 thread, B/2 each (the machine's ceiling)",
+                "1x1-half": "1 process x 1 thread, B/2 rows alone (x 2: the bound without contention)",
+                "2x1-weak": "2 processes x 1 thread, B rows each (2B in all)",
+            }.get(layout, name)
+            dp = layout == "2x1"
+            ceiling = ratio(results, model, batch, layout, "2x1-free") if dp else "-"
+            bound = ratio(results, model, batch, layout, "1x1-half", 0.5) if dp else "-"
+            comm_text = f"{comm:.1f}" if layout in ("2x1", "2x1-weak") else "-"
+            speedup = ratio(results, model, batch, layout, "1x1", 2.0 if layout == "1x1-half" else 1.0)
+            cells = [f"{model} B={batch}", name, f"{tps:,.0f}", speedup, ceiling.rstrip("x"), bound.rstrip("x")]
+            cells += [f"{ms:,.0f}", comm_text]
             print("| " + " | ".join(cells) + " |")
 
 
-def ratio(results: dict, model: str, batch: int, layout: str, base: str) -> str:
-    """``layout``'s tokens/s over ``base``'s: the median of the ratios within each round (runs next to each
-    other in time), so that drifts in the machine's speed cancel."""
+def ratio(results: dict, model: str, batch: int, layout: str, base: str, scale: float = 1.0) -> str:
+    """``scale`` x ``layout``'s tokens/s over ``base``'s: the median of the ratios within each round (runs next
+    to each other in time), so that drifts in the machine's speed cancel."""
     a, b = results.get((model, batch, layout), []), results.get((model, batch, base), [])
     if not a or not b:
         return "-"
-    return (
-        f"{statistics.median(x['tokens_per_second'] / y['tokens_per_second'] for x, y in zip(a, b, strict=True)):.2f}x"
-    )
+    ratios = [scale * x["tokens_per_second"] / y["tokens_per_second"] for x, y in zip(a, b, strict=True)]
+    return f"{statistics.median(ratios):.2f}x"
 
 
 if __name__ == "__main__":

@@ -137,9 +137,15 @@ H200_TFLOPS = 989.0
 """Dense bf16 TFLOP/s of an NVIDIA H200 (SXM; the datasheet's 1,979 is with 2:4 sparsity)."""
 H200_TBS = 4.8
 """HBM3e TB/s of an NVIDIA H200."""
-DEFAULT_PLACE = {"device": "cpu", "dtype": "fp32", "decode_step": "eager", "replay_memory_mb": None}
+DEFAULT_PLACE = {
+    "device": "cpu",
+    "dtype": "fp32",
+    "decode_step": "eager",
+    "replay_memory_mb": None,
+    "activation_checkpointing": False,
+}
 """Where and how the systems run (``--device``, ``--dtype``, textrl's ``--decode-step`` and
-``--replay-memory-mb``)."""
+``--replay-memory-mb``, and ``--activation-checkpointing`` for textrl and TRL)."""
 
 
 def torch_dtype(name: str):
@@ -151,6 +157,8 @@ def torch_dtype(name: str):
 def textrl_overrides(place: dict) -> dict:
     """textrl config fields from the placement: the decode step, and the replay budget when given."""
     out = {"decode_step": place["decode_step"]}
+    if place.get("activation_checkpointing"):
+        out["activation_checkpointing"] = True
     if place.get("replay_memory_mb") is not None:
         out["replay_memory_mb"] = place["replay_memory_mb"]
     return out
@@ -164,22 +172,23 @@ def synchronize(place: dict) -> None:
         torch.cuda.synchronize()
 
 
-def training(lora_rank: int) -> str:
+def training(lora_rank: int, checkpointing: bool = False) -> str:
     """What is trained, as the report's header says it."""
-    if lora_rank > 0:
-        return f"LoRA rank {lora_rank} (alpha {2 * lora_rank}, all linear layers)"
-    return "full fine-tuning"
+    what = f"LoRA rank {lora_rank} (alpha {2 * lora_rank}, all linear layers)" if lora_rank > 0 else "full fine-tuning"
+    if checkpointing:
+        what += ", activation checkpointing in textrl's and TRL's updates"
+    return what
 
 
-def with_training(text: str, lora_rank: int) -> str:
+def with_training(text: str, lora_rank: int, checkpointing: bool = False) -> str:
     """The report with what is trained added to its header line (the ``Model:`` line)."""
     lines = text.split("\n")
     i = next(i for i, line in enumerate(lines) if line.startswith("Model: "))
     anchor = "one optimisation step per batch;"
     if anchor in lines[i]:
-        lines[i] = lines[i].replace(anchor, f"{anchor} {training(lora_rank)};", 1)
+        lines[i] = lines[i].replace(anchor, f"{anchor} {training(lora_rank, checkpointing)};", 1)
     else:
-        lines[i] += f" {training(lora_rank)}."
+        lines[i] += f" {training(lora_rank, checkpointing)}."
     return "\n".join(lines)
 
 
@@ -404,6 +413,7 @@ def trl_grpo_rows(
         num_iterations=mu,
         device=place["device"],
         bf16=place["dtype"] == "bf16",
+        gradient_checkpointing=place.get("activation_checkpointing", False),
     )
     out = []
     for i in range(0, len(rows), mu):
@@ -689,6 +699,7 @@ def placement(args) -> dict:
         "dtype": args.dtype,
         "decode_step": args.decode_step,
         "replay_memory_mb": args.replay_memory_mb,
+        "activation_checkpointing": args.activation_checkpointing,
     }
 
 
@@ -712,6 +723,8 @@ def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
     command += ["--decode-step", args.decode_step, "--decode-repeats", str(args.decode_repeats)]
     if args.replay_memory_mb is not None:
         command += ["--replay-memory-mb", str(args.replay_memory_mb)]
+    if args.activation_checkpointing:
+        command += ["--activation-checkpointing"]
     env = {**os.environ, **trl_systems.QUIET_ENV}
     try:
         proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -775,6 +788,11 @@ def main(argv: list[str] | None = None) -> None:
         help="textrl's decode step (graph: CUDA graphs)",
     )
     parser.add_argument("--replay-memory-mb", type=float, help="textrl's replay_memory_mb (default: its default)")
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward: textrl's activation_checkpointing, TRL's gradient_checkpointing",
+    )
     parser.add_argument(
         "--peak-tflops", type=float, help="for the update's MFU (default on CUDA: 989, an H200's dense bf16)"
     )
@@ -940,7 +958,7 @@ def main(argv: list[str] | None = None) -> None:
     text = peer_report.report(
         results, bounds, errors, args, work, skipped, load, labels=SYSTEMS, kl_coef=KL_COEF, versions=library_versions()
     )
-    text = with_training(text, args.lora_rank)
+    text = with_training(text, args.lora_rank, args.activation_checkpointing)
     if several:  # the header's "one optimisation step per batch;"
         text = text.replace("optimisation step per batch;", "optimisation step per batch (mu=2: two);", 1)
     if peaks["tflops"] or peaks["bandwidth"] or cuda:

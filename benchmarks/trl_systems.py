@@ -71,11 +71,14 @@ def _step_timer(rows: list[dict], state: dict):
     return StepTimer()
 
 
-def _common_args(out_dir: str, batch: int, learning_rate: float, seed: int, device: str = "cpu", bf16=False) -> dict:
+def _common_args(
+    out_dir: str, batch: int, learning_rate: float, seed: int, device: str = "cpu", bf16=False, checkpointing=False
+) -> dict:
     """The trainer settings every TRL system shares, so the workload cannot drift between them: B samples
     per optimisation step, temperature 1, a constant learning rate, fp32 (``bf16``: TRL's bf16 mixed precision,
     over a model loaded in bf16) and no gradient checkpointing (TRL defaults to bf16 and checkpointing), the CPU
-    (``device="cuda"``: the GPU), and no logging, saving, reporting or progress bar."""
+    (``device="cuda"``: the GPU), and no logging, saving, reporting or progress bar. ``checkpointing``: TRL's
+    gradient checkpointing on (non-reentrant)."""
     return {
         "output_dir": out_dir,
         "per_device_train_batch_size": batch,
@@ -84,7 +87,8 @@ def _common_args(out_dir: str, batch: int, learning_rate: float, seed: int, devi
         "learning_rate": learning_rate,
         "lr_scheduler_type": "constant",
         "bf16": bf16,
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
         "use_cpu": device == "cpu",
         "report_to": "none",
         "logging_strategy": "no",
@@ -112,6 +116,7 @@ def run_group_trainer(
     num_iterations: int = 1,
     device: str = "cpu",
     bf16: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> list[dict]:
     """TRL GRPOTrainer (``kind="grpo"``) or RLOOTrainer (``"rloo"``): ``steps`` steps of ``batch`` completions.
 
@@ -149,7 +154,7 @@ def run_group_trainer(
     tokenizer = AutoTokenizer.from_pretrained(lm)
     out_dir = tempfile.mkdtemp(prefix=f"textrl-peers-{kind}-")  # nothing is saved there; removed at the end
     args = Config(
-        **_common_args(out_dir, batch, learning_rate, seed, device, bf16),
+        **_common_args(out_dir, batch, learning_rate, seed, device, bf16, gradient_checkpointing),
         model_init_kwargs={"dtype": "bfloat16"} if bf16 else None,
         num_generations=GROUP_SIZE,
         num_iterations=num_iterations,

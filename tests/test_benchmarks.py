@@ -213,6 +213,30 @@ def test_peers_benchmark_runs_a_random_model_of_another_family(tmp_path, capsys)
     assert "FLOP bound skipped: it models GPT-2's matmuls, not qwen3's" in text
 
 
+def test_peers_benchmark_activation_checkpointing_reaches_textrl_and_trl(tmp_path, capsys, monkeypatch):
+    """``--activation-checkpointing``: textrl's agents get ``activation_checkpointing``, TRL its
+    ``gradient_checkpointing`` (non-reentrant), and the report's header says so."""
+    module = _load("peers", "peers_benchmark")
+    trl_systems = _load("trl_systems", "trl_systems")
+    made = []
+    runner = module.rl_speed.TextRLRunner
+
+    def spy(*args, overrides=None, **kwargs):
+        made.append(dict(overrides or {}))
+        return runner(*args, overrides=overrides, **kwargs)
+
+    monkeypatch.setattr(module.rl_speed, "TextRLRunner", spy)
+    report = tmp_path / "peers.md"
+    args = ["--arch", "llama", "--size", "tiny", "--in-process", "--batch-sizes", "4", "--new-tokens", "4"]
+    args += ["--iters", "1", "--warmup", "1", "--rounds", "1", "--systems", "reinforce", "--out", str(report)]
+    module.main([*args, "--activation-checkpointing"])
+    assert made and all(m.get("activation_checkpointing") is True for m in made)
+    assert "full fine-tuning, activation checkpointing in textrl's and TRL's updates;" in report.read_text()
+    common = trl_systems._common_args(str(tmp_path), 4, 1e-4, 0, checkpointing=True)
+    assert common["gradient_checkpointing"] and common["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert not trl_systems._common_args(str(tmp_path), 4, 1e-4, 0)["gradient_checkpointing"]
+
+
 def test_peers_benchmark_runs_any_hf_causal_lm_folder(tmp_path, capsys, monkeypatch, llama_gqa_dir, tokenizer):
     """``--lm FOLDER``: a Llama with its own 300-token tokenizer, which makes the prompts; the report names the
     folder, the model type and its shape; the GPT-2 FLOP bound is skipped with a reason."""
@@ -323,20 +347,28 @@ def test_peers_benchmark_lora_rank_trains_adapters_and_refuses_full_only_systems
 
 
 def test_distributed_benchmark_compares_layouts(capsys):
-    """Every layout runs (2 processes under torchrun, and the two independent ones) and gets a row."""
+    """Every layout runs (2 processes under torchrun, the two independent ones, one process on half the rows,
+    and 2 processes on twice the rows) and gets a row; data parallelism's row is set against the ceiling and
+    the bound."""
     module = _load("distributed", "distributed_benchmark")
     module.main(["--workloads", "tiny:8", "--iters", "1", "--repeats", "1"])
     out = capsys.readouterr().out
-    cells = r"^\| tiny B=8 \| ([^|]+) \| ([\d,]+) \| ([\d.]+)x \| ([\d.]+|-) \| ([\d,]+) \| ([\d.]+|-) \|$"
+    number = r"([\d.]+|-)"
+    cells = rf"^\| tiny B=8 \| ([^|]+) \| ([\d,]+) \| ([\d.]+)x \| {number} \| {number} \| ([\d,]+) \| {number} \|$"
     rows = re.findall(cells, out, re.M)
     assert [r[0].split(" (")[0].split(",")[0] for r in rows] == [
         "1 process x 1 thread",
         "1 process x 2 threads",
+        "1 process x 1 thread",
         "2 processes x 1 thread",
         "2 independent processes x 1 thread",
+        "2 processes x 1 thread",
     ]
+    assert "B/2 rows alone" in rows[2][0] and "2B in all" in rows[5][0]
     assert float(rows[0][2]) == 1.0 and all(float(r[1].replace(",", "")) > 0 for r in rows)
-    assert rows[2][3] != "-" and rows[2][5] != "-" and float(rows[2][5]) > 0  # of the ceiling; collectives
+    dp = rows[3]
+    assert dp[3] != "-" and dp[4] != "-" and float(dp[6]) > 0  # of the ceiling, of the bound; collectives
+    assert rows[5][6] != "-" and all(r[4] == "-" for r in rows if r is not dp)
 
 
 def test_multiturn_benchmark_compares_with_a_single_turn_rollout(capsys):
