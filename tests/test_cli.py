@@ -267,7 +267,7 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
     config.write_text("agent: reinforce\nkl-coeff: 0.1\n")
     err = error(["train", "--config", str(config)])
     assert err.startswith(f"textrl train: error: config file {config}: unknown key 'kl_coeff'")
-    assert "(did you mean 'kl_coef'?)" in err and "valid keys: agent, " in err and "baseline" in err
+    assert "(did you mean 'kl_coef'?)" in err and re.search(r"valid keys: (\w+, )*agent, ", err) and "baseline" in err
     config.write_text("clip_range: 0.1\n")  # PPO's, but --agent on the command line says REINFORCE
     assert "unknown key 'clip_range' for `textrl train --agent reinforce`" in error(
         ["train", "--agent", "reinforce", "--config", str(config)]
