@@ -74,6 +74,18 @@ def _assert_same(got, expected, what: str):
         torch.testing.assert_close(grads[name], grads_0[name], atol=1e-7, rtol=1e-6, msg=f"{what}: {name}")
 
 
+def _compare(model, core, ids, mask, start: int, what: str, router: bool = False):
+    """``_grads`` without, then with checkpointing; the two agree exactly: ``(plain, checked)``."""
+    plain = _grads(model, core, ids, mask, start, router)
+    core.checkpoint_blocks = True
+    try:
+        checked = _grads(model, core, ids, mask, start, router)
+    finally:
+        core.checkpoint_blocks = False
+    _assert_same(checked, plain, what)
+    return plain, checked
+
+
 def _record(core, ids, mask, P):
     with torch.no_grad():
         session = core.start(ids[:, :P], mask[:, :P], ids.shape[1], record=True)
@@ -90,19 +102,12 @@ def test_engine_gradients_equal_the_plain_forward(request, arch):
     P = 6
     router = any(layer.moe is not None for layer in core.spec.layers)
     for start in (0, P - 1):  # start P - 1: the rows share their prompt (the shared-prefix path)
-        plain = _grads(model, core, ids, mask, start, router)
-        core.checkpoint_blocks = True
-        checked = _grads(model, core, ids, mask, start, router)
-        core.checkpoint_blocks = False
-        _assert_same(checked, plain, f"{arch} start={start}")
+        plain, checked = _compare(model, core, ids, mask, start, f"{arch} start={start}", router)
         assert checked[2] < 0.6 * plain[2], (arch, start, checked[2], plain[2])  # kept for the backward
     # replayed from a rollout record: the recompute reads the same record columns
     _record(core, ids, mask, P)
-    plain = _grads(model, core, ids[:, :-1], mask[:, :-1], P - 1, router)
-    core.checkpoint_blocks = True
-    checked = _grads(model, core, ids[:, :-1], mask[:, :-1], P - 1, router)
+    _compare(model, core, ids[:, :-1], mask[:, :-1], P - 1, f"{arch} replayed", router)
     assert core.replayed == 2
-    _assert_same(checked, plain, f"{arch} replayed")
 
 
 def test_lora_gradients_equal_the_plain_forward(request):
@@ -114,10 +119,7 @@ def test_lora_gradients_equal_the_plain_forward(request):
             torch.nn.init.normal_(p, std=0.1)
     core = Engine(model)
     ids, mask = _batch(model.get_input_embeddings().num_embeddings)
-    plain = _grads(model, core, ids, mask, 5)
-    core.checkpoint_blocks = True
-    checked = _grads(model, core, ids, mask, 5)
-    _assert_same(checked, plain, "lora")
+    plain, checked = _compare(model, core, ids, mask, 5, "lora")
     assert all("lora_" in name for name in checked[1]) and checked[2] < 0.6 * plain[2]
 
 
@@ -125,10 +127,7 @@ def test_hf_path_gradients_equal_the_plain_forward(request):
     model = _model(request, "qwen3_dir")
     core = HFCore(model)
     ids, mask = _batch(model.get_input_embeddings().num_embeddings)
-    plain = _grads(model, core, ids, mask, 5)
-    core.checkpoint_blocks = True
-    checked = _grads(model, core, ids, mask, 5)
-    _assert_same(checked, plain, "HF path")
+    plain, checked = _compare(model, core, ids, mask, 5, "HF path")
     assert checked[2] < 0.6 * plain[2]
     layers = core._checkpoint_layers()
     assert len(layers) >= 2 and not any(m.training for m in model.modules())  # eval mode again after the call
