@@ -129,7 +129,7 @@ def test_hf_path_gradients_equal_the_plain_forward(request):
     ids, mask = _batch(model.get_input_embeddings().num_embeddings)
     plain, checked = _compare(model, core, ids, mask, 5, "HF path")
     assert checked[2] < 0.6 * plain[2]
-    layers = core._checkpoint_layers()
+    layers = core.checkpoint_layers()
     assert len(layers) >= 2 and not any(m.training for m in model.modules())  # eval mode again after the call
     with torch.no_grad():  # no autograd: nothing to checkpoint, and no module leaves eval mode
         core.forward(ids, mask)
@@ -139,7 +139,7 @@ def test_a_model_transformers_cannot_checkpoint_is_a_clear_error(request):
     model = _model(request, "gpt2_dir")
     model.supports_gradient_checkpointing = False  # as some remote-code models declare
     with pytest.raises(ValueError, match="activation checkpointing: GPT2LMHeadModel does not support it"):
-        HFCore(model)._checkpoint_layers()
+        HFCore(model).checkpoint_layers()
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -76,7 +76,7 @@ class HFCore(nn.Module):
         return session
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, start: int = 0, rows: torch.Tensor | None = None):
-        layers = self._checkpoint_layers() if self.checkpoint_blocks and torch.is_grad_enabled() else []
+        layers = self.checkpoint_layers() if self.checkpoint_blocks and torch.is_grad_enabled() else []
         # transformers checkpoints a layer only in training mode; the policy keeps every module in eval mode
         # (no dropout), so the flag is raised on the checkpointed layers alone, and only for this call
         for layer in layers:
@@ -88,7 +88,7 @@ class HFCore(nn.Module):
                 layer.training = False
         return logits, hidden
 
-    def _checkpoint_layers(self) -> list[nn.Module]:
+    def checkpoint_layers(self) -> list[nn.Module]:
         """The model's layers that transformers checkpoints, with checkpointing switched on (the first time)."""
         if self._checkpointing is None:
             inner = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model

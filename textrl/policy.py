@@ -282,7 +282,7 @@ class ActorCritic(nn.Module):
             if core is not None:
                 core.checkpoint_blocks = bool(on)
                 if on and isinstance(core, HFCore):
-                    core._checkpoint_layers()  # a model transformers cannot checkpoint fails here, not mid-run
+                    core.checkpoint_layers()  # a model transformers cannot checkpoint fails here, not mid-run
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         """The value head on final hidden states (..., E): values (...), in the head's float32 (a bf16 model's
