@@ -1,6 +1,6 @@
 """textrl on a CUDA GPU: the engine against the HF forward in fp32 and bf16, prefill + decode (eager, static and
 CUDA-graph steps) against the forward, a short ``learn()`` of each agent (fp32, bf16 autocast, bf16 weights),
-LoRA, exact save/resume and a multi-turn env.
+LoRA, activation checkpointing, exact save/resume and a multi-turn env.
 
 Every test runs on ``device`` = ``"cpu"`` and ``"cuda"``: the CUDA ones carry the ``cuda`` marker and are skipped
 without a GPU (``pytest -m cuda tests/test_cuda.py`` runs only them, on a machine that has one); the CPU ones run
@@ -185,6 +185,35 @@ def test_lora_on_the_device(gpt2_dir, device):
             continue
         assert torch.equal(p, base[n]), n
     assert any(not torch.equal(p, adapters[n]) for n, p in agent.policy.model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_activation_checkpointing_on_the_device(request, device, dtype):
+    """The update's forward with activation checkpointing: the gradients of the plain forward (to float
+    rounding: kernels may sum in another order on a GPU), with far less saved for the backward pass."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    model = _model(request, "llama_gqa_dir", device, dtype)
+    core = Engine(model)
+    ids, mask = _batch(model.get_input_embeddings().num_embeddings, device)
+
+    def grads(on: bool):
+        core.checkpoint_blocks = on
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            logits, hidden = core.forward(ids, mask, 4)
+        valid = mask[:, 4:].bool()
+        (logits[valid].float().log_softmax(-1)[:, :7].sum() + hidden[valid].float().square().sum() * 0.01).backward()
+        out = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out, sum(saved)
+
+    (plain, plain_saved), (checked, checked_saved) = grads(False), grads(True)
+    assert plain.keys() == checked.keys() and len(plain) > 10 and checked_saved < 0.6 * plain_saved
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name in plain:
+        scale = plain[name].abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(checked[name] / scale, plain[name] / scale, atol=tol, rtol=0, msg=name)
 
 
 @pytest.fixture
