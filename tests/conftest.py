@@ -333,3 +333,31 @@ def sharpen():
     bias 0 and weights so small that attention is nearly uniform, so a forward that skipped a norm weight or a
     bias would still agree with the reference."""
     return _sharpen
+
+
+def _resumed_exactly(a, folder: Path, env, keys: tuple[str, ...]):
+    """Save ``a`` (an agent that has run its first iteration) to ``folder``; ``a`` runs on for 2 iterations, and
+    an agent loaded from ``folder`` runs the same 2. Both must end with identical trainable weights, the same
+    ``keys`` in every iteration's logged statistics, and the same step count. Returns the loaded agent."""
+    a.save(folder)
+    stats_a: list[dict] = []
+    stats_b: list[dict] = []
+    for _ in range(2):
+        a.learn(1, reset_num_timesteps=False, callback=lambda ag, s: stats_a.append(s))
+    b = type(a).load(folder, env=env)
+    for _ in range(2):
+        b.learn(1, reset_num_timesteps=False, callback=lambda ag, s: stats_b.append(s))
+    for pa, pb in zip(a.policy.trainable_parameters(), b.policy.trainable_parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    assert len(stats_a) == len(stats_b) == 2
+    for sa, sb in zip(stats_a, stats_b, strict=True):
+        for key in keys:
+            assert sa[key] == sb[key], key
+    assert a.num_timesteps == b.num_timesteps
+    return b
+
+
+@pytest.fixture(scope="session")
+def resumed_exactly():
+    """The exact-resume check every agent's tests share (see :func:`_resumed_exactly`)."""
+    return _resumed_exactly
