@@ -25,12 +25,25 @@ so the bound is the same for every system. The time of each phase is the sum ove
 the measured time of ``torch.matmul`` at exactly that shape (for training also the two backward shapes),
 best of several repeats; the ceiling is ``B·T / (t_rollout + t_training [+ t_reference])`` generated
 tokens/s.
+
+Timed one shape at a time, a matmul keeps its weight in the core's cache across calls, which a decode step
+never does: it reads every layer's weights once and moves on, so at M = B rows its matmuls wait on memory,
+not on arithmetic. The **streaming ceiling** times the T - 1 decode steps as a decode runs them
+(:func:`time_decode_steps`: every layer's own weights, in order, then the head) and is otherwise the
+ceiling; it is the tighter limit on CPU, where a small model's decode matmuls run about twice as long as
+their one-weight timing. Neither counts anything but matmuls and attention, so a system's iteration can
+only approach them; a peer's time over the streaming ceiling's is the largest ratio any system could reach
+over that peer on this machine.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+
+DENSE_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+"""HF ``model_type``s whose matmuls :class:`Shape` counts: GPT-2 and the dense Llama-style families (biases,
+q/k norms and tied heads change no matmul; a mixture of experts would)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,9 @@ BACKWARD = ("dx", "dw")
 
 
 def phases(shape: Shape, batch: int, prompt: int, new: int, group: int = 1) -> dict[str, dict]:
-    """Per phase: ``matmuls`` as ``[(M, K, N, count, layouts)]`` and ``attention`` FLOPs, for one iteration
-    of ``batch`` rows that are ``group`` samples each of ``batch / group`` distinct prompts."""
+    """Per phase: ``matmuls`` as ``[(M, K, N, count, layouts)]`` (the rollout's decode steps also apart, as
+    ``decode``) and ``attention`` FLOPs, for one iteration of ``batch`` rows that are ``group`` samples each
+    of ``batch / group`` distinct prompts."""
     L, E, V = shape.n_layer, shape.n_embd, shape.vocab_size
     A = shape.attention_width  # E for GPT-2
     B, P, T = batch, prompt, new
@@ -102,8 +116,10 @@ def phases(shape: Shape, batch: int, prompt: int, new: int, group: int = 1) -> d
         return [*rows, (head_m, E, V, count, layouts)]
 
     decode_ctx = sum(P + t for t in range(1, T))  # keys each decode step attends to
+    decode = grouped(B, B, FORWARD, count=T - 1)
     rollout = {
-        "matmuls": grouped(U * P, U, FORWARD) + grouped(B, B, FORWARD, count=T - 1),
+        "matmuls": grouped(U * P, U, FORWARD) + decode,
+        "decode": decode,  # the decode steps' share of the matmuls
         "attention": 4 * L * A * (U * P * (P + 1) // 2 + B * decode_ctx),
     }
     S = P + T - 1  # positions of a training sequence: the first P - 1 shared within a group, T per row
@@ -171,10 +187,39 @@ def _time_matmul(m: int, k: int, n: int, transpose: str, min_seconds: float, rep
     return best
 
 
+def time_decode_steps(shape: Shape, batch: int, steps: int, repeats: int = 5) -> float:
+    """Best seconds of ``steps`` decode steps' weight matmuls at M = ``batch`` rows, run as a decode runs them:
+    each layer with weights of its own, layer after layer, then the LM head. The block weights are (K, N)
+    contiguous, the head (V, E) multiplies the (E, B) hidden states: the fastest CPU layouts at few rows (those
+    of textrl's engine, :func:`textrl.ops.input_major`)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    layers = [[torch.randn(k, n, generator=g) for _, k, n in shape.block_matmuls(batch)] for _ in range(shape.n_layer)]
+    inputs = {k: torch.randn(batch, k, generator=g) for _, k, _ in shape.block_matmuls(batch)}
+    head, hidden = torch.randn(shape.vocab_size, shape.n_embd, generator=g), torch.randn(shape.n_embd, batch)
+
+    def run() -> None:
+        for _ in range(steps):
+            for weights in layers:
+                for w in weights:
+                    torch.mm(inputs[w.shape[0]], w)
+            torch.mm(head, hidden)
+
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure(
     shape: Shape, batch: int, prompt: int, new: int, kl: bool, group: int = 1, min_seconds: float = 0.01
 ) -> dict:
-    """Time every phase's matmuls on this machine (this process's torch threads); the ceiling in tokens/s."""
+    """Time every phase's matmuls on this machine (this process's torch threads); the ceiling in tokens/s, and
+    the streaming ceiling (the decode steps timed by :func:`time_decode_steps`)."""
     import torch
 
     cache: dict[tuple, float] = {}
@@ -193,6 +238,11 @@ def measure(
         rate = mm_flops / seconds
         seconds += phase["attention"] / rate
         out["phases"][name] = {"flops": phase_flops(phase), "seconds": seconds, "gflops": rate / 1e9}
+        if name == "rollout":  # the decode steps' matmuls again, streamed; the prefill and attention as timed
+            hot = sum(count * timed(m, k, n, "fwd") for m, k, n, count, _ in phase["decode"])
+            streamed = time_decode_steps(shape, batch, new - 1) if new > 1 else 0.0
+            out["phases"][name] |= {"decode_hot": hot, "decode_streamed": streamed}
+            out["phases"][name]["streamed_seconds"] = seconds - hot + streamed
     used = ["rollout", "training"] + (["reference"] if kl else [])
     tokens = batch * new
     rollout_used = ["rollout"] + (["reference"] if kl else [])
@@ -200,4 +250,10 @@ def measure(
     out["flops_per_token"] = {name: out["phases"][name]["flops"] / tokens for name in out["phases"]}
     out["ceiling"] = tokens / sum(out["phases"][name]["seconds"] for name in used)
     out["rollout_ceiling"] = tokens / sum(out["phases"][name]["seconds"] for name in rollout_used)
+
+    def streamed(names: list[str]) -> float:
+        return sum(out["phases"][n].get("streamed_seconds", out["phases"][n]["seconds"]) for n in names)
+
+    out["streaming_ceiling"] = tokens / streamed(used)
+    out["rollout_streaming_ceiling"] = tokens / streamed(rollout_used)
     return out

@@ -52,7 +52,10 @@ def target_lines(results: dict, bounds: dict, labels: dict[str, str]) -> list[st
             ok = ratio > goal if goal == 1.0 else ratio >= goal
             bar = "> 1x (faster)" if goal == 1.0 else f">= {goal:g}x"
             names = f"{labels[system]} / {labels[peer]}"
-            lines.append(f"- [{'x' if ok else ' '}] B = {batch}: {names} = {ratio:.2f}x (target {bar})")
+            reach = ""
+            if bounds.get(batch) and "streaming_ceiling" in bounds[batch]:
+                reach = f"; at the streaming ceiling {bounds[batch]['streaming_ceiling'] / theirs['iteration']:.2f}x"
+            lines.append(f"- [{'x' if ok else ' '}] B = {batch}: {names} = {ratio:.2f}x (target {bar}{reach})")
     r, bound = results.get(("reinforce", 64)), bounds.get(64)
     if r and bound:
         frac = r["iteration"] / bound["ceiling"]
@@ -140,6 +143,23 @@ def report(
                     else ""
                 ),
             ]
+            if "streaming_ceiling" in bound:
+                r = ph["rollout"]
+                lines += [
+                    "",
+                    f"Streaming ceiling: the same with the {args.new_tokens - 1} decode steps' matmuls timed as a "
+                    "decode runs them, every layer's own weights in turn "
+                    f"({1e3 * r['decode_streamed']:.0f} ms per rollout, against {1e3 * r['decode_hot']:.0f} ms "
+                    f"with each shape's weight kept in cache): **{bound['streaming_ceiling']:,.0f} tok/s** for the "
+                    f"full iteration, {bound['rollout_streaming_ceiling']:,.0f} tok/s for the rollout. Only matmuls "
+                    "and attention are counted; this ceiling over a peer's tokens/s is the largest ratio any system "
+                    "could reach against that peer here"
+                    + (
+                        f"; textrl PPO reaches {100 * base['iteration'] / bound['streaming_ceiling']:.0f}% of it."
+                        if base
+                        else "."
+                    ),
+                ]
         lines.append("")
     targets = target_lines(results, bounds, labels)
     if targets:

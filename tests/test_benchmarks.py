@@ -210,7 +210,34 @@ def test_peers_benchmark_runs_a_random_model_of_another_family(tmp_path, capsys)
     label = re.escape(module.SYSTEMS["reinforce"])
     (speed,) = re.findall(rf"^\| {label} \| ([\d,]+) ±\d+% \| - \|", text, re.M)  # no PPO row: no ratios
     assert float(speed.replace(",", "")) > 0
-    assert "FLOP bound skipped: it models GPT-2's matmuls, not qwen3's" in text
+    assert re.search(r"Ceiling: \*\*[\d,]+ tok/s\*\*", text) and "Streaming ceiling: the same with the 3 decode" in text
+    assert "FLOP bound skipped" not in text  # a dense Llama-style block: flop_bound.py counts its matmuls
+
+
+def test_streaming_ceiling_times_the_decode_as_it_runs_and_bounds_every_peer_ratio():
+    """The streaming ceiling is the FLOP bound with the decode steps' matmuls timed over every layer's own
+    weights; a target line gives the largest ratio that ceiling allows against the peer."""
+    flop_bound = _load("flop_bound", "flop_bound")
+    peer_report = _load("peer_report", "peer_report")
+    shape = flop_bound.Shape(n_layer=2, n_embd=32, vocab_size=300, n_inner=128)
+    B, P, T = 4, 4, 3
+    decode = flop_bound.phases(shape, B, P, T)["rollout"]["decode"]
+    steps = 2 * (T - 1)  # every layer at every step but the last token's
+    blocks = [(B, 32, 96, steps, ("fwd",)), (B, 32, 32, steps, ("fwd",)), (B, 32, 128, steps, ("fwd",))]
+    assert decode == [*blocks, (B, 128, 32, steps, ("fwd",)), (B, 32, 300, T - 1, ("fwd",))]
+    assert flop_bound.time_decode_steps(shape, B, T - 1, repeats=2) > 0
+    bound = flop_bound.measure(shape, B, P, T, kl=True, min_seconds=0.001)
+    rollout = bound["phases"]["rollout"]
+    assert rollout["streamed_seconds"] == pytest.approx(
+        rollout["seconds"] - rollout["decode_hot"] + rollout["decode_streamed"]
+    )
+    rest = bound["phases"]["training"]["seconds"] + bound["phases"]["reference"]["seconds"]
+    assert bound["streaming_ceiling"] == pytest.approx(B * T / (rollout["streamed_seconds"] + rest))
+    results = {("reinforce", 16): {"iteration": 300.0}, ("grpo", 16): {"iteration": 100.0}}
+    lines = peer_report.target_lines(
+        results, {16: {"ceiling": 900.0, "streaming_ceiling": 250.0}}, {"reinforce": "R", "grpo": "G"}
+    )
+    assert lines == ["- [x] B = 16: R / G = 3.00x (target >= 2x; at the streaming ceiling 2.50x)"]
 
 
 def test_peers_benchmark_activation_checkpointing_reaches_textrl_and_trl(tmp_path, capsys, monkeypatch):
