@@ -18,7 +18,8 @@ Systems (``--systems``), all on the same model, prompts, reward and sampling:
   minibatch;
 - ``sb3-policy``: stable-baselines3 PPO with ``agents.sb3.TransformerActorCriticPolicy`` over B ``TextGenEnv``;
 - ``sb3``: SB3 PPO with a naive features extractor (the full model trunk over every prefix, no KV cache);
-- ``plain``: a plain PyTorch loop: HF ``generate`` (KV cache) + one REINFORCE step.
+- ``plain``: a plain PyTorch loop: HF ``generate`` (KV cache) + one REINFORCE step (with the KL term: a
+  reference forward).
 
 The textrl, plain-loop and SB3 systems are ``rl_speed.py``'s runners; see its docstring for their details.
 
@@ -30,7 +31,8 @@ with every dropout probability 0 and loaded from there by every system;
 ``suppress_tokens``, SB3's logits, ``min_new_tokens`` for ``generate``/GRPO/RLOO, an LM-head hook for TRL PPO),
 temperature 1, no top-k/top-p; the reward is the fraction of the completion's words that are "the"; Adam(W) at lr 5e-5.
 KL (``--kl``, default on, textrl's default): textrl ``kl_coef=0.05`` (a reference pass per batch), TRL
-``beta=0.05`` (GRPO/RLOO) and ``kl_coef=0.05`` (PPO); the plain loop and SB3 have no reference model.
+``beta=0.05`` (GRPO/RLOO) and ``kl_coef=0.05`` (PPO), the plain loop a frozen reference copy and GRPO's KL
+term in its loss (coefficient 0.05); SB3 has no reference model.
 With ``--kl off`` every coefficient is 0 and the reference model is dropped, except TRL PPO's, which always runs.
 ``--lora-rank R`` (default 0: full fine-tuning) trains LoRA adapters (peft) of rank R, alpha 2R, dropout 0, on
 every linear layer of the blocks (not the LM head) instead of every weight, in the systems that can: textrl PPO
@@ -48,10 +50,11 @@ each figure's ratio to textrl PPO at the same B. "Rollout" is everything before 
 same iterations. An iteration is one generation batch and every optimisation step taken on it (two for the mu=2
 systems: TRL's two trainer steps are summed into one row), and tokens/s counts its B x T generated tokens once
 in every system. Naive SB3 runs only up to ``--sb3-max-batch`` (16) with ``--sb3-iters`` (1) timed iteration
-after one warm-up (~20 s an iteration and ~3.6 GB at B = 16). The FLOP bound (``flop_bound.py``; GPT-2 and the dense
-Llama-style families) is measured in its own subprocess each round too; the best round's is reported, with
-every system's fraction of it, its streaming ceiling (the decode's matmuls timed as a decode reads its
-weights) and the issue's speed targets ticked, each with the largest ratio that ceiling allows. The report is printed and written to ``--out`` (default
+after one warm-up (~20 s an iteration and ~3.6 GB at B = 16). The FLOP bound (``flop_bound.py``; GPT-2 and
+the dense Llama-style families) is measured in its own subprocess each round too; the best round's is
+reported, with every system's fraction of it, its streaming ceiling (the decode's matmuls timed as a decode
+reads its weights) and the issue's speed targets ticked, each with the largest ratio that ceiling allows.
+The report is printed and written to ``--out`` (default
 ``benchmarks/results/peers-<date>.md``).
 
     python benchmarks/peers.py                                   # the full table (~20 min on 2 cores)
@@ -444,7 +447,7 @@ def stepwise_rows(
         runner = GRPORunner(work, batch, seed, GRPO_PASSES[system], KL_COEF if kl else 0.0, lora_rank, place)
         watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
     elif system == "plain":
-        runner = rl_speed.PlainRunner(work, batch, seed, device, dtype)
+        runner = rl_speed.PlainRunner(work, batch, seed, device, dtype, kl_coef=KL_COEF if kl else 0.0)
         watch.wrap(runner, "_generate")  # generate + decode + reward
     else:
         runner = rl_speed.SB3Runner(work, batch, seed, cached=system == "sb3-policy")

@@ -8,7 +8,8 @@ Systems (``--systems``), all on the same model, prompts and reward:
 - ``reinforce``: textrl REINFORCE, RLOO baseline over groups of 4 samples of a prompt;
 - ``plain``: a plain PyTorch loop: HF ``model.generate`` (KV cache) on left-padded prompts, the reward on the
   decoded text, then one REINFORCE update (log-probs from a full forward with grad, ``-(logp * (R - mean
-  R)).mean()``, one Adam step);
+  R)).mean()``, one Adam step; with a KL coefficient (``peers.py``), a frozen reference copy's forward too
+  and GRPO's KL term in the loss);
 - ``sb3``: stable-baselines3 PPO run naively over the token env: ``DummyVecEnv`` of B ``TextGenEnv``, a
   features extractor that runs the model's trunk (GPT-2's ``transformer``) over the whole observation at every
   step (no KV cache), ``net_arch=[]`` so the action net is a ``Linear(E, V)`` head (initialised from the LM head), one
@@ -251,8 +252,11 @@ class TextRLRunner:
 class PlainRunner:
     """A plain PyTorch loop: HF ``generate`` with KV cache, reward, one REINFORCE step with Adam."""
 
-    def __init__(self, work: Workload, batch: int, seed: int, device: str = "cpu", dtype=None):
-        """``device`` and ``dtype`` (a ``torch.dtype``; None: float32) place the model (and Adam's state)."""
+    def __init__(self, work: Workload, batch: int, seed: int, device: str = "cpu", dtype=None, kl_coef: float = 0.0):
+        """``device`` and ``dtype`` (a ``torch.dtype``; None: float32) place the model (and Adam's state);
+        ``kl_coef > 0``: a frozen copy of the model is the reference, and the loss adds ``kl_coef`` times the
+        per-token KL estimate ``exp(r - l) - (r - l) - 1`` (r, l: reference and policy log-probs of the sampled
+        tokens), as GRPO's loss does: one forward of the reference per iteration."""
         import torch
 
         from textrl.lm import load_lm
@@ -261,6 +265,10 @@ class PlainRunner:
         self.device = torch.device(device)
         place = {"device": self.device} | ({"dtype": dtype} if dtype is not None else {})
         self.model, self.tokenizer = load_lm(work.lm, **place)  # eval mode: no dropout, as in textrl
+        self.kl_coef, self.reference = kl_coef, None
+        if kl_coef > 0:
+            self.reference, _ = load_lm(work.lm, **place)
+            self.reference.requires_grad_(False)
         self.tokenizer.padding_side = "left"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE, eps=1e-5)
         self.work, self.batch, self.rng = work, batch, np.random.default_rng(seed)
@@ -301,10 +309,19 @@ class PlainRunner:
         P = enc["input_ids"].shape[1]
         mask = torch.cat([enc["attention_mask"], torch.ones_like(out[:, P:])], dim=1)  # (B, S)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: count positions from the first token
-        logits = self.model(input_ids=out, attention_mask=mask, position_ids=positions).logits[:, P - 1 : -1]
-        logits = logits.index_fill(-1, self.eos, float("-inf"))  # (B, T, V) the distribution sampled from
-        logp = F.log_softmax(logits, dim=-1).gather(-1, out[:, P:, None]).squeeze(-1)  # (B, T)
+
+        def logprobs(model):  # (B, T) of the sampled tokens, under the distribution they were sampled from
+            logits = model(input_ids=out, attention_mask=mask, position_ids=positions).logits[:, P - 1 : -1]
+            logits = logits.index_fill(-1, self.eos, float("-inf"))  # (B, T, V)
+            return F.log_softmax(logits, dim=-1).gather(-1, out[:, P:, None]).squeeze(-1)
+
+        logp = logprobs(self.model)
         loss = -(logp * (rewards - rewards.mean())[:, None]).mean()
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = logprobs(self.reference)
+            diff = ref - logp
+            loss = loss + self.kl_coef * (torch.exp(diff) - diff - 1).mean()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -62,6 +62,32 @@ def test_agents_benchmark_prints_a_row_per_system(capsys):
     assert "torch threads" in out and "stable-baselines3" in out
 
 
+def test_the_plain_loop_with_a_kl_coefficient_keeps_a_frozen_reference(tmp_path):
+    """``kl_coef > 0``: the plain loop's reference is a frozen copy of the starting weights, and its KL term
+    pulls the update towards it: with the policy moved off the reference (the same step in both runs), the
+    same samples give another update with the term than without it."""
+    module = _load("rl_speed", "rl_speed_benchmark")
+    work = module.build_workload(tmp_path, tiny_random=True, prompt_tokens=8, new_tokens=3, seed=0)
+    runs = {coef: module.PlainRunner(work, batch=4, seed=0, kl_coef=coef) for coef in (0.0, 5.0)}
+    assert runs[0.0].reference is None
+    start = {k: v.clone() for k, v in runs[5.0].model.state_dict().items()}
+    with torch.no_grad():
+        for runner in runs.values():
+            torch.manual_seed(1)
+            for p in runner.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    before = [torch.cat([p.flatten() for p in r.model.parameters()]).detach().clone() for r in runs.values()]
+    assert torch.equal(*before)
+    for runner in runs.values():
+        torch.manual_seed(0)  # the same samples in both
+        assert runner.iteration() == 4 * 3
+    after = [torch.cat([p.flatten() for p in r.model.parameters()]).detach() for r in runs.values()]
+    assert not torch.equal(*after) and not torch.equal(before[1], after[1])
+    reference = runs[5.0].reference.state_dict()
+    assert all(torch.equal(reference[k], v) for k, v in start.items())
+    assert not any(p.requires_grad for p in runs[5.0].reference.parameters())
+
+
 def test_agents_benchmark_measures_each_run_in_a_subprocess(capsys):
     module = _load("rl_speed", "rl_speed_benchmark")
     module.main(["--tiny-random", "--systems", "ppo", "--batch-sizes", "4", "--iters", "1", "--repeats", "1"])
