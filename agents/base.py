@@ -34,6 +34,7 @@ from textrl.advantages import KLController, kl_penalty
 from textrl.interrupt import StopRequest, TrainingInterrupted
 from textrl.logger import RunLogger, new_run_dir, run_name
 from textrl.lora import attach, base_identity, is_peft
+from textrl.ops import InputMajorAdam
 from textrl.policy import ActorCritic, action_logprobs, shape_logits
 from textrl.protocol import TextVectorEnv
 from textrl.rollout import Rollout, Sampling, collect_rollout
@@ -156,9 +157,10 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
                     f"runs on {self.policy.runs_on} with no router (set router_aux_coef to 0)"
                 )
             self.policy.router_balance = True
-        # fused: one kernel over all parameters instead of a loop of small kernels per tensor
+        # fused: one kernel over all parameters instead of a loop of small kernels per tensor; InputMajorAdam
+        # gives it the engine's CPU weight layout without copies (torch's Adam where no weight is laid out so)
         fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.Adam(
+        self.optimizer = InputMajorAdam(
             self.policy.trainable_parameters(), lr=self.config.learning_rate, eps=1e-5, fused=fused
         )
         # the fused kernel updates parameters without bumping their autograd version counters, which is how

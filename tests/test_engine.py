@@ -399,6 +399,52 @@ def test_linear_weights_are_stored_input_major_and_gradients_keep_that_layout(re
         assert torch.equal(p, params[n]), n
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_input_major_adam_steps_exactly_as_adam_and_keeps_the_layout(fused):
+    """``InputMajorAdam`` on input-major weights gives bit for bit the numbers torch's Adam gives on the same
+    weights stored (out, in)-contiguous (sizes that are multiples of the vector width, as model weights
+    are), with a closure and over several steps; parameters, gradients and
+    moments keep their layout and shape (the saved state too), the step hooks run once per step, and the
+    Adam made elsewhere keeps its own hooks."""
+    from textrl.ops import InputMajorAdam, is_input_major
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(32, 16), (16, 48), (7,)]
+    plain = [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    mine = [nn.Parameter(p.detach().t().contiguous().t() if p.dim() == 2 else p.detach().clone()) for p in plain]
+    assert [is_input_major(p) for p in mine] == [True, True, False]
+    reference = torch.optim.Adam(plain, lr=0.1, eps=1e-5, fused=fused)
+    opt = InputMajorAdam(mine, lr=0.1, eps=1e-5, fused=fused)
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append("post"))
+    opt.register_step_pre_hook(lambda *_: calls.append("pre"))
+    reference.register_step_post_hook(lambda *_: calls.append("other"))
+
+    def give_grads(step):  # the same gradient values, each in its parameter's layout (as autograd gives them)
+        for i, (p, q) in enumerate(zip(plain, mine, strict=True)):
+            grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(10 * step + i))
+            p.grad, q.grad = grad.clone(), grad.t().contiguous().t() if grad.dim() == 2 else grad.clone()
+        return torch.tensor(float(step))
+
+    for step in range(3):
+        give_grads(step)
+        reference.step()
+        if step == 2:  # a closure runs before the parameters are handed over
+            assert float(opt.step(lambda step=step: give_grads(step))) == step
+        else:
+            opt.step()
+        for p, q in zip(plain, mine, strict=True):
+            assert q.shape == p.shape and torch.equal(p, q)
+            assert q.grad.stride() == q.stride()
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(reference.state[p][key], opt.state[q][key])
+                assert opt.state[q][key].stride() == q.stride()
+    assert calls == ["other", "pre", "post"] * 3
+    assert [is_input_major(p) for p in mine] == [True, True, False]
+    saved = opt.state_dict()["state"]
+    assert [saved[i]["exp_avg"].shape for i in range(3)] == [torch.Size(s) for s in shapes]
+
+
 @pytest.mark.parametrize("kind", ["engine", "hf"])
 def test_decode_sessions_are_independent(request, kind):
     """The decode state lives in the session: two open sessions on one core (e.g. an evaluation while a

@@ -1,5 +1,6 @@
 """The engine's building blocks as plain functions on HF modules' own parameters: norms, linear layers,
-rotary embedding, the fast GELU, a sparse mixture of experts, and the CPU weight layout."""
+rotary embedding, the fast GELU, a sparse mixture of experts, and the CPU weight layout (with the Adam step
+that keeps it fast)."""
 
 from __future__ import annotations
 
@@ -156,6 +157,73 @@ def input_major(spec: Spec, model: nn.Module | None = None) -> int:
                 if id(p) not in restrided and p.device.type == "cpu":
                     p.data = p.data.clone()
     return len(restrided)
+
+
+def is_input_major(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor is stored input-major (:func:`input_major`): not contiguous, its transpose is."""
+    return t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()
+
+
+class InputMajorAdam(torch.optim.Adam):
+    """``torch.optim.Adam`` whose step hands input-major weights (:func:`input_major`) to its kernels as the
+    contiguous (in, out) tensors they are stored as.
+
+    torch's fused CPU Adam works on contiguous memory: given an (out, in) view of input-major storage (with
+    its gradient and moments laid out alike, as autograd and ``zeros_like`` lay them out) it copies all four
+    into contiguous scratch and the results back, which more than doubles the step's time. Adam is elementwise,
+    so the transposed views get the same numbers (bit for bit when a tensor's size is a multiple of the CPU's
+    vector width, as model weights are; otherwise its last few elements take the kernel's scalar path in one
+    order and its vector path in the other, a last-bit difference): for the step each such parameter, its
+    gradient and its moments are transposed (``.data``, ``.grad`` and the state entries; no copy), and
+    transposed back after it, whatever happens. A parameter whose gradient or moments are laid out otherwise is left as it is.
+    The saved state (``state_dict``) is unchanged: the moments are in each parameter's own shape.
+    """
+
+    _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def _flippable(self) -> list[torch.Tensor]:
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not is_input_major(p):
+                    continue
+                state = self.state.get(p, {})
+                parts = [p.grad] + [state[k] for k in self._MOMENTS if k in state]
+                if all(t is None or t.stride() == p.stride() for t in parts):
+                    out.append(p)
+        return out
+
+    def _transpose(self, params: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p in params:
+                grad = p.grad
+                p.grad = None  # the grad setter checks the shape against the parameter's
+                p.data = p.data.t()
+                if grad is not None:
+                    p.grad = grad.t()
+                state = self.state.get(p)
+                if state:
+                    for key in self._MOMENTS:
+                        if key in state:
+                            state[key] = state[key].t()
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the forward sees the parameters as they are
+            with torch.enable_grad():
+                loss = closure()
+        # torch wraps an optimizer class's step once to run the step hooks; this class's own step is wrapped so,
+        # and Adam's, once wrapped for an Adam made elsewhere, must not run them a second time
+        adam_step = torch.optim.Adam.step
+        if getattr(adam_step, "hooked", False):
+            adam_step = adam_step.__wrapped__
+        flipped = self._flippable()
+        self._transpose(flipped)
+        try:
+            adam_step(self)
+        finally:
+            self._transpose(flipped)
+        return loss
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
