@@ -445,6 +445,30 @@ def test_input_major_adam_steps_exactly_as_adam_and_keeps_the_layout(fused):
     assert [saved[i]["exp_avg"].shape for i in range(3)] == [torch.Size(s) for s in shapes]
 
 
+def test_rotary_with_the_sign_in_the_table_is_hf_rotary_bit_for_bit():
+    """``rotate`` with ``signed_sin`` gives exactly HF Llama's ``apply_rotary_pos_emb`` (queries and keys of
+    different head counts rotated as one tensor, as the engine does), forward and backward."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from textrl.ops import rotate, signed_sin
+
+    g = torch.Generator().manual_seed(0)
+    B, H, G, S, D = 2, 4, 2, 5, 8
+    q, k = torch.randn(B, H, S, D, generator=g), torch.randn(B, G, S, D, generator=g)
+    angles = torch.randn(B, S, D // 2, generator=g)
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()  # HF's (B, S, D)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    qk = torch.cat((q, k), 1).requires_grad_()
+    got_q, got_k = rotate(qk, cos[:, None], signed_sin(sin)[:, None]).split((H, G), 1)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    grad_q, grad_k = torch.randn_like(q), torch.randn_like(k)
+    ((got_q * grad_q).sum() + (got_k * grad_k).sum()).backward()
+    leaf = torch.cat((q, k), 1).requires_grad_()
+    want = apply_rotary_pos_emb(*leaf.split((H, G), 1), cos, sin)
+    ((want[0] * grad_q).sum() + (want[1] * grad_k).sum()).backward()
+    assert torch.equal(qk.grad, leaf.grad)
+
+
 @pytest.mark.parametrize("kind", ["engine", "hf"])
 def test_decode_sessions_are_independent(request, kind):
     """The decode state lives in the session: two open sessions on one core (e.g. an evaluation while a

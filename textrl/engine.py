@@ -55,7 +55,7 @@ from transformers import PreTrainedModel
 
 from textrl.arch import Layer, Spec, Unsupported, describe
 from textrl.core import positions_from_mask
-from textrl.ops import base_into, folded_adapters, gelu, input_major, is_lora, linear, moe, norm, rotate
+from textrl.ops import base_into, folded_adapters, gelu, input_major, is_lora, linear, moe, norm, rotate, signed_sin
 from textrl.replay import Record, _Replayed, replayed, width
 from textrl.session import KVCache, Session
 
@@ -92,7 +92,7 @@ class Engine(nn.Module):
         """The architecture family it runs as (``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
         self._loras = [m for layer in spec.layers for m in layer.linears() if is_lora(m)]  # peft LoRA layers
         self._windows = {layer.window for layer in spec.layers}  # the attention windows in use (None: full)
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) by position, (N, D)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, signed sin) by position, (N, D)
         self._cache: KVCache | None = None  # the last session's cache buffers, reused by the next of its shape
         self._record: Record | None = None  # the last recorded rollout (replay)
         self.router_log: list | None = None
@@ -121,14 +121,15 @@ class Engine(nn.Module):
     # --- inputs ----------------------------------------------------------------------------------------
 
     def _angles(self, positions: torch.Tensor, dtype: torch.dtype):
-        """(cos, sin) (B, 1, S, D) for position ids (B, S), from the model's rotary module (a cached table)."""
+        """(cos, signed sin) (B, 1, S, D) for position ids (B, S), from the model's rotary module (a cached
+        table; the sine's first half negated, as :func:`textrl.ops.rotate` takes it)."""
         n = int(positions.max()) + 1
         if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != positions.device:
             size = max(n, 256)
             dummy = torch.zeros(1, dtype=torch.float32, device=positions.device)
             with torch.no_grad():
                 cos, sin = self.spec.rotary(dummy, torch.arange(size, device=positions.device)[None])
-            self._rope = (cos[0].float(), sin[0].float())  # (N, D)
+            self._rope = (cos[0].float(), signed_sin(sin[0].float()))  # (N, D); the sine as rotate takes it
         cos, sin = self._rope
         return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
 
@@ -170,8 +171,8 @@ class Engine(nn.Module):
         if layer.q_norm is not None:
             q, k = norm(q, layer.q_norm), norm(k, layer.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if angles is not None:
-            q, k = rotate(q, *angles), rotate(k, *angles)
+        if angles is not None:  # queries and keys rotated as one tensor: half the elementwise kernels
+            q, k = rotate(torch.cat((q, k), 1), *angles).split((H, G), 1)
         return q, k, v
 
     def _block(self, layer: Layer, x: torch.Tensor, angles, attend, lin=linear, valid=None) -> torch.Tensor | None:
@@ -584,8 +585,8 @@ class _StaticStep:
         if s.positions is not None:
             x, angles = x + s.positions(self.pos[:, None]), None
         else:
-            cos, sin = self.rope
-            angles = (cos[self.pos][:, None, None].to(x.dtype), sin[self.pos][:, None, None].to(x.dtype))
+            cos, signed = self.rope
+            angles = (cos[self.pos][:, None, None].to(x.dtype), signed[self.pos][:, None, None].to(x.dtype))
 
         def lin(x, module):
             flat = x.reshape(B, -1)

@@ -175,8 +175,9 @@ class InputMajorAdam(torch.optim.Adam):
     vector width, as model weights are; otherwise its last few elements take the kernel's scalar path in one
     order and its vector path in the other, a last-bit difference): for the step each such parameter, its
     gradient and its moments are transposed (``.data``, ``.grad`` and the state entries; no copy), and
-    transposed back after it, whatever happens. A parameter whose gradient or moments are laid out otherwise is left as it is.
-    The saved state (``state_dict``) is unchanged: the moments are in each parameter's own shape.
+    transposed back after it, whatever happens. A parameter whose gradient or moments are laid out otherwise
+    is left as it is. The saved state (``state_dict``) is unchanged: the moments are in each parameter's own
+    shape.
     """
 
     _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -226,11 +227,21 @@ class InputMajorAdam(torch.optim.Adam):
         return loss
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as HF applies it (``x * cos + rotate_half(x) * sin``); x (B, h, S, D), cos/sin (B, 1, S, D)."""
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The sine table :func:`rotate` takes: ``sin`` (.., D) with its first half negated."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as HF applies it, ``x * cos + rotate_half(x) * sin``, with ``rotate_half(x) =
+    cat(-x2, x1)``; x (B, h, S, D), cos and ``signed = signed_sin(sin)`` (B, 1, S, D).
+
+    The negation sits in the table: ``cat(x2, x1) * signed`` is ``cat(-x2, x1) * sin`` bit for bit (a sign
+    flip is exact), one elementwise kernel fewer per call.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed
 
 
 def moe(moe: Moe, h: torch.Tensor, lin, log: list | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
