@@ -175,8 +175,9 @@ class InputMajorAdam(torch.optim.Adam):
     vector width, as model weights are; otherwise its last few elements take the kernel's scalar path in one
     order and its vector path in the other, a last-bit difference): for the step each such parameter, its
     gradient and its moments are transposed (``.data``, ``.grad`` and the state entries; no copy), and
-    transposed back after it, whatever happens. A parameter whose gradient or moments are laid out otherwise
-    is left as it is. The saved state (``state_dict``) is unchanged: the moments are in each parameter's own
+    transposed back after it, whatever happens. Moments laid out otherwise (a checkpoint's, loaded) are
+    relaid like their parameter once; a parameter whose gradient is laid out otherwise is left as it is. The
+    saved state (``state_dict``) is unchanged: the moments are in each parameter's own
     shape.
     """
 
@@ -189,6 +190,9 @@ class InputMajorAdam(torch.optim.Adam):
                 if not is_input_major(p):
                     continue
                 state = self.state.get(p, {})
+                for key in self._MOMENTS:  # moments laid out otherwise (loaded from a checkpoint): relaid once
+                    if key in state and state[key].stride() != p.stride():
+                        state[key] = state[key].t().contiguous().t()
                 parts = [p.grad] + [state[k] for k in self._MOMENTS if k in state]
                 if all(t is None or t.stride() == p.stride() for t in parts):
                     out.append(p)
