@@ -46,16 +46,16 @@ runs are interleaved round by round (round 1: every system and B, then round 2, 
 load hit all alike; a run does ``--warmup`` iterations, then ``--iters`` timed ones; the table gives the
 median over rounds of each run's median, the spread (half the range over rounds, as a percentage) and
 each figure's ratio to textrl PPO at the same B. "Rollout" is everything before the first gradient pass
-(generation, reward, and the reference/old-log-prob passes where a system has them), measured inside the
-same iterations. An iteration is one generation batch and every optimisation step taken on it (two for the mu=2
-systems: TRL's two trainer steps are summed into one row), and tokens/s counts its B x T generated tokens once
-in every system. Naive SB3 runs only up to ``--sb3-max-batch`` (16) with ``--sb3-iters`` (1) timed iteration
-after one warm-up (~20 s an iteration and ~3.6 GB at B = 16). The FLOP bound (``flop_bound.py``; GPT-2 and
-the dense Llama-style families) is measured in its own subprocess each round too; the best round's is
-reported, with every system's fraction of it, its streaming ceiling (the decode's matmuls timed as a decode
-reads its weights) and the issue's speed targets ticked, each with the largest ratio that ceiling allows.
-The report is printed and written to ``--out`` (default
-``benchmarks/results/peers-<date>.md``).
+(generation, reward, and the reference/old-log-prob passes where a system has them; the plain loop runs its
+reference forward inside its update), measured inside the same iterations. An iteration is one generation
+batch and every optimisation step taken on it (two for the mu=2 systems: TRL's two trainer steps are summed
+into one row), and tokens/s counts its B x T generated tokens once in every system. Naive SB3 runs only up to
+``--sb3-max-batch`` (16) with ``--sb3-iters`` (1) timed iteration after one warm-up (~20 s an iteration and
+~3.6 GB at B = 16). The FLOP bound (``flop_bound.py``; GPT-2 and the dense Llama-style families) is measured
+in its own subprocess each round too; the best round's is reported, with every system's fraction of it, its
+streaming ceiling (the decode's matmuls timed as a decode reads its weights) and the issue's speed targets
+ticked, each with the largest ratio that ceiling allows. The report is printed and written to ``--out``
+(default ``benchmarks/results/peers-<date>.md``).
 
     python benchmarks/peers.py                                   # the full table (~20 min on 2 cores)
     python benchmarks/peers.py --batch-sizes 16 --systems ppo grpo --rounds 1 --iters 2   # a quick look
@@ -448,7 +448,7 @@ def stepwise_rows(
         watch.wrap(runner.agent, "collect")  # rollout + reward + reference pass
     elif system == "plain":
         runner = rl_speed.PlainRunner(work, batch, seed, device, dtype, kl_coef=KL_COEF if kl else 0.0)
-        watch.wrap(runner, "_generate")  # generate + decode + reward
+        watch.wrap(runner, "_generate")  # generate + decode + reward (its reference forward is in the update)
     else:
         runner = rl_speed.SB3Runner(work, batch, seed, cached=system == "sb3-policy")
         watch.wrap(runner.model, "collect_rollouts")

@@ -130,8 +130,8 @@ class Engine(nn.Module):
             with torch.no_grad():
                 cos, sin = self.spec.rotary(dummy, torch.arange(size, device=positions.device)[None])
             self._rope = (cos[0].float(), signed_sin(sin[0].float()))  # (N, D); the sine as rotate takes it
-        cos, sin = self._rope
-        return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
+        cos, signed = self._rope
+        return cos[positions][:, None].to(dtype), signed[positions][:, None].to(dtype)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor):
         """Token (+ learned position) embeddings (B, S, E) and the rotary angles (or None)."""

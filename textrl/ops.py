@@ -183,7 +183,8 @@ class InputMajorAdam(torch.optim.Adam):
 
     _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def _flippable(self) -> list[torch.Tensor]:
+    def _input_major_params(self) -> list[torch.Tensor]:
+        """The input-major parameters to hand over transposed (their moments relaid like them first)."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -222,7 +223,7 @@ class InputMajorAdam(torch.optim.Adam):
         adam_step = torch.optim.Adam.step
         if getattr(adam_step, "hooked", False):
             adam_step = adam_step.__wrapped__
-        flipped = self._flippable()
+        flipped = self._input_major_params()
         self._transpose(flipped)
         try:
             adam_step(self)

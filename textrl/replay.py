@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from textrl.arch import Spec
-from textrl.ops import base_layer, lora_delta
+from textrl.ops import base_layer, is_input_major, lora_delta
 
 
 def width(module: nn.Module) -> int:
@@ -46,7 +46,7 @@ class _Replayed(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if not ctx.transposed:
                 dw = x2.t() @ g
-            elif weight.stride(0) == 1 and weight.dim() == 2:  # input-major storage: the gradient in its layout
+            elif is_input_major(weight):  # the gradient in the weight's own layout
                 dw = (x2.t() @ g).t()
             else:
                 dw = g.t() @ x2
