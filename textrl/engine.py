@@ -438,7 +438,7 @@ class Engine(nn.Module):
         for i, layer in enumerate(s.layers):
 
             def attend(q, k, v, i=i, m=masks[layer.window]):
-                cache.k[i, :, :, :P], cache.v[i, :, :, :P] = spread(k), spread(v)
+                cache.k[i][:, :, :P], cache.v[i][:, :, :P] = spread(k), spread(v)
                 return self._sdpa(q, k, v, m)
 
             x = self._block(layer, x, angles, attend, lin)
@@ -451,7 +451,7 @@ class Engine(nn.Module):
     def _step(self, session: Session, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per row (B,) through the session's cache: ``(logits (B, V), hidden (B, E))``."""
         cache, rec, t = session.cache, session.record, session.length
-        if t >= cache.k.shape[3]:
+        if t >= cache.max_len:
             raise RuntimeError(f"KV cache full ({t} positions); start with a larger max_len")
         if rec is not None and t >= rec.capacity:
             rec = None  # the last position never feeds an update: not recorded
@@ -534,7 +534,7 @@ class _StaticStep:
         self.engine, self.cache, self.key = engine, cache, key
         self.mode = engine.decode_step
         like = s.embed.weight
-        B, max_len = cache.k.shape[1], cache.k.shape[3]
+        B, max_len = cache.keymask.shape[0], cache.max_len
         self.tokens = torch.zeros(B, dtype=torch.long, device=like.device)
         self.pos = torch.zeros(B, dtype=torch.long, device=like.device)
         self.t = torch.zeros((), dtype=torch.long, device=like.device)
@@ -601,8 +601,8 @@ class _StaticStep:
                 mask = mask & (self.columns > t - layer.window)
 
             def attend(q, k, v, i=i, mask=mask):  # (under autocast, bf16 keys into the weights' dtype, as copy_ does)
-                cache.k[i].index_copy_(2, t, k.to(cache.k.dtype))
-                cache.v[i].index_copy_(2, t, v.to(cache.v.dtype))
+                cache.k[i].index_copy_(2, t, k.to(cache.k[i].dtype))
+                cache.v[i].index_copy_(2, t, v.to(cache.v[i].dtype))
                 return engine._sdpa(q, cache.k[i], cache.v[i], mask)
 
             x = engine._block(layer, x, angles, attend, lin)

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 class KVCache:
-    """A static KV cache (L, B, H, max_len, D) with the per-step views a decode step needs, made once.
+    """A static KV cache: per layer, keys and values (B, H, max_len, D), with the per-step views a decode step
+    needs, made once.
 
     Python-level indexing costs a few microseconds per view, and a decode step at this model size is
     ~100 small ops: the per-position column views (written by step t) and prefix views (read by step t)
@@ -23,14 +24,17 @@ class KVCache:
     def __init__(self, L: int, B: int, H: int, max_len: int, D: int, like: torch.Tensor):
         self.key = (L, B, H, max_len, D, like.dtype, like.device)
         self.in_use = False  # an open decode session holds it
-        self.k = torch.zeros(L, B, H, max_len, D, dtype=like.dtype, device=like.device)
-        self.v = torch.zeros_like(self.k)
+        self.max_len = max_len
+        # one tensor per layer, not views of one (L, ...) tensor: a compiled static step then writes each in place
+        # (an in-place write to a view of a compiled graph's input becomes a copy of the whole input)
+        self.k = [torch.zeros(B, H, max_len, D, dtype=like.dtype, device=like.device) for _ in range(L)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.keymask = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=like.device)
         layers = range(L)
-        self.k_col = [[self.k[i, :, :, t] for t in range(max_len)] for i in layers]  # (B, H, D)
-        self.v_col = [[self.v[i, :, :, t] for t in range(max_len)] for i in layers]
-        self.k_upto = [[self.k[i, :, :, : t + 1] for t in range(max_len)] for i in layers]  # (B, H, t+1, D)
-        self.v_upto = [[self.v[i, :, :, : t + 1] for t in range(max_len)] for i in layers]
+        self.k_col = [[self.k[i][:, :, t] for t in range(max_len)] for i in layers]  # (B, H, D)
+        self.v_col = [[self.v[i][:, :, t] for t in range(max_len)] for i in layers]
+        self.k_upto = [[self.k[i][:, :, : t + 1] for t in range(max_len)] for i in layers]  # (B, H, t+1, D)
+        self.v_upto = [[self.v[i][:, :, : t + 1] for t in range(max_len)] for i in layers]
         self.mask_col = [self.keymask[:, 0, 0, t] for t in range(max_len)]  # (B,)
         self.mask_upto = [self.keymask[..., : t + 1] for t in range(max_len)]  # (B, 1, 1, t+1)
 
