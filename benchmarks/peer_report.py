@@ -21,6 +21,9 @@ def summarise(runs: list[dict]) -> dict | None:
     its = per_run["iteration"]
     out["spread"] = (max(its) - min(its)) / 2 / out["iteration"]
     out["rss_peak_mb"] = max(r["rss_peak_mb"] for r in ok)
+    warm = [r["warmup_seconds"] for r in ok if "warmup_seconds" in r]
+    if warm:
+        out["warmup_seconds"] = statistics.median(warm)
     out["runs"], out["versions"], out["threads"] = len(ok), ok[0]["versions"], ok[0]["threads"]
     return out
 
@@ -160,6 +163,15 @@ def report(
                         else "."
                     ),
                 ]
+        warm = [(s, results[s, batch]) for s in args.systems if "warmup_seconds" in results.get((s, batch), {})]
+        if warm and args.warmup:
+            lines += [
+                "",
+                f"Warm-up at B = {batch} (the {args.warmup} untimed iterations, one-time costs such as compilation "
+                "included; median over rounds): "
+                + ", ".join(f"{labels[s]} {r['warmup_seconds']:.2f} s" for s, r in warm)
+                + ".",
+            ]
         lines.append("")
     targets = target_lines(results, bounds, labels)
     if targets:

@@ -129,6 +129,8 @@ SYSTEMS = {
 KL_COEF = 0.05
 """KL coefficient of every system that has a reference model, with ``--kl on`` (textrl's default)."""
 DEFAULT_TRL_PPO_PYTHON = HERE.parents[1] / ".venv-trl112" / "bin" / "python"
+TEXTRL_SYSTEMS = ("ppo", "reinforce", "textrl-grpo", "textrl-grpo-mu2")
+"""The systems that run on textrl's engine (``--decode-step`` applies to them)."""
 LORA_SYSTEMS = ("ppo", "reinforce", "textrl-grpo", "textrl-grpo-mu2", "grpo", "grpo-mu2", "rloo")
 """The systems that train LoRA adapters with ``--lora-rank``; the others train every weight only."""
 SHAPE_NAMES = ["qwen2-0.5b", "llama-1b", "qwen2-tiny"]
@@ -542,6 +544,7 @@ def measure(
         "system": system,
         "batch": batch,
         "rows": rows[warmup:],
+        "warmup_seconds": sum(row["seconds"] for row in rows[:warmup]),  # one-time costs (compilation) land here
         "wall_seconds": time.perf_counter() - t0,
         "rss_peak_mb": rl_speed.peak_rss_mb(),
         "threads": torch.get_num_threads(),
@@ -789,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
         "--decode-step",
         choices=["eager", "static", "graph", "compile"],
         default="eager",
-        help="textrl's decode step (graph: CUDA graphs)",
+        help="textrl's decode step (compile: torch.compile, after a one-time compilation; graph: CUDA graphs)",
     )
     parser.add_argument("--replay-memory-mb", type=float, help="textrl's replay_memory_mb (default: its default)")
     parser.add_argument(
@@ -914,6 +917,8 @@ def main(argv: list[str] | None = None) -> None:
             jobs = [("decode", b) for b in args.batch_sizes] + jobs
         if cuda:
             skipped.append(f"GPU: {gpu_name()}")
+        if args.decode_step != "eager" and any(s in TEXTRL_SYSTEMS for s in systems):
+            skipped.append(f"textrl's decode step: {args.decode_step} (see the warm-up line for its one-time cost)")
         runs: dict[tuple[str, int], list[dict]] = {job: [] for job in jobs}
         # SIGTERM (a time limit: `timeout`) ends the measuring as Ctrl-C does: the report of the runs done is written
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -159,6 +159,12 @@ def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch)
     assert ppo[2] == ppo[4] == ppo[6] == ppo[8] == 1.0
     assert re.search(r"Ceiling: \*\*[\d,]+ tok/s\*\* for the full iteration", out)
     assert "torch threads" in out and "transformers" in out
+    warm = re.search(r"^Warm-up at B = 4 \(the 1 untimed iterations, .*?\): (.+)\.$", out, re.M)
+    assert warm, out  # every system's one-time cost, in seconds
+    for system in systems:
+        seconds = re.search(re.escape(module.SYSTEMS[system]) + r" ([\d.]+) s", warm[1])
+        assert seconds and float(seconds[1]) > 0, (system, warm[1])
+    assert "textrl's decode step" not in out  # the default, eager, is not named
     # 2 iterations (1 warm-up) of B = 4 episodes x 4 tokens each: one step per iteration at mu=1, two at mu=2
     assert passes == [(1, None, 1, 16)] * 2 + [(2, None, 2, 16)] * 2
     assert (
@@ -223,15 +229,17 @@ def test_engine_decode_benchmark_compares_generate_hfcore_and_make_core(capsys, 
 
 
 def test_peers_benchmark_runs_a_random_model_of_another_family(tmp_path, capsys):
-    """``--arch qwen3 --size tiny``: a random Qwen3 with the embedded tokenizer, named in the report, measured; the
-    GPT-2 FLOP bound is skipped with a reason."""
+    """``--arch qwen3 --size tiny``: a random Qwen3 with the embedded tokenizer, named in the report, measured with
+    the decode step asked for (named in the report) and the FLOP bound of its dense blocks."""
     module = _load("peers", "peers_benchmark")
     report = tmp_path / "peers.md"
     args = ["--arch", "qwen3", "--size", "tiny", "--in-process", "--batch-sizes", "4", "--new-tokens", "4"]
+    args += ["--decode-step", "static"]  # the static step's body, as "compile" compiles it, run as it is
     module.main(
         [*args, "--iters", "1", "--warmup", "1", "--rounds", "1", "--systems", "reinforce", "--out", str(report)]
     )
     text = report.read_text()
+    assert "textrl's decode step: static" in text
     assert "Model: a random Qwen3ForCausalLM (4 layers x 256" in text and "embedded tokenizer" in text
     label = re.escape(module.SYSTEMS["reinforce"])
     (speed,) = re.findall(rf"^\| {label} \| ([\d,]+) ±\d+% \| - \|", text, re.M)  # no PPO row: no ratios
