@@ -497,6 +497,38 @@ def test_decode_sessions_are_independent(request, kind):
     a.close()  # closing twice is harmless
 
 
+def test_a_decode_step_that_cannot_compile_runs_uncompiled_with_a_warning(request, monkeypatch):
+    """decode_step="compile" where torch.compile fails (no C++ compiler, say): a warning names the cause, the
+    step runs uncompiled and the rollout's logits are the eager step's; the next session does not retry."""
+    model = _model(request, "llama_gqa_dir")
+    ids, mask = _batch(_vocab(model), B=3, S=10)
+    P, S = 5, ids.shape[1]
+
+    def rollout(core):
+        with torch.no_grad(), core.start(ids[:, :P], mask[:, :P], S, record=True) as session:
+            return torch.stack([session.logits] + [session.step(ids[:, t])[0] for t in range(P, S)], 1)
+
+    expected = rollout(Engine(model))
+    attempts = []
+
+    def no_compiler(fn, **kwargs):
+        def compiled(*args):
+            attempts.append(kwargs)
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    core = Engine(model)
+    core.decode_step = "compile"
+    with pytest.warns(RuntimeWarning, match="could not compile the decode step.*InvalidCxxCompiler"):
+        got = rollout(core)
+    torch.testing.assert_close(got, expected, **TOL)
+    assert attempts == [{"dynamic": False, "options": {"cpp_wrapper": True}}]  # once, then uncompiled
+    torch.testing.assert_close(rollout(core), expected, **TOL)
+    assert len(attempts) == 1
+
+
 # --- mixture of experts: the router's load-balancing loss ------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ a tensor of its own (:class:`textrl.session.KVCache`): the compiled step then wr
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -557,11 +558,15 @@ class _StaticStep:
             # on a CPU, a C++ wrapper calls the kernels (no Python between them); on CUDA the graph replays them
             options = {"cpp_wrapper": True} if like.device.type == "cpu" else None
             self.body = torch.compile(self._body, dynamic=False, options=options)
+        self.compiled: set[bool] = set()  # the graphs compiled so far (CPU): with a record (False), without (True)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by record and autocast dtype
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
 
     def run(self, rec: Record | None) -> None:
         if not self.cuda:
+            if self.mode == "compile" and (rec is None) not in self.compiled:
+                self._compile_or_fall_back(rec)
+                return
             self.body(rec)
             return
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
@@ -580,6 +585,26 @@ class _StaticStep:
                 self.body(rec)
             self.graphs[key] = (graph, rec)  # the record kept alive while its graph writes into it
         self.graphs[key][0].replay()
+
+    def _compile_or_fall_back(self, rec: Record | None) -> None:
+        """The first step of a graph (with a record or without) on a CPU: compiled, then run. Where
+        ``torch.compile`` cannot compile here (no C++ compiler, no Python headers), the step runs uncompiled
+        from then on, with a warning naming the cause, and the rollout goes on: compiling fails before the body
+        writes anything, and the body writes column t from its inputs alone."""
+        try:
+            self.body(rec)
+        except Exception as e:  # a body that fails for its own reasons fails again below, uncompiled
+            if self.body is self._body:
+                raise
+            self.body = self._body
+            warnings.warn(
+                f"decode_step='compile': torch.compile could not compile the decode step here, so it runs "
+                f"uncompiled (no faster than decode_step='eager'): {type(e).__name__}: {str(e)[:300]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.body(rec)
+        self.compiled.add(rec is None)
 
     def _body(self, rec: Record | None) -> None:
         """The step at column ``t``: keys/values (and the columns of ``rec``, when given) written there, the
