@@ -215,6 +215,30 @@ def time_decode_steps(shape: Shape, batch: int, steps: int, repeats: int = 5) ->
     return best
 
 
+def time_weight_reads(shape: Shape, batch: int, steps: int, repeats: int = 5) -> tuple[float, int]:
+    """Best seconds of ``steps`` plain reads (``torch.sum``) of the weights that :func:`time_decode_steps`
+    multiplies, in the same order, and the bytes read per step: what this machine's memory delivers to a
+    simple streaming kernel, beside what the decode's matmuls draw from it."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(k, n, generator=g) for _ in range(shape.n_layer) for _, k, n in shape.block_matmuls(batch)]
+    weights.append(torch.randn(shape.vocab_size, shape.n_embd, generator=g))
+
+    def run() -> None:
+        for _ in range(steps):
+            for w in weights:
+                w.sum()
+
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best, sum(w.numel() * w.element_size() for w in weights)
+
+
 def measure(
     shape: Shape, batch: int, prompt: int, new: int, kl: bool, group: int = 1, min_seconds: float = 0.01
 ) -> dict:
@@ -242,6 +266,9 @@ def measure(
             hot = sum(count * timed(m, k, n, "fwd") for m, k, n, count, _ in phase["decode"])
             streamed = time_decode_steps(shape, batch, new - 1) if new > 1 else 0.0
             out["phases"][name] |= {"decode_hot": hot, "decode_streamed": streamed}
+            if new > 1:  # the same weights read plainly: the bandwidth the matmuls could draw on
+                read, step_bytes = time_weight_reads(shape, batch, new - 1)
+                out["phases"][name] |= {"decode_read": read, "decode_weight_bytes": step_bytes * (new - 1)}
             out["phases"][name]["streamed_seconds"] = seconds - hot + streamed
     used = ["rollout", "training"] + (["reference"] if kl else [])
     tokens = batch * new

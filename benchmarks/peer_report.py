@@ -24,12 +24,21 @@ def summarise(runs: list[dict]) -> dict | None:
     warm = [r["warmup_seconds"] for r in ok if "warmup_seconds" in r]
     if warm:
         out["warmup_seconds"] = statistics.median(warm)
+    kernel = [r["kernel_seconds"] for r in ok if r.get("kernel_seconds")]
+    if kernel:  # seconds per iteration in matmul and attention kernels (peers.py --kernels)
+        out["kernel_seconds"] = statistics.median(kernel)
     out["runs"], out["versions"], out["threads"] = len(ok), ok[0]["versions"], ok[0]["threads"]
     return out
 
 
 def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 10 else f"{x:.2f}"
+
+
+def milliseconds(seconds: float) -> str:
+    """``894 ms``, ``1,234 ms``; 3 significant digits below 100 ms (``8.71 ms``)."""
+    ms = 1e3 * seconds
+    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
 
 
 TARGETS = [
@@ -39,6 +48,17 @@ TARGETS = [
     (64, "reinforce", "grpo", 3.0),
 ]
 """The issue's speed targets for the full iteration: (B, system, peer, minimum ratio of tokens/s)."""
+
+
+def read_clause(rollout: dict) -> str:
+    """How fast the streamed decode matmuls draw their weights from memory, beside a plain read of them."""
+    if not rollout.get("decode_read"):
+        return ""
+    moved = rollout["decode_weight_bytes"]
+    return (
+        f"; their weights arrive at {moved / rollout['decode_streamed'] / 1e9:.1f} GB/s, where a plain read of the "
+        f"same weights (`torch.sum`) runs at {moved / rollout['decode_read'] / 1e9:.1f} GB/s"
+    )
 
 
 def target_lines(results: dict, bounds: dict, labels: dict[str, str]) -> list[str]:
@@ -58,6 +78,8 @@ def target_lines(results: dict, bounds: dict, labels: dict[str, str]) -> list[st
             reach = ""
             if bounds.get(batch) and "streaming_ceiling" in bounds[batch]:
                 reach = f"; at the streaming ceiling {bounds[batch]['streaming_ceiling'] / theirs['iteration']:.2f}x"
+            if mine.get("kernel_seconds"):
+                reach += f"; at its kernel time alone {theirs['seconds'] / mine['kernel_seconds']:.2f}x"
             lines.append(f"- [{'x' if ok else ' '}] B = {batch}: {names} = {ratio:.2f}x (target {bar}{reach})")
     r, bound = results.get(("reinforce", 64)), bounds.get(64)
     if r and bound:
@@ -153,7 +175,8 @@ def report(
                     f"Streaming ceiling: the same with the {args.new_tokens - 1} decode steps' matmuls timed as a "
                     "decode runs them, every layer's own weights in turn "
                     f"({1e3 * r['decode_streamed']:.0f} ms per rollout, against {1e3 * r['decode_hot']:.0f} ms "
-                    f"with each shape's weight kept in cache): **{bound['streaming_ceiling']:,.0f} tok/s** for the "
+                    f"with each shape's weight kept in cache{read_clause(r)}): "
+                    f"**{bound['streaming_ceiling']:,.0f} tok/s** for the "
                     f"full iteration, {bound['rollout_streaming_ceiling']:,.0f} tok/s for the rollout. Only matmuls "
                     "and attention are counted; this ceiling over a peer's tokens/s is the largest ratio any system "
                     "could reach against that peer here"
@@ -171,6 +194,21 @@ def report(
                 "included; median over rounds): "
                 + ", ".join(f"{labels[s]} {r['warmup_seconds']:.2f} s" for s, r in warm)
                 + ".",
+            ]
+        timed = [(s, results[s, batch]) for s in args.systems if "kernel_seconds" in results.get((s, batch), {})]
+        if timed:
+            lines += [
+                "",
+                f"Kernel time at B = {batch} ({args.kernels} iteration(s) under `torch.profiler` after the timed ones; "
+                "the self time of matmul and attention kernels, compiled code's included; median over rounds): "
+                + ", ".join(
+                    f"{labels[s]} {milliseconds(r['kernel_seconds'])} of its {milliseconds(r['seconds'])} "
+                    f"({100 * r['kernel_seconds'] / r['seconds']:.0f}%)"
+                    for s, r in timed
+                )
+                + ". The rest is everything else: elementwise kernels, Python, the optimizer, sampling, rewards. A "
+                "target's \"at its kernel time alone\" is the ratio with textrl's iteration cut to those kernels, at "
+                "the speed they run there: the most that removing all of its other work could reach.",
             ]
         lines.append("")
     targets = target_lines(results, bounds, labels)

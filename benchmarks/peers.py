@@ -149,9 +149,13 @@ DEFAULT_PLACE = {
     "decode_step": "eager",
     "replay_memory_mb": None,
     "activation_checkpointing": False,
+    "kernels": 0,
 }
 """Where and how the systems run (``--device``, ``--dtype``, textrl's ``--decode-step`` and
-``--replay-memory-mb``, and ``--activation-checkpointing`` for textrl and TRL)."""
+``--replay-memory-mb``, and ``--activation-checkpointing`` for textrl and TRL), and ``--kernels``: how many
+profiled iterations follow the timed ones."""
+KERNEL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv"})
+"""The matmul operators whose profiled self time is kernel time (``--kernels``), besides attention."""
 
 
 def torch_dtype(name: str):
@@ -168,6 +172,32 @@ def textrl_overrides(place: dict) -> dict:
     if place.get("replay_memory_mb") is not None:
         out["replay_memory_mb"] = place["replay_memory_mb"]
     return out
+
+
+def is_kernel(name: str) -> bool:
+    """Whether a profiler event named ``name`` is a matmul or an attention kernel: an ATen matmul
+    (``aten::mm``, ``aten::addmm_``, ...), the same called from compiled code (``aoti_torch_cpu_mm_out``), or
+    scaled-dot-product attention; not an inductor kernel fused around one (``graph_0_cpp_fused_...``), which
+    is elementwise work."""
+    if name.startswith("graph_") or "cpp_fused" in name:
+        return False
+    if "scaled_dot_product" in name:
+        return True
+    return name.rpartition("::")[2].removeprefix("aoti_torch_cpu_").removesuffix("_out").strip("_") in KERNEL_OPS
+
+
+def kernel_seconds(prof) -> float:
+    """Seconds of matmul and attention kernels (:func:`is_kernel`) in a finished ``torch.profiler`` run: the
+    sum of their self CPU times (a CPU kernel runs on the calling thread and its workers, so its self time is
+    its wall time)."""
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if is_kernel(e.key)) / 1e6
+
+
+def profiler():
+    """A CPU ``torch.profiler.profile`` (not started) for :func:`kernel_seconds`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
 
 
 def synchronize(place: dict) -> None:
@@ -399,11 +429,33 @@ class GRPORunner(rl_speed.TextRLRunner):
 
 def trl_grpo_rows(
     system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0, place: dict | None = None
-) -> list[dict]:
+) -> tuple[list[dict], dict]:
     """TRL GRPOTrainer (``grpo``, ``grpo-mu2``) with ``num_iterations`` = ``GRPO_PASSES[system]``: ``steps``
-    rows, each one generation batch and its mu trainer steps (their times summed)."""
+    rows, each one generation batch and its mu trainer steps (their times summed); then ``place["kernels"]``
+    more iterations under the profiler. Second: ``kernel_seconds`` (matmul and attention seconds per
+    profiled iteration) and ``rss`` (peak RSS MB before profiling), or nothing without ``kernels``."""
+    from transformers import TrainerCallback
+
     mu = GRPO_PASSES[system]
     place = place or DEFAULT_PLACE
+    kernels, found = place.get("kernels", 0), {}
+
+    class Profiled(TrainerCallback):
+        """The profiler over the trainer steps after the timed ones (``global_step`` counts steps done)."""
+
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if kernels and state.global_step == steps * mu and self.prof is None:
+                found["rss"] = rl_speed.peak_rss_mb()  # the profiler's event records are not the system's
+                self.prof = profiler()
+                self.prof.__enter__()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                found["kernel_seconds"] = kernel_seconds(self.prof) / kernels
+
     rows = trl_systems.run_group_trainer(
         "grpo",
         work.lm,
@@ -411,10 +463,11 @@ def trl_grpo_rows(
         rl_speed.the_fraction,
         batch,
         work.new_tokens,
-        steps * mu,
+        (steps + kernels) * mu,
         learning_rate=rl_speed.LEARNING_RATE,
         beta=KL_COEF if kl else 0.0,
         seed=seed,
+        callbacks=[Profiled()],
         lora_rank=lora_rank,
         num_iterations=mu,
         device=place["device"],
@@ -422,18 +475,19 @@ def trl_grpo_rows(
         gradient_checkpointing=place.get("activation_checkpointing", False),
     )
     out = []
-    for i in range(0, len(rows), mu):
+    for i in range(0, steps * mu, mu):
         chunk = rows[i : i + mu]
         if [r["tokens"] > 0 for r in chunk] != [True] + [False] * (mu - 1):
             raise RuntimeError(f"{system}: trainer steps {i + 1}-{i + mu} do not generate once, at the first")
         out.append({key: sum(r[key] for r in chunk) for key in ("tokens", "seconds", "rollout_seconds")})
-    return out
+    return out, found
 
 
 def stepwise_rows(
     system: str, work, batch: int, steps: int, seed: int, kl: bool, lora_rank: int = 0, place: dict | None = None
-) -> list[dict]:
-    """textrl, the plain loop and SB3: ``rl_speed`` runners, one ``iteration()`` per step."""
+) -> tuple[list[dict], dict]:
+    """textrl, the plain loop and SB3: ``rl_speed`` runners, one ``iteration()`` per step; then (not for naive
+    SB3) ``place["kernels"]`` more iterations under the profiler. Second: as :func:`trl_grpo_rows`'s."""
     if lora_rank > 0 and system not in LORA_SYSTEMS:
         raise ValueError(f"{system} cannot train LoRA adapters")
     place = place or DEFAULT_PLACE
@@ -461,7 +515,14 @@ def stepwise_rows(
         tokens = runner.iteration()
         synchronize(place)
         rows.append({"tokens": tokens, "seconds": time.perf_counter() - t0, "rollout_seconds": watch.take()})
-    return rows
+    kernels = place.get("kernels", 0) if system != "sb3" else 0
+    if not kernels:
+        return rows, {}
+    rss = rl_speed.peak_rss_mb()  # before the profiler's event records
+    with profiler() as prof:
+        for _ in range(kernels):
+            runner.iteration()
+    return rows, {"kernel_seconds": kernel_seconds(prof) / kernels, "rss": rss}
 
 
 def library_versions() -> dict[str, str]:
@@ -499,9 +560,14 @@ def measure(
     trl_systems.quiet()
     if threads:
         torch.set_num_threads(threads)
+    if place.get("kernels") and place["decode_step"] == "compile":  # compiled code reports its kernel calls too
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True
     t0 = time.perf_counter()
+    profiled = {}  # with --kernels: seconds per iteration in kernels, and the peak RSS before profiling
     if system in ("grpo", "grpo-mu2"):
-        rows = trl_grpo_rows(system, work, batch, steps, seed, kl, lora_rank, place)
+        rows, profiled = trl_grpo_rows(system, work, batch, steps, seed, kl, lora_rank, place)
     elif system == "rloo":
         rows = trl_systems.run_group_trainer(
             "rloo",
@@ -533,7 +599,7 @@ def measure(
             seed=seed,
         )
     else:
-        rows = stepwise_rows(system, work, batch, steps, seed, kl, lora_rank, place)
+        rows, profiled = stepwise_rows(system, work, batch, steps, seed, kl, lora_rank, place)
     expected = batch * work.new_tokens
     for i, row in enumerate(rows):
         if row["tokens"] != expected:
@@ -546,10 +612,11 @@ def measure(
         "rows": rows[warmup:],
         "warmup_seconds": sum(row["seconds"] for row in rows[:warmup]),  # one-time costs (compilation) land here
         "wall_seconds": time.perf_counter() - t0,
-        "rss_peak_mb": rl_speed.peak_rss_mb(),
+        "rss_peak_mb": profiled.get("rss", rl_speed.peak_rss_mb()),
         "threads": torch.get_num_threads(),
         "versions": library_versions(),
         "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "kernel_seconds": profiled.get("kernel_seconds"),
     }
 
 
@@ -707,6 +774,7 @@ def placement(args) -> dict:
         "decode_step": args.decode_step,
         "replay_memory_mb": args.replay_memory_mb,
         "activation_checkpointing": args.activation_checkpointing,
+        "kernels": args.kernels,
     }
 
 
@@ -728,6 +796,7 @@ def run(job: tuple[str, int], args, workdir: Path, work) -> dict:
     command += ["--threads", str(args.threads), "--seed", str(args.seed), "--kl", args.kl]
     command += ["--lora-rank", str(args.lora_rank), "--device", args.device, "--dtype", args.dtype]
     command += ["--decode-step", args.decode_step, "--decode-repeats", str(args.decode_repeats)]
+    command += ["--kernels", str(args.kernels)]
     if args.replay_memory_mb is not None:
         command += ["--replay-memory-mb", str(args.replay_memory_mb)]
     if args.activation_checkpointing:
@@ -807,6 +876,14 @@ def main(argv: list[str] | None = None) -> None:
         "--peak-bandwidth", type=float, help="TB/s, for the decode's bound (default on CUDA: 4.8, an H200's)"
     )
     parser.add_argument("--decode-repeats", type=int, default=2, help="timed rollouts of the decode measurement")
+    parser.add_argument(
+        "--kernels",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed iterations, N more under torch's profiler: each system's seconds in matmul and "
+        "attention kernels (CPU)",
+    )
     parser.add_argument("--log", type=Path, help="append every run's result here as a JSON line when it finishes")
     parser.add_argument("--in-process", action="store_true", help="run every system in this process (tests)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-bound measurement")
@@ -836,6 +913,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"argument --device: {e}")
     if cuda and args.learning:
         parser.error("argument --device: --learning runs on the CPU only")
+    if args.kernels < 0:
+        parser.error(f"argument --kernels: must be >= 0, got {args.kernels}")
+    if cuda and args.kernels:
+        parser.error("argument --kernels: it times CPU kernels; on a GPU the report gives the update's MFU")
     off_gpu = [s for s in args.systems or () if s not in GPU_SYSTEMS]
     if cuda and off_gpu:
         parser.error(f"argument --systems: {', '.join(off_gpu)} run on the CPU only, not with --device {args.device}")

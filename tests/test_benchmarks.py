@@ -147,6 +147,7 @@ def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch)
         monkeypatch.setattr(trl, "GRPOTrainer", Trainer)
     report = tmp_path / "peers.md"
     args = ["--tiny-random", "--in-process", "--batch-sizes", "4", "--new-tokens", "4", "--iters", "1"]
+    args += ["--kernels", "1"]
     module.main([*args, "--warmup", "1", "--rounds", "1", "--systems", *systems, "--out", str(report)])
     out = capsys.readouterr().out
     assert report.read_text() in out
@@ -165,8 +166,15 @@ def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch)
         seconds = re.search(re.escape(module.SYSTEMS[system]) + r" ([\d.]+) s", warm[1])
         assert seconds and float(seconds[1]) > 0, (system, warm[1])
     assert "textrl's decode step" not in out  # the default, eager, is not named
-    # 2 iterations (1 warm-up) of B = 4 episodes x 4 tokens each: one step per iteration at mu=1, two at mu=2
-    assert passes == [(1, None, 1, 16)] * 2 + [(2, None, 2, 16)] * 2
+    kernels = re.search(r"^Kernel time at B = 4 \(1 iteration\(s\) under `torch.profiler`.*?\): (.+?)\. The", out, re.M)
+    assert kernels, out  # every system's matmul and attention time, a part of its iteration
+    for system in systems:
+        label = re.escape(module.SYSTEMS[system])
+        found = re.search(label + r" ([\d.,]+) ms of its ([\d.,]+) ms \((\d+)%\)", kernels[1])
+        assert found and 0 < float(found[1]) < float(found[2].replace(",", "")) and 0 < int(found[3]) < 100, system
+    # 2 iterations (1 warm-up) and 1 profiled of B = 4 episodes x 4 tokens each: one step per iteration at mu=1,
+    # two at mu=2
+    assert passes == [(1, None, 1, 16)] * 3 + [(2, None, 2, 16)] * 3
     assert (
         "one optimisation step per batch (mu=2: two);" in out and "two optimisation steps per generation batch" in out
     )
@@ -178,7 +186,29 @@ def test_peers_benchmark_compares_textrl_with_trl(tmp_path, capsys, monkeypatch)
             batches = (args.steps_per_generation, args.generation_batch_size, args.per_device_train_batch_size)
             assert batches == (1, 4, 4) and (args.num_generations, trainer.beta) == (4, module.KL_COEF)
             assert (args.loss_type, args.scale_rewards, args.epsilon) == ("dapo", "group", 0.2)
-        assert mu1.state.global_step == 2 and mu2.state.global_step == 4
+        assert mu1.state.global_step == 3 and mu2.state.global_step == 6
+
+
+def test_kernel_time_counts_matmul_and_attention_kernels_and_bounds_the_targets():
+    """``--kernels``: the profiler events that count as kernel time, and the target line's ratio with textrl's
+    iteration cut to its kernel time (the peer's seconds per iteration over textrl's kernel seconds)."""
+    module = _load("peers", "peers_benchmark")
+    report = module.peer_report
+    kernels = ["aten::mm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aoti_torch_cpu_mm_out"]
+    kernels += ["aoti_torch_cpu_addmm_out", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"]
+    kernels += ["aoti_torch_cpu__scaled_dot_product_flash_attention_for_cpu"]
+    others = ["aten::cummin", "aten::matmul", "aten::linear", "aten::mul", "aten::mm_backward_helper"]
+    others += ["graph_0_cpp_fused__scaled_dot_product_flash_attention_for_cpu_add_cat_7", "aten::summ"]
+    assert [module.is_kernel(n) for n in kernels + others] == [True] * len(kernels) + [False] * len(others)
+    results = {
+        ("reinforce", 16): {"iteration": 512.0, "seconds": 1.0, "kernel_seconds": 0.75},
+        ("grpo", 16): {"iteration": 320.0, "seconds": 1.6},
+    }
+    labels = {"reinforce": "R", "grpo": "G"}
+    (line,) = report.target_lines(results, {}, labels)
+    assert line == "- [ ] B = 16: R / G = 1.60x (target >= 2x; at its kernel time alone 2.13x)"
+    del results["reinforce", 16]["kernel_seconds"]  # not measured: no such clause
+    assert report.target_lines(results, {}, labels) == ["- [ ] B = 16: R / G = 1.60x (target >= 2x)"]
 
 
 def test_flop_count_of_each_phase():
@@ -265,6 +295,15 @@ def test_streaming_ceiling_times_the_decode_as_it_runs_and_bounds_every_peer_rat
     assert rollout["streamed_seconds"] == pytest.approx(
         rollout["seconds"] - rollout["decode_hot"] + rollout["decode_streamed"]
     )
+    # the same weights read plainly, T - 1 times: 2 layers of (32x96 + 32x32 + 32x128 + 128x32) and the 300x32 head
+    assert rollout["decode_weight_bytes"] == (T - 1) * 4 * (2 * 32 * (96 + 32 + 128 + 128) + 300 * 32)
+    assert rollout["decode_read"] > 0
+    clause = peer_report.read_clause(rollout)
+    assert re.fullmatch(
+        r"; their weights arrive at [\d.]+ GB/s, where a plain read of the same weights "
+        r"\(`torch.sum`\) runs at [\d.]+ GB/s",
+        clause,
+    ), clause
     rest = bound["phases"]["training"]["seconds"] + bound["phases"]["reference"]["seconds"]
     assert bound["streaming_ceiling"] == pytest.approx(B * T / (rollout["streamed_seconds"] + rest))
     results = {("reinforce", 16): {"iteration": 300.0}, ("grpo", 16): {"iteration": 100.0}}
