@@ -206,6 +206,11 @@ def time_decode_steps(shape: Shape, batch: int, steps: int, repeats: int = 5) ->
                     torch.mm(inputs[w.shape[0]], w)
             torch.mm(head, hidden)
 
+    return best_seconds(run, repeats)
+
+
+def best_seconds(run, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``run()``, after one untimed call."""
     run()
     best = float("inf")
     for _ in range(repeats):
@@ -230,13 +235,7 @@ def time_weight_reads(shape: Shape, batch: int, steps: int, repeats: int = 5) ->
             for w in weights:
                 w.sum()
 
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best, sum(w.numel() * w.element_size() for w in weights)
+    return best_seconds(run, repeats), sum(w.numel() * w.element_size() for w in weights)
 
 
 def measure(
