@@ -80,7 +80,8 @@ mu times that for GRPO with mu passes) per second over ``--peak-tflops`` (989, a
 measurement in a process of its own: the engine's decode steps (eager, and ``--decode-step``) and HF
 ``generate``'s, prefill timed apart, against the memory-bandwidth bound (every matmul weight and the KV cache
 so far read once per step, ``flop_bound.decode_bytes``, at ``--peak-bandwidth``, 4.8 TB/s); then the GPU targets.
-``--kernels N`` (CPU) runs N more iterations of each system after its timed ones under ``torch.profiler`` and
+``--kernels N`` (CPU) runs N more iterations of each system (not naive SB3, TRL RLOO or TRL PPO) after its
+timed ones under ``torch.profiler`` and
 reports the seconds per iteration spent in matmul and attention kernels (:func:`is_kernel`; compiled code's
 included) beside its whole iteration, and each target's ratio with textrl's iteration cut to those kernels: the
 most that removing all of its other work could reach (peak RSS is read before profiling).
