@@ -297,12 +297,15 @@ def _compiler_works() -> bool:
 
 
 @pytest.mark.slow
-def test_a_compiled_decode_step_equals_the_eager_one(request, device):
+@pytest.mark.parametrize("arch", ["llama_gqa_dir", "mistral_dir"])
+def test_a_compiled_decode_step_equals_the_eager_one(request, device, arch):
     """``decode_step="compile"`` (torch.compile, and a CUDA graph on a GPU): the eager step's logits (~1 min
-    of compilation on a CPU; skipped where torch.compile cannot run)."""
+    of compilation on a CPU; skipped where torch.compile cannot run). Grouped-query attention (Llama) and a
+    sliding window that acts within the sequence (Mistral): on a CPU the compiled step's attention is
+    :func:`textrl.ops.decode_attention`."""
     if device.type == "cpu" and not _compiler_works():
         pytest.skip("torch.compile cannot run here")
-    model = _model(request, "llama_gqa_dir", device)
+    model = _model(request, arch, device)
     ids, mask = _batch(model.config.vocab_size, device)
     P, S = 5, ids.shape[1]
     out = {}

@@ -577,3 +577,29 @@ def test_an_agent_keeps_the_router_balanced_when_asked(mixtral_dir, llama_gqa_di
     assert not torch.allclose(plain, balanced)  # the balance term reaches the router
     with pytest.raises(ValueError, match="router_aux_coef > 0 needs a mixture-of-experts policy"):
         REINFORCE(env(llama_gqa_dir), config=REINFORCEConfig(batch_size=4, group_size=2, router_aux_coef=0.1))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_torch_sdpa(heads, kv_heads, dtype):
+    """The compiled CPU decode step's attention (one query over the cache, written out for inductor to fuse)
+    is torch's SDPA: grouped queries, a key mask with holes (left padding, a sliding window) and rows that see
+    a single key; in bf16 it rounds once, at the end."""
+    from textrl.ops import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, S, D = 5, 11, 16
+    q = torch.randn(B, heads, 1, D, generator=g)
+    k, v = torch.randn(2, B, kv_heads, S, D, generator=g)
+    mask = torch.rand(B, 1, 1, S, generator=g) > 0.4
+    mask[:, ..., -1] = True  # the step's own column is always seen
+    mask[0] = False
+    mask[0, ..., 3] = True  # a row that sees one key only
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    mine = decode_attention(q, k, v, mask)
+    gqa = {"enable_gqa": True} if kv_heads != heads else {}
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, **gqa)
+    assert mine.dtype == dtype and mine.shape == (B, heads, 1, D)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(mine.float(), expected, **tol)
+    torch.testing.assert_close(mine[0].float(), v[0, :, 3:4].float().repeat_interleave(heads // kv_heads, 0), **tol)

@@ -62,7 +62,19 @@ from transformers import PreTrainedModel
 
 from textrl.arch import Layer, Spec, Unsupported, describe
 from textrl.core import positions_from_mask
-from textrl.ops import base_into, folded_adapters, gelu, input_major, is_lora, linear, moe, norm, rotate, signed_sin
+from textrl.ops import (
+    base_into,
+    decode_attention,
+    folded_adapters,
+    gelu,
+    input_major,
+    is_lora,
+    linear,
+    moe,
+    norm,
+    rotate,
+    signed_sin,
+)
 from textrl.replay import Record, _Replayed, replayed, width
 from textrl.session import KVCache, Session
 
@@ -558,6 +570,10 @@ class _StaticStep:
             # on a CPU, a C++ wrapper calls the kernels (no Python between them); on CUDA the graph replays them
             options = {"cpp_wrapper": True} if like.device.type == "cpu" else None
             self.body = torch.compile(self._body, dynamic=False, options=options)
+        # compiled on a CPU, the attention of the step's one query is written out for inductor to fuse
+        # (:func:`textrl.ops.decode_attention`); elsewhere it is torch's kernel, as in every other mode
+        cpu_compiled = self.mode == "compile" and like.device.type == "cpu"
+        self.attention = decode_attention if cpu_compiled else engine._sdpa
         self.compiled: set[bool] = set()  # the graphs compiled so far (CPU): with a record (False), without (True)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by record and autocast dtype
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
@@ -636,7 +652,7 @@ class _StaticStep:
             def attend(q, k, v, i=i, mask=mask):  # (under autocast, bf16 keys into the weights' dtype, as copy_ does)
                 cache.k[i].index_copy_(2, t, k.to(cache.k[i].dtype))
                 cache.v[i].index_copy_(2, t, v.to(cache.v[i].dtype))
-                return engine._sdpa(q, cache.k[i], cache.v[i], mask)
+                return self.attention(q, cache.k[i], cache.v[i], mask)
 
             x = engine._block(layer, x, angles, attend, lin)
         hidden = norm(x[:, 0], s.norm)  # (B, E)

@@ -232,6 +232,24 @@ class InputMajorAdam(torch.optim.Adam):
         return loss
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query position's attention over a KV cache, as ``F.scaled_dot_product_attention(q, k, v,
+    attn_mask=mask, enable_gqa=True)`` computes it: q (B, H, 1, D); k, v (B, G, S, D) with G dividing H (grouped
+    queries); ``mask`` boolean, broadcastable to (B, 1, 1, S), True where a key is seen (at least one per row).
+
+    Written as broadcast products and sums for the compiled CPU decode step: inductor fuses them into a few
+    loops over the cache, where torch's CPU flash-attention kernel, made for many queries, spends most of its
+    time per call on set-up when there is one. Computed in fp32; the result in q's dtype.
+    """
+    B, H, _, D = q.shape
+    G = k.shape[1]
+    qg = q.reshape(B, G, H // G, 1, D).float()  # each key/value head's group of query heads
+    scores = (qg * k[:, :, None].float()).sum(-1) * (1.0 / math.sqrt(D))  # (B, G, H/G, S)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, G, H/G, D)
+    return out.reshape(B, H, 1, D).to(q.dtype)
+
+
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """The sine table :func:`rotate` takes: ``sin`` (.., D) with its first half negated."""
     half = sin.shape[-1] // 2
