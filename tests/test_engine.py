@@ -603,3 +603,33 @@ def test_decode_attention_equals_torch_sdpa(heads, kv_heads, dtype):
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
     torch.testing.assert_close(mine.float(), expected, **tol)
     torch.testing.assert_close(mine[0].float(), v[0, :, 3:4].float().repeat_interleave(heads // kv_heads, 0), **tol)
+
+
+def test_rms_norm_backward_equals_autograds():
+    """The engine's RMSNorm (torch's fused forward, a closed-form backward on CPU): the values of
+    ``F.rms_norm``, its gradients for the input and the weight, and a float64 gradcheck."""
+    from torch.nn import functional as F
+
+    from textrl.ops import _RMSNorm, norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 32, generator=g) * 3
+    w = torch.randn(32, generator=g)
+    grad = torch.randn(3, 7, 32, generator=g)
+    module = nn.Module()
+    module.weight, module.variance_epsilon = nn.Parameter(w.clone()), 1e-5
+    mine_x = x.clone().requires_grad_()
+    y = norm(mine_x, module)
+    assert isinstance(y.grad_fn, _RMSNorm._backward_cls)  # the engine's backward, not autograd's
+    y.backward(grad)
+    ref_x, ref_w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    expected = F.rms_norm(ref_x, (32,), ref_w, 1e-5)
+    expected.backward(grad)
+    assert torch.equal(y, expected)
+    torch.testing.assert_close(mine_x.grad, ref_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(module.weight.grad, ref_w.grad, atol=1e-5, rtol=1e-5)
+    x64 = x[:2, :3].double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x64, w64))
+    with torch.no_grad():  # no graph to record: torch's own kernel
+        assert norm(x, module).grad_fn is None
