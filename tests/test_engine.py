@@ -633,3 +633,26 @@ def test_rms_norm_backward_equals_autograds():
     assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-5), (x64, w64))
     with torch.no_grad():  # no graph to record: torch's own kernel
         assert norm(x, module).grad_fn is None
+
+
+def test_rotary_backward_equals_autograds():
+    """The engine's rotary embedding with its closed-form backward: the same values as the plain expression
+    (HF's ``x * cos + rotate_half(x) * sin``), autograd's input gradient, and a float64 gradcheck."""
+    from textrl.ops import _Rotate, rotate, signed_sin
+
+    g = torch.Generator().manual_seed(0)
+    angles = torch.randn(2, 1, 5, 8, generator=g, dtype=torch.float64)
+    cos, signed = angles.cos(), signed_sin(angles.sin())
+    x = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+    grad = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64)
+    mine = x.clone().requires_grad_()
+    y = rotate(mine, cos, signed)
+    assert isinstance(y.grad_fn, _Rotate._backward_cls)
+    y.backward(grad)
+    ref = x.clone().requires_grad_()
+    rotated = torch.cat((-ref[..., 4:], ref[..., :4]), dim=-1)  # HF's rotate_half
+    expected = ref * cos + rotated * angles.sin()
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(mine.grad, ref.grad)
+    assert torch.autograd.gradcheck(lambda a: _Rotate.apply(a, cos, signed), (x[:1, :2].clone().requires_grad_(),))

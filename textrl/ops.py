@@ -295,8 +295,32 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Te
     The negation sits in the table: ``cat(x2, x1) * signed`` is ``cat(-x2, x1) * sin`` bit for bit (a sign
     flip is exact), one elementwise kernel fewer per call.
     """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotate.apply(x, cos, signed)
+    return _rotate(x, cos, signed)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed
+
+
+class _Rotate(torch.autograd.Function):
+    """:func:`rotate` with its backward in closed form: the rotation swaps the halves, so ``dx = g cos +
+    swap(g signed)``; four ops, where autograd's derivative of the two slices zero-fills and copies a tensor
+    of x's size for each. The tables get no gradient (they are constants of the positions)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, signed):
+        ctx.save_for_backward(cos, signed)
+        return _rotate(x, cos, signed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, signed = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        h = grad * signed
+        return torch.cat((h[..., half:], h[..., :half]), dim=-1).add_(grad * cos), None, None
 
 
 def moe(moe: Moe, h: torch.Tensor, lin, log: list | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:

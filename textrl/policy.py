@@ -106,7 +106,7 @@ class _ActionLogProbs(torch.autograd.Function):
 
     The full-vocabulary work (log-softmax, its backward, the entropy) runs over row chunks that stay in
     cache; a whole (B, T, V) log-prob tensor is never materialised (at B=64 each such tensor is 32 MiB,
-    allocated through fresh ``mmap`` pages every time). The backward recomputes each chunk's log-softmax
+    allocated through fresh ``mmap`` pages every time). The backward recomputes each chunk's softmax
     and forms ``onehot * g - softmax * g``, which is what autograd's gather + log-softmax backward computes.
     Suppressed tokens (``suppress``: a LongTensor of token ids, or None) are set to -inf in each chunk's copy,
     so the distribution is the sampled one without a (N, V) copy of the logits.
@@ -139,8 +139,8 @@ class _ActionLogProbs(torch.autograd.Function):
         rows = _chunk_rows(flat)
         for i in range(0, flat.shape[0], rows):
             chunk = out[i : i + rows]
-            logp = F.log_softmax(_chunk(flat, i, rows, ctx.suppress), dim=-1)
-            torch.mul(logp.exp_(), g[i : i + rows].neg(), out=chunk)
+            probs = F.softmax(_chunk(flat, i, rows, ctx.suppress), dim=-1)
+            torch.mul(probs, g[i : i + rows].neg(), out=chunk)
             chunk.scatter_add_(1, acts[i : i + rows], g[i : i + rows])
         return out.view(logits.shape), None, None, None
 
