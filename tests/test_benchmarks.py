@@ -554,3 +554,21 @@ def test_gpu_script_smoke_on_the_cpu(tmp_path):
     assert re.search(r"^- \[[ x]\] B = 4: textrl REINFORCE's update at \d+% MFU \(target >= 35%\)", report, re.M)
     jobs = [json.loads(line)["job"] for line in (tmp_path / "peers.jsonl").read_text().splitlines()]
     assert jobs[0] == "decode" and "reinforce" in jobs and "plain" in jobs
+
+
+@pytest.mark.slow
+def test_decode_attention_benchmark_pairs_the_two_compiled_steps(capsys):
+    """The compiled decode step with ``decode_attention`` against the one with torch's SDPA (~1 min of
+    compiling): a row per B, both timings, and logits that agree."""
+    import textrl.engine as engine_module
+
+    make_static = engine_module._StaticStep.__init__
+    module = _load("decode_attention", "decode_attention")
+    module.main(["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"])
+    out = capsys.readouterr().out
+    row = re.search(r"^\| 3 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
+    assert row, out
+    ours, sdpa, ratio, difference = (float(x) for x in row.groups())
+    assert ours > 0 and sdpa > 0 and abs(ratio - sdpa / ours) < 0.01
+    assert difference < 1e-4
+    assert engine_module._StaticStep.__init__ is make_static  # put back

@@ -49,42 +49,10 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return _tanh_gelu(x)
 
 
-class _RMSNorm(torch.autograd.Function):
-    """``F.rms_norm`` over the last dimension, with a backward of a few whole-tensor passes.
-
-    The forward is torch's fused kernel itself (the same values), which also returns the rows' 1 / rms, kept
-    for the backward. On a CPU torch has no fused backward for it: autograd differentiates the decomposed
-    norm, a dozen elementwise ops (broadcast products, a division, a power) per norm; this backward is the
-    closed form, ``dx = (g w - x^ mean(g w x^)) / rms`` with ``x^ = x / rms``, and ``dw = sum over rows of g x^``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
-        ctx.save_for_backward(x, rstd, weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, rstd, weight = ctx.saved_tensors
-        unit = x * rstd  # x^
-        gw = grad * weight
-        dw = (grad * unit).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        dx = None
-        if ctx.needs_input_grad[0]:
-            mean = torch.linalg.vecdot(gw, unit).div_(x.shape[-1]).unsqueeze_(-1)
-            dx = gw.sub_(unit.mul_(mean)).mul_(rstd)
-        return dx, dw, None
-
-
 def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
-    w = module.weight
-    differentiable = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if differentiable and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32:
-        return _RMSNorm.apply(x, w, module.variance_epsilon)
-    return F.rms_norm(x, (x.shape[-1],), w, module.variance_epsilon)
+    return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
 
 
 def is_lora(module: nn.Module) -> bool:
@@ -295,32 +263,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Te
     The negation sits in the table: ``cat(x2, x1) * signed`` is ``cat(-x2, x1) * sin`` bit for bit (a sign
     flip is exact), one elementwise kernel fewer per call.
     """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Rotate.apply(x, cos, signed)
-    return _rotate(x, cos, signed)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed
-
-
-class _Rotate(torch.autograd.Function):
-    """:func:`rotate` with its backward in closed form: the rotation swaps the halves, so ``dx = g cos +
-    swap(g signed)``; four ops, where autograd's derivative of the two slices zero-fills and copies a tensor
-    of x's size for each. The tables get no gradient (they are constants of the positions)."""
-
-    @staticmethod
-    def forward(ctx, x, cos, signed):
-        ctx.save_for_backward(cos, signed)
-        return _rotate(x, cos, signed)
-
-    @staticmethod
-    def backward(ctx, grad):
-        cos, signed = ctx.saved_tensors
-        half = grad.shape[-1] // 2
-        h = grad * signed
-        return torch.cat((h[..., half:], h[..., :half]), dim=-1).add_(grad * cos), None, None
 
 
 def moe(moe: Moe, h: torch.Tensor, lin, log: list | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
