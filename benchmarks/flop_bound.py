@@ -191,20 +191,29 @@ def time_decode_steps(shape: Shape, batch: int, steps: int, repeats: int = 5) ->
     """Best seconds of ``steps`` decode steps' weight matmuls at M = ``batch`` rows, run as a decode runs them:
     each layer with weights of its own, layer after layer, then the LM head. The block weights are (K, N)
     contiguous, the head (V, E) multiplies the (E, B) hidden states: the fastest CPU layouts at few rows (those
-    of textrl's engine, :func:`textrl.ops.input_major`)."""
+    of textrl's engine, :func:`textrl.ops.input_major`); each matmul through textrl's split kernel where the
+    engine's decode takes it (:func:`textrl.kernels.wants_split`), torch's own elsewhere."""
     import torch
+
+    from textrl import kernels
 
     g = torch.Generator().manual_seed(0)
     layers = [[torch.randn(k, n, generator=g) for _, k, n in shape.block_matmuls(batch)] for _ in range(shape.n_layer)]
     inputs = {k: torch.randn(batch, k, generator=g) for _, k, _ in shape.block_matmuls(batch)}
     head, hidden = torch.randn(shape.vocab_size, shape.n_embd, generator=g), torch.randn(shape.n_embd, batch)
+    with torch.no_grad():
+        split = {id(w): kernels.wants_split(inputs[w.shape[0]], w) for weights in layers for w in weights}
+        split_head = kernels.wants_split(hidden.t(), head.t())
 
     def run() -> None:
         for _ in range(steps):
             for weights in layers:
                 for w in weights:
-                    torch.mm(inputs[w.shape[0]], w)
-            torch.mm(head, hidden)
+                    (kernels.split_mm if split[id(w)] else torch.mm)(inputs[w.shape[0]], w)
+            if split_head:
+                kernels.split_mm(hidden.t(), head.t())
+            else:
+                torch.mm(head, hidden)
 
     return best_seconds(run, repeats)
 

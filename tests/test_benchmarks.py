@@ -1,7 +1,9 @@
 """Smoke tests of the benchmark scripts with tiny budgets, asserting on the tables they print."""
 
 import importlib.util
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -572,3 +574,24 @@ def test_decode_attention_benchmark_pairs_the_two_compiled_steps(capsys):
     assert ours > 0 and sdpa > 0 and abs(ratio - sdpa / ours) < 0.01
     assert difference < 1e-4
     assert engine_module._StaticStep.__init__ is make_static  # put back
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")
+def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkeypatch):
+    """textrl's split matmul against torch's: a row per decode-step matmul shape (the head's is taken by the
+    engine, the tiny block weights are not) and a row per decode mode with logits that agree; the switch put
+    back as it was."""
+    monkeypatch.delenv("TEXTRL_CPU_KERNELS", raising=False)
+    module = _load("cpu_kernels", "cpu_kernels")
+    argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
+    module.main([*argv, "--decode-step", "eager", "static"])
+    out = capsys.readouterr().out
+    shapes = re.findall(r"^\| 3 x (\d+) x (\d+) \| (\d+) \| (\d+) \| ([\d.]+)x \| (yes|no) \|$", out, re.M)
+    taken = {(int(k), int(n)): t == "yes" for k, n, *_, t in shapes}
+    assert taken[(256, 4096)] and not taken[(256, 256)], out  # the head (vocabulary 4096) only
+    steps = re.findall(r"^\| 3 \| (eager|static) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
+    assert [mode for mode, *_ in steps] == ["eager", "static"], out
+    for _, on, off, ratio, difference in steps:
+        assert float(on) > 0 and float(off) > 0 and abs(float(ratio) - float(off) / float(on)) < 0.01
+        assert float(difference) < 1e-5
+    assert "TEXTRL_CPU_KERNELS" not in os.environ

@@ -60,10 +60,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from textrl import kernels
 from textrl.arch import Layer, Spec, Unsupported, describe
 from textrl.core import positions_from_mask
 from textrl.ops import (
     base_into,
+    base_layer,
     decode_attention,
     folded_adapters,
     gelu,
@@ -502,13 +504,16 @@ class Engine(nn.Module):
             x = self._block(layer, x, angles, attend, lin)
         session.length = t + 1
         hidden = norm(x[:, 0], self.spec.norm)  # (B, E)
+        head = self.spec.head.weight.t()  # (E, V)
+        if rec is not None:
+            rec.ids[:, t] = tokens
+            rec.len = t + 1
+        out = None if rec is None else rec.logits[:, t - rec.P + 1]
+        if kernels.wants_split(hidden, head):  # split by vocabulary columns over the threads, into the record
+            return kernels.split_mm(hidden, head, out=out), hidden
         # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
         logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
-        if rec is None:
-            return logits_t.t().contiguous(), hidden
-        rec.ids[:, t] = tokens
-        rec.len = t + 1
-        return rec.logits[:, t - rec.P + 1].copy_(logits_t.t()), hidden
+        return (logits_t.t().contiguous(), hidden) if out is None else (out.copy_(logits_t.t()), hidden)
 
     def _static_ok(self) -> bool:
         """Whether the static step can run this model: no mixture-of-experts layer (its routing has
@@ -575,6 +580,15 @@ class _StaticStep:
         cpu_compiled = self.mode == "compile" and like.device.type == "cpu"
         self.attention = decode_attention if cpu_compiled else engine._sdpa
         self.compiled: set[bool] = set()  # the graphs compiled so far (CPU): with a record (False), without (True)
+        # which matmuls take textrl's split kernel (a CPU, few rows, a large enough weight), decided once here:
+        # the compiled body must not trace the decision
+        self.split: dict[nn.Module, bool] = {}
+        with torch.no_grad():  # as the steps run
+            for m in (m for layer in s.layers for m in layer.linears()):
+                base = base_layer(m)
+                w = base.weight.t() if isinstance(base, nn.Linear) else base.weight  # (in, out)
+                self.split[m] = kernels.wants_split(like.new_empty(B, w.shape[0]), w)
+            self.split_head = kernels.wants_split(like.new_empty(B, s.head.weight.shape[1]), s.head.weight.t())
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by record and autocast dtype
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
 
@@ -639,7 +653,7 @@ class _StaticStep:
 
         def lin(x, module):
             flat = x.reshape(B, -1)
-            y = base_into(flat, module)
+            y = base_into(flat, module, split=self.split.get(module, False))
             if rec is not None:
                 rec.out[module].index_copy_(1, t, y[:, None])
             return y.unsqueeze(1)
@@ -656,7 +670,7 @@ class _StaticStep:
 
             x = engine._block(layer, x, angles, attend, lin)
         hidden = norm(x[:, 0], s.norm)  # (B, E)
-        logits = F.linear(hidden, s.head.weight)  # (B, V)
+        logits = kernels.split_mm(hidden, s.head.weight.t()) if self.split_head else F.linear(hidden, s.head.weight)
         if rec is not None:
             rec.ids.index_copy_(1, t, self.tokens[:, None])
             rec.logits.index_copy_(1, t - rec.P + 1, logits[:, None])

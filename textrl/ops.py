@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textrl import kernels
 from textrl.arch import Moe, Spec
 
 _GELU_K = 2 * math.sqrt(2 / math.pi)
@@ -101,9 +102,20 @@ def folded_adapters(modules) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor
     return folded
 
 
-def base_into(x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The base layer's output for rows x (N, in) (a LoRA layer's term left out), into ``out`` if given."""
+def base_into(
+    x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = None, split: bool | None = None
+) -> torch.Tensor:
+    """The base layer's output for rows x (N, in) (a LoRA layer's term left out), into ``out`` if given.
+
+    ``split``: through :func:`textrl.kernels.split_mm` (a decode step's few rows on a CPU); None decides by
+    :func:`textrl.kernels.wants_split`, a compiled step passes what it decided when it was made.
+    """
     base = base_layer(module)
+    w = base.weight.t() if isinstance(base, nn.Linear) else base.weight  # (in, out)
+    if split is None:
+        split = kernels.wants_split(x, w)
+    if split:
+        return kernels.split_mm(x, w, base.bias, out)
     kw = {} if out is None else {"out": out}
     if isinstance(base, nn.Linear):
         if base.bias is None:

@@ -1,0 +1,140 @@
+"""Paired A/B of textrl's CPU matmul kernel (:func:`textrl.kernels.split_mm`) against torch's own matmul.
+
+Two parts, both in one process and interleaved round by round (medians of ``--rounds`` after one untimed round,
+which also compiles):
+
+- the decode-step matmul shapes of one random model of ``--arch`` / ``--size`` (each block linear and the head,
+  B rows): microseconds per call through torch's matmul and through the kernel, each linear's weight in the
+  layout the engine stores it (input-major);
+- whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
+  (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
+  same tokens: ms per step and the largest difference between their logits.
+
+    python benchmarks/cpu_kernels.py --arch llama --size small --batch-sizes 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_decode
+
+from textrl import kernels
+from textrl.arch import describe
+from textrl.engine import Engine
+from textrl.ops import base_layer, input_major
+
+
+def _median_us(fn, calls: int) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def matmul_times(model, B: int, rounds: int, calls: int = 50) -> list[dict]:
+    """Per distinct (in, out) shape of the model's decode matmuls: us per call, torch's and the kernel's."""
+    spec = describe(model)
+    input_major(spec, model)
+    shapes: dict[tuple[int, int], torch.Tensor] = {}
+    for layer in spec.layers:
+        for m in layer.linears():
+            base = base_layer(m)
+            w = base.weight.t() if isinstance(base, torch.nn.Linear) else base.weight  # (in, out)
+            shapes.setdefault(tuple(w.shape), w.detach())
+    shapes.setdefault(tuple(spec.head.weight.t().shape), spec.head.weight.detach().t())
+    rows = []
+    for (k, n), w in shapes.items():
+        x = torch.randn(B, k)
+        times: dict[str, list[float]] = {"torch": [], "split": []}
+        for r in range(rounds + 1):
+            calls_of = {"torch": lambda x=x, w=w: torch.mm(x, w), "split": lambda x=x, w=w: kernels.split_mm(x, w)}
+            for name, fn in calls_of.items():
+                us = _median_us(fn, calls)
+                if r:
+                    times[name].append(us)
+        torch_us, split_us = statistics.median(times["torch"]), statistics.median(times["split"])
+        rows.append({"shape": (B, k, n), "torch": torch_us, "split": split_us, "taken": kernels.wants_split(x, w)})
+    return rows
+
+
+def step_times(model, B: int, P: int, T: int, rounds: int, mode: str) -> dict:
+    """ms per decode step with the kernel (``"on"``) and without (``"off"``), and the largest logit difference."""
+    switch = {"on": "1", "off": "0"}
+    engines = {}
+    for name, value in switch.items():
+        os.environ["TEXTRL_CPU_KERNELS"] = value
+        engines[name] = Engine(model)
+        engines[name].decode_step = mode
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (B, P), generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (T - 1, B), generator=gen)
+    logits, times = {}, {name: [] for name in engines}
+    try:
+        with torch.no_grad():
+            for r in range(rounds + 1):
+                for name, core in engines.items():
+                    os.environ["TEXTRL_CPU_KERNELS"] = switch[name]
+                    with core.start(ids, torch.ones_like(ids), P + T, record=True) as session:
+                        start = time.perf_counter()
+                        logits[name] = torch.stack([session.step(t)[0].clone() for t in tokens])
+                        if r:  # the first round compiles
+                            times[name].append((time.perf_counter() - start) / (T - 1))
+    finally:
+        os.environ.pop("TEXTRL_CPU_KERNELS", None)
+    out = {name: statistics.median(seconds) * 1e3 for name, seconds in times.items()}
+    out["max_diff"] = (logits["on"] - logits["off"]).abs().max().item()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=["gpt2", *engine_decode.FAMILIES], default="llama")
+    parser.add_argument("--size", choices=list(engine_decode.SIZES), default="small")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--prompt-len", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    modes = ["eager", "static", "compile"]
+    parser.add_argument("--decode-step", nargs="+", default=["eager", "compile"], choices=modes)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not kernels.load():
+        raise SystemExit(f"cpu_kernels.py: the kernel cannot be built here: {kernels._state.get('error')}")
+    context = max(256, args.prompt_len + args.new_tokens)
+    model = engine_decode.build(args.arch, args.size, 4096, context, 16, 0)
+    P, T = args.prompt_len, args.new_tokens
+    print(f"textrl's split matmul against torch's, {args.arch} {args.size}; {args.threads} torch threads;", end=" ")
+    print(f"median of {args.rounds} interleaved rounds\n")
+    print("Decode-step matmuls (rows x in x out), us per call:\n")
+    print("| rows x in x out | torch | split | torch / split | taken by the engine |")
+    print("|---|---:|---:|---:|---|")
+    for B in args.batch_sizes:
+        for row in matmul_times(model, B, args.rounds):
+            shape = " x ".join(map(str, row["shape"]))
+            ratio = row["torch"] / row["split"]
+            taken = "yes" if row["taken"] else "no"
+            print(f"| {shape} | {row['torch']:.0f} | {row['split']:.0f} | {ratio:.2f}x | {taken} |")
+    print(f"\nWhole decode steps, {P} + {T} positions, ms per step:\n")
+    print("| B | decode step | kernel on | kernel off | off / on | max logit difference |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for B in args.batch_sizes:
+        for mode in args.decode_step:
+            row = step_times(model, B, P, T, args.rounds, mode)
+            ratio = row["off"] / row["on"]
+            print(f"| {B} | {mode} | {row['on']:.2f} | {row['off']:.2f} | {ratio:.3f}x | {row['max_diff']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

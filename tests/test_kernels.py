@@ -1,0 +1,144 @@
+"""textrl's CPU kernel (``textrl.kernels.split_mm``): equal to torch's matmul, taken only where it pays, used by
+every decode step (eager, static, compiled) with the same logits as without it, and a build that fails falls
+back to torch's matmul with a warning."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from textrl import kernels
+from textrl.engine import Engine
+from textrl.lm import load_lm
+
+# where a C++ compiler is at hand (as torch.compile needs too) the kernel must build: no silent skip
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")
+
+
+def test_the_kernel_builds_and_loads():
+    assert kernels.load(), kernels._state.get("error")
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (3, 300, 1000), (16, 512, 1408), (32, 256, 4096), (5, 96, 129)])
+@pytest.mark.parametrize("layout", ["input-major", "linear"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_mm_equals_torch_matmul(M, K, N, layout, bias, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(M * K + N)
+        x = torch.randn(M, K, generator=gen)
+        w = torch.randn(K, N, generator=gen) if layout == "input-major" else torch.randn(N, K, generator=gen).t()
+        b = torch.randn(N, generator=gen) if bias else None
+        expected = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+        torch.testing.assert_close(kernels.split_mm(x, w, b), expected, atol=1e-5, rtol=1e-5)
+        record = torch.full((M, 5, N), 7.0)  # into column 2 of a record, as a decode step writes it
+        got = kernels.split_mm(x, w, b, out=record[:, 2])
+        assert got.data_ptr() == record[:, 2].data_ptr()
+        torch.testing.assert_close(record[:, 2], expected, atol=1e-5, rtol=1e-5)
+        assert (record[:, [0, 1, 3, 4]] == 7.0).all()  # the other columns untouched
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_split_mm_names_bad_shapes():
+    with pytest.raises(RuntimeError, match="split_mm: x is"):
+        kernels.split_mm(torch.randn(2, 8), torch.randn(9, 4))
+    with pytest.raises(RuntimeError, match="split_mm: out is"):
+        kernels.split_mm(torch.randn(2, 8), torch.randn(8, 4), out=torch.empty(2, 5))
+
+
+def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
+    w = torch.randn(512, 1408)
+    assert kernels.wants_split(torch.randn(16, 512), w)
+    assert not kernels.wants_split(torch.randn(kernels.MAX_ROWS + 1, 512), w)  # many rows: torch's own
+    assert not kernels.wants_split(torch.randn(16, 256), torch.randn(256, 688))  # a small weight
+    assert not kernels.wants_split(torch.randn(16, 512, dtype=torch.bfloat16), w.bfloat16())
+    assert not kernels.wants_split(torch.randn(16, 512, requires_grad=True), w)  # autograd: no backward here
+    with torch.no_grad():
+        assert kernels.wants_split(torch.randn(16, 512, requires_grad=True), w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.wants_split(torch.randn(16, 512), w)
+    torch.set_num_threads(1)
+    assert not kernels.wants_split(torch.randn(16, 512), w)
+    torch.set_num_threads(2)
+    monkeypatch.setenv("TEXTRL_CPU_KERNELS", "0")
+    assert not kernels.wants_split(torch.randn(16, 512), w)
+
+
+def _decode(model, mode: str, ids, mask, P: int, S: int):
+    core = Engine(model)
+    core.decode_step = mode
+    with torch.no_grad(), core.start(ids[:, :P], mask[:, :P], S, record=True) as session:
+        logits = torch.stack([session.logits] + [session.step(ids[:, t])[0] for t in range(P, S)], 1)
+        record = {m: out.clone() for m, out in session.record.out.items()}
+    return logits, record
+
+
+@pytest.mark.parametrize("arch", ["gpt2_dir", "llama_gqa_dir", "qwen2_dir"])
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_decode_steps_with_the_kernel_match_torch_matmul(request, monkeypatch, two_threads, arch, mode):
+    """Every block matmul and the head of a decode step through the kernel (the test models are small, so the
+    size threshold is lowered): the logits and the rollout record equal those of torch's matmul."""
+    model = load_lm(request.getfixturevalue(arch))[0]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    monkeypatch.setenv("TEXTRL_CPU_KERNELS", "0")
+    expected, expected_record = _decode(model, mode, ids, mask, 5, 11)
+    monkeypatch.setenv("TEXTRL_CPU_KERNELS", "1")
+    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
+    calls = []
+    split_mm = kernels.split_mm
+    monkeypatch.setattr(kernels, "split_mm", lambda *a, **k: calls.append(1) or split_mm(*a, **k))
+    got, record = _decode(model, mode, ids, mask, 5, 11)
+    n_linears = len(expected_record)
+    assert len(calls) >= 5 * (n_linears + 1)  # every block linear and the head, at each of the 5 steps
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for m, out in record.items():
+        torch.testing.assert_close(out, expected_record[m], atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_decode_step_calls_the_kernel(request, monkeypatch, two_threads):
+    model = load_lm(request.getfixturevalue("qwen2_dir"))[0]  # q/k/v biases: addmm chunks
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    monkeypatch.setenv("TEXTRL_CPU_KERNELS", "0")
+    expected, _ = _decode(model, "eager", ids, mask, 5, 9)
+    monkeypatch.setenv("TEXTRL_CPU_KERNELS", "1")
+    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
+    torch._dynamo.reset()
+    core = Engine(model)
+    core.decode_step = "compile"
+    with torch.no_grad(), core.start(ids[:, :5], mask[:, :5], 9, record=True) as session:
+        got = torch.stack([session.logits] + [session.step(ids[:, t])[0] for t in range(5, 9)], 1)
+        static = core._static
+    assert static.split_head and all(static.split.values())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch, two_threads):
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_loaded", lambda: False)
+    monkeypatch.setattr(kernels, "_compile", no_compiler)
+    x, w = torch.randn(16, 512), torch.randn(512, 1408)
+    with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required"):
+        assert not kernels.wants_split(x, w)
+    assert not kernels.wants_split(x, w)  # tried once: no second warning (pytest's filter would raise)
+    assert "Ninja" in kernels._state["error"]
