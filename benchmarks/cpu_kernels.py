@@ -8,9 +8,12 @@ which also compiles):
   layout the engine stores it (input-major);
 - whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
   (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
-  same tokens: ms per step and the largest difference between their logits.
+  same tokens: ms per step and the largest difference between their logits;
+- with ``--iterations N``, whole textrl REINFORCE iterations on a random model of the same family and size
+  (``peers.py``'s workload and model), two agents, kernel on and off, alternating: seconds per iteration.
 
     python benchmarks/cpu_kernels.py --arch llama --size small --batch-sizes 16 64
+    python benchmarks/cpu_kernels.py --arch llama --size small --batch-sizes 16 --decode-step compile --iterations 8
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,6 +101,36 @@ def step_times(model, B: int, P: int, T: int, rounds: int, mode: str) -> dict:
     return out
 
 
+def iteration_times(arch: str, size: str, B: int, mode: str, iters: int, folder: Path) -> dict:
+    """Seconds per textrl REINFORCE iteration (``peers.py``'s workload: 8-token prompts, 32 new tokens, RLOO
+    groups of 4, KL 0.05) with the kernel on and off: two agents on the same random model, alternating
+    iterations after 3 untimed ones each (compilation included); medians, and each pair's ratio."""
+    import peers
+    import rl_speed
+
+    lm, _ = peers.random_model(arch, size, folder / "model")
+    work = rl_speed.build_workload(folder, False, 8, 32, 0)
+    work = rl_speed.Workload(lm, work.source, work.prompts, 8, 32)
+    runners = {}
+    try:
+        for name, value in (("on", "1"), ("off", "0")):
+            os.environ["TEXTRL_CPU_KERNELS"] = value
+            overrides = {"decode_step": mode}
+            runners[name] = rl_speed.TextRLRunner("reinforce", work, B, 0, kl_coef=0.05, overrides=overrides)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for i in range(3 + iters):
+            for name, runner in runners.items():
+                os.environ["TEXTRL_CPU_KERNELS"] = "1" if name == "on" else "0"
+                start = time.perf_counter()
+                runner.iteration()
+                if i >= 3:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        os.environ.pop("TEXTRL_CPU_KERNELS", None)
+    pairs = [off / on for on, off in zip(times["on"], times["off"], strict=True)]
+    return {"on": statistics.median(times["on"]), "off": statistics.median(times["off"]), "pairs": pairs}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=["gpt2", *engine_decode.FAMILIES], default="llama")
@@ -108,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-step", nargs="+", default=["eager", "compile"], choices=modes)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument(
+        "--iterations", type=int, default=0, help="also time this many REINFORCE iterations each, kernel on and off"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not kernels.load():
@@ -134,6 +171,17 @@ def main(argv: list[str] | None = None) -> None:
             row = step_times(model, B, P, T, args.rounds, mode)
             ratio = row["off"] / row["on"]
             print(f"| {B} | {mode} | {row['on']:.2f} | {row['off']:.2f} | {ratio:.3f}x | {row['max_diff']:.1e} |")
+    if args.iterations:
+        print(f"\nWhole REINFORCE iterations (peers.py's workload), median of {args.iterations} alternating pairs:\n")
+        print("| B | decode step | kernel on s | kernel off s | off / on | each pair's off / on |")
+        print("|---:|---|---:|---:|---:|---|")
+        with tempfile.TemporaryDirectory() as tmp:
+            for B in args.batch_sizes:
+                for mode in args.decode_step:
+                    row = iteration_times(args.arch, args.size, B, mode, args.iterations, Path(tmp) / f"{B}-{mode}")
+                    pairs = ", ".join(f"{r:.2f}" for r in row["pairs"])
+                    ratio = row["off"] / row["on"]
+                    print(f"| {B} | {mode} | {row['on']:.3f} | {row['off']:.3f} | {ratio:.3f}x | {pairs} |")
 
 
 if __name__ == "__main__":

@@ -4,16 +4,17 @@ One kernel so far, :func:`split_mm`: a matmul of few rows (a decode step: one to
 split by output columns over the intra-op threads, each chunk one single-threaded BLAS call. The BLAS
 library's own threading splits a matmul's rows, so at 16 rows each of two threads packs the whole weight
 matrix for 8 rows; split by columns, each packs its own half once. ``benchmarks/cpu_kernels.py`` measures it
-(decode-step matmuls and whole decode steps, paired in one process).
+(decode-step matmuls, whole decode steps and whole REINFORCE iterations, paired in one process).
 
 The kernel is built with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; the build is cached
-per machine under ``TORCH_EXTENSIONS_DIR``, a minute the first time). Where it cannot be built, a warning
+per machine under ``TORCH_EXTENSIONS_DIR``; about 30 s on 2 cores the first time). Where it cannot be built, a warning
 names the cause once and every matmul stays torch's own. ``TEXTRL_CPU_KERNELS=0`` switches it off.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -21,11 +22,14 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+NAME = "textrl_cpu_kernels"
+"""The extension's name: its build lives in torch's extension cache under it."""
 
-MAX_ROWS = 32
-"""Rows up to which :func:`wants_split` takes the split matmul: at 64 rows and more torch's own is as fast."""
-MIN_WEIGHT = 1 << 18
-"""Weight elements (in x out) from which it does: below (e.g. 256 x 688) one call's own overhead is the cost."""
+MAX_ROWS = 64
+"""Rows up to which :func:`wants_split` takes the split matmul (``benchmarks/cpu_kernels.py``: whole decode
+steps of a Llama 8 x 512 1.14-1.21x faster at 16 and 64 rows; at 128 the gain was within the noise)."""
+MIN_WEIGHT = 1 << 17
+"""Weight elements (in x out) from which it does: 256 x 688 gains, 256 x 256 loses (a call's own overhead)."""
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": whether the kernels loaded (tried once per process); "error": why not
@@ -73,13 +77,25 @@ def _loaded() -> bool:
     return hasattr(torch.ops.textrl, "split_mm")
 
 
+def _built_before() -> bool:
+    """Whether a build of the kernel is in torch's extension cache already (then loading it takes a moment)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(NAME, False)) / f"{NAME}.so").is_file()
+    except Exception:  # a private helper of torch's: without it, no notice either way
+        return True
+
+
 def _compile() -> None:
     """Build the extension (or take the cached build) and load it: its ops register as ``torch.ops.textrl``."""
     from torch.utils.cpp_extension import load as load_extension
 
+    if not _built_before():
+        print("textrl: building the CPU matmul kernel (once on this machine, about 30 s)", file=sys.stderr, flush=True)
     # -fopenmp: at::parallel_for runs the chunks on torch's OpenMP threads; without it, one after another
     load_extension(
-        name="textrl_cpu_kernels",
+        name=NAME,
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
