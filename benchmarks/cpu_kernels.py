@@ -133,24 +133,16 @@ def iteration_times(arch: str, size: str, B: int, mode: str, iters: int, folder:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", choices=["gpt2", *engine_decode.FAMILIES], default="llama")
-    parser.add_argument("--size", choices=list(engine_decode.SIZES), default="small")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--prompt-len", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    engine_decode.paired_step_arguments(parser, size="small", rounds=5)
     modes = ["eager", "static", "compile"]
     parser.add_argument("--decode-step", nargs="+", default=["eager", "compile"], choices=modes)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument(
         "--iterations", type=int, default=0, help="also time this many REINFORCE iterations each, kernel on and off"
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     if not kernels.load():
         raise SystemExit(f"cpu_kernels.py: the kernel cannot be built here: {kernels._state.get('error')}")
-    context = max(256, args.prompt_len + args.new_tokens)
-    model = engine_decode.build(args.arch, args.size, 4096, context, 16, 0)
+    model = engine_decode.paired_step_model(args)
     P, T = args.prompt_len, args.new_tokens
     print(f"textrl's split matmul against torch's, {args.arch} {args.size}; {args.threads} torch threads;", end=" ")
     print(f"median of {args.rounds} interleaved rounds\n")

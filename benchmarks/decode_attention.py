@@ -64,17 +64,9 @@ def step_times(model, B: int, P: int, T: int, rounds: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", choices=["gpt2", *engine_decode.FAMILIES], default="llama")
-    parser.add_argument("--size", choices=list(engine_decode.SIZES), default="tiny")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--prompt-len", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=10, help="timed rounds (median reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    engine_decode.paired_step_arguments(parser, size="tiny", rounds=10)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    context = max(256, args.prompt_len + args.new_tokens)
-    model = engine_decode.build(args.arch, args.size, 4096, context, 16, 0)
+    model = engine_decode.paired_step_model(args)
     P, T = args.prompt_len, args.new_tokens
     print(f"Compiled decode step, {args.arch} {args.size}; {P} + {T} positions; {args.threads} torch threads;", end=" ")
     print(f"median of {args.rounds} interleaved rounds\n")

@@ -267,6 +267,26 @@ def decode_table(args) -> None:
             print("| " + " | ".join([*cells, f"{rate:,.0f}", ratio, f"{speed / 1e9:,.1f}", frac]) + " |")
 
 
+def paired_step_arguments(parser: argparse.ArgumentParser, size: str, rounds: int) -> None:
+    """The options of the paired decode-step A/Bs (``decode_attention.py``, ``cpu_kernels.py``): the random
+    model (``--arch``, ``--size``), ``--batch-sizes``, ``--prompt-len``, ``--new-tokens``, ``--rounds``,
+    ``--threads``."""
+    parser.add_argument("--arch", choices=["gpt2", *FAMILIES], default="llama")
+    parser.add_argument("--size", choices=list(SIZES), default=size)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--prompt-len", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=rounds, help="timed rounds (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+
+
+def paired_step_model(args: argparse.Namespace) -> torch.nn.Module:
+    """For those A/Bs: torch's threads set from ``--threads``, and the random model of ``--arch`` / ``--size``
+    (vocabulary 4096, context for the prompt and new tokens, at least 256)."""
+    torch.set_num_threads(args.threads)
+    return build(args.arch, args.size, 4096, max(256, args.prompt_len + args.new_tokens), 16, 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=["gpt2", *FAMILIES], default="llama", help="model family")
