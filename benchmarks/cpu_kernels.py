@@ -34,7 +34,7 @@ import engine_decode
 from textrl import kernels
 from textrl.arch import describe
 from textrl.engine import Engine
-from textrl.ops import base_layer, input_major
+from textrl.ops import in_out_weight, input_major
 
 
 def _median_us(fn, calls: int) -> float:
@@ -53,8 +53,7 @@ def matmul_times(model, B: int, rounds: int, calls: int = 50) -> list[dict]:
     shapes: dict[tuple[int, int], torch.Tensor] = {}
     for layer in spec.layers:
         for m in layer.linears():
-            base = base_layer(m)
-            w = base.weight.t() if isinstance(base, torch.nn.Linear) else base.weight  # (in, out)
+            w = in_out_weight(m)
             shapes.setdefault(tuple(w.shape), w.detach())
     shapes.setdefault(tuple(spec.head.weight.t().shape), spec.head.weight.detach().t())
     rows = []

@@ -65,10 +65,10 @@ from textrl.arch import Layer, Spec, Unsupported, describe
 from textrl.core import positions_from_mask
 from textrl.ops import (
     base_into,
-    base_layer,
     decode_attention,
     folded_adapters,
     gelu,
+    in_out_weight,
     input_major,
     is_lora,
     linear,
@@ -585,8 +585,7 @@ class _StaticStep:
         self.split: dict[nn.Module, bool] = {}
         with torch.no_grad():  # as the steps run
             for m in (m for layer in s.layers for m in layer.linears()):
-                base = base_layer(m)
-                w = base.weight.t() if isinstance(base, nn.Linear) else base.weight  # (in, out)
+                w = in_out_weight(m)
                 self.split[m] = kernels.wants_split(like.new_empty(B, w.shape[0]), w)
             self.split_head = kernels.wants_split(like.new_empty(B, s.head.weight.shape[1]), s.head.weight.t())
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by record and autocast dtype

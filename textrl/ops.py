@@ -102,6 +102,13 @@ def folded_adapters(modules) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor
     return folded
 
 
+def in_out_weight(module: nn.Module) -> torch.Tensor:
+    """The base layer's weight as (in, out): an ``nn.Linear``'s (out, in) weight transposed (a view), a GPT-2
+    ``Conv1D``'s as it is; ``x @ in_out_weight(m)`` is the layer's matmul."""
+    base = base_layer(module)
+    return base.weight.t() if isinstance(base, nn.Linear) else base.weight
+
+
 def base_into(
     x: torch.Tensor, module: nn.Module, out: torch.Tensor | None = None, split: bool | None = None
 ) -> torch.Tensor:
@@ -110,18 +117,13 @@ def base_into(
     ``split``: through :func:`textrl.kernels.split_mm` (a decode step's few rows on a CPU); None decides by
     :func:`textrl.kernels.wants_split`, a compiled step passes what it decided when it was made.
     """
-    base = base_layer(module)
-    w = base.weight.t() if isinstance(base, nn.Linear) else base.weight  # (in, out)
+    w, bias = in_out_weight(module), base_layer(module).bias
     if split is None:
         split = kernels.wants_split(x, w)
     if split:
-        return kernels.split_mm(x, w, base.bias, out)
+        return kernels.split_mm(x, w, bias, out)
     kw = {} if out is None else {"out": out}
-    if isinstance(base, nn.Linear):
-        if base.bias is None:
-            return torch.mm(x, base.weight.t(), **kw)
-        return torch.addmm(base.bias, x, base.weight.t(), **kw)
-    return torch.addmm(base.bias, x, base.weight, **kw)
+    return torch.mm(x, w, **kw) if bias is None else torch.addmm(bias, x, w, **kw)
 
 
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
