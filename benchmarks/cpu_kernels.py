@@ -1,11 +1,12 @@
-"""Paired A/B of textrl's CPU matmul kernel (:func:`textrl.kernels.split_mm`) against torch's own matmul.
+"""Paired A/B of textrl's CPU matmul kernels (:mod:`textrl.kernels`) against torch's own matmul.
 
 Two parts, both in one process and interleaved round by round (medians of ``--rounds`` after one untimed round,
 which also compiles):
 
 - the decode-step matmul shapes of one random model of ``--arch`` / ``--size`` (each block linear and the head,
-  B rows): microseconds per call through torch's matmul and through the kernel, each linear's weight in the
-  layout the engine stores it (input-major);
+  B rows, and each group of weights that read the same rows: q, k and v; gate and up): microseconds per call
+  through torch's matmul and through the kernel, each linear's weight in the layout the engine stores it
+  (input-major);
 - whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
   (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
   same tokens: ms per step and the largest difference between their logits;
@@ -47,27 +48,40 @@ def _median_us(fn, calls: int) -> float:
 
 
 def matmul_times(model, B: int, rounds: int, calls: int = 50) -> list[dict]:
-    """Per distinct (in, out) shape of the model's decode matmuls: us per call, torch's and the kernel's."""
+    """Per distinct (in, out) shape of the model's decode matmuls, and per distinct group of weights that read
+    the same rows (q, k, v; gate, up: one :func:`textrl.kernels.split_mm_group` call, against one torch
+    matmul per weight): us per call, torch's and the kernel's."""
     spec = describe(model)
     input_major(spec, model)
-    shapes: dict[tuple[int, int], torch.Tensor] = {}
+    work: dict[tuple, list[torch.Tensor]] = {}
     for layer in spec.layers:
         for m in layer.linears():
-            w = in_out_weight(m)
-            shapes.setdefault(tuple(w.shape), w.detach())
-    shapes.setdefault(tuple(spec.head.weight.t().shape), spec.head.weight.detach().t())
+            w = in_out_weight(m).detach()
+            work.setdefault(tuple(w.shape), [w])
+    head = spec.head.weight.detach().t()
+    work.setdefault(tuple(head.shape), [head])
+    for layer in spec.layers:
+        for group in layer.groups():
+            ws = [in_out_weight(m).detach() for m in group]
+            work.setdefault((ws[0].shape[0], tuple(w.shape[1] for w in ws)), ws)
     rows = []
-    for (k, n), w in shapes.items():
+    for (k, n), ws in work.items():
         x = torch.randn(B, k)
+        if len(ws) == 1:
+            ours = lambda x=x, w=ws[0]: kernels.split_mm(x, w)  # noqa: E731
+        else:
+            ours = lambda x=x, ws=ws: kernels.split_mm_group(x, ws, [None] * len(ws))  # noqa: E731
         times: dict[str, list[float]] = {"torch": [], "split": []}
         for r in range(rounds + 1):
-            calls_of = {"torch": lambda x=x, w=w: torch.mm(x, w), "split": lambda x=x, w=w: kernels.split_mm(x, w)}
+            calls_of = {"torch": lambda x=x, ws=ws: [torch.mm(x, w) for w in ws], "split": ours}
             for name, fn in calls_of.items():
                 us = _median_us(fn, calls)
                 if r:
                     times[name].append(us)
         torch_us, split_us = statistics.median(times["torch"]), statistics.median(times["split"])
-        rows.append({"shape": (B, k, n), "torch": torch_us, "split": split_us, "taken": kernels.wants_split(x, w)})
+        out = str(n) if len(ws) == 1 else "(" + " + ".join(map(str, n)) + ")"
+        taken = kernels.wants_split(x, *ws)
+        rows.append({"shape": f"{B} x {k} x {out}", "torch": torch_us, "split": split_us, "taken": taken})
     return rows
 
 
@@ -144,16 +158,18 @@ def main(argv: list[str] | None = None) -> None:
     model = engine_decode.paired_step_model(args)
     P, T = args.prompt_len, args.new_tokens
     print(f"textrl's split matmul against torch's, {args.arch} {args.size}; {args.threads} torch threads;", end=" ")
-    print(f"median of {args.rounds} interleaved rounds\n")
-    print("Decode-step matmuls (rows x in x out), us per call:\n")
+    print(f"median of {args.rounds} interleaved rounds")
+    how = "the direct kernel" if kernels.direct() else "one BLAS call per thread (no AVX-512: no direct kernel)"
+    print(f"Input-major weights run through {how}.\n")
+    print("Decode-step matmuls (rows x in x out; a group of weights of one input: one call, against torch's")
+    print("matmul per weight), us per call:\n")
     print("| rows x in x out | torch | split | torch / split | taken by the engine |")
     print("|---|---:|---:|---:|---|")
     for B in args.batch_sizes:
         for row in matmul_times(model, B, args.rounds):
-            shape = " x ".join(map(str, row["shape"]))
             ratio = row["torch"] / row["split"]
             taken = "yes" if row["taken"] else "no"
-            print(f"| {shape} | {row['torch']:.0f} | {row['split']:.0f} | {ratio:.2f}x | {taken} |")
+            print(f"| {row['shape']} | {row['torch']:.0f} | {row['split']:.0f} | {ratio:.2f}x | {taken} |")
     print(f"\nWhole decode steps, {P} + {T} positions, ms per step:\n")
     print("| B | decode step | kernel on | kernel off | off / on | max logit difference |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -578,17 +578,21 @@ def test_decode_attention_benchmark_pairs_the_two_compiled_steps(capsys):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")
 def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkeypatch):
-    """textrl's split matmul against torch's: a row per decode-step matmul shape (the head's is taken by the
-    engine, the tiny block weights are not) and a row per decode mode with logits that agree; the switch put
-    back as it was."""
+    """textrl's split matmul against torch's: a row per decode-step matmul shape (each taken by the engine) and
+    a row per decode mode with logits that agree; the switch put back as it was."""
     monkeypatch.delenv("TEXTRL_CPU_KERNELS", raising=False)
     module = _load("cpu_kernels", "cpu_kernels")
     argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
     module.main([*argv, "--decode-step", "eager", "static"])
     out = capsys.readouterr().out
-    shapes = re.findall(r"^\| 3 x (\d+) x (\d+) \| (\d+) \| (\d+) \| ([\d.]+)x \| (yes|no) \|$", out, re.M)
-    taken = {(int(k), int(n)): t == "yes" for k, n, *_, t in shapes}
-    assert taken[(256, 4096)] and not taken[(256, 256)], out  # the head (vocabulary 4096) only
+    shapes = re.findall(r"^\| 3 x (\d+) x ([\d()+ ]+) \| (\d+) \| (\d+) \| ([\d.]+)x \| (yes|no) \|$", out, re.M)
+    taken = {(int(k), n): t == "yes" for k, n, *_, t in shapes}
+    # q/o, k/v, gate/up, down, the head and the groups (q, k, v) and (gate, up): all taken at 3 rows
+    assert set(taken) == {(256, "256"), (256, "128"), (256, "704"), (704, "256"), (256, "4096")} | {
+        (256, "(256 + 128 + 128)"),
+        (256, "(704 + 704)"),
+    }, out
+    assert all(taken.values()), out
     steps = re.findall(r"^\| 3 \| (eager|static) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
     assert [mode for mode, *_ in steps] == ["eager", "static"], out
     for _, on, off, ratio, difference in steps:

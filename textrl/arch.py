@@ -69,6 +69,16 @@ class Layer(NamedTuple):
             parts += [*self.moe.shared_proj, self.moe.shared_gate]
         return [m for m in parts if m is not None]
 
+    def groups(self) -> list[tuple[nn.Module, ...]]:
+        """The linear layers that read the same input, in the order the block uses their outputs: (q, k, v)
+        where they are separate, (gate, up) for SwiGLU (a decode step computes each group in one call)."""
+        out = []
+        if self.q is not None:
+            out.append((self.q, self.k, self.v))
+        if self.gate is not None and self.up is not None:
+            out.append((self.gate, self.up))
+        return out
+
 
 class Spec(NamedTuple):
     """A model described for the engine."""

@@ -64,6 +64,7 @@ from textrl import kernels
 from textrl.arch import Layer, Spec, Unsupported, describe
 from textrl.core import positions_from_mask
 from textrl.ops import (
+    base_group_into,
     base_into,
     decode_attention,
     folded_adapters,
@@ -178,7 +179,7 @@ class Engine(nn.Module):
 
     # --- the block, once -------------------------------------------------------------------------------
 
-    def _qkv(self, layer: Layer, h: torch.Tensor, angles, lin=linear):
+    def _qkv(self, layer: Layer, h: torch.Tensor, angles, lin=linear, lins=None):
         """Queries (B, H, S, D), keys and values (B, G, S, D) of normed inputs h (B, S, E)."""
         s = self.spec
         B, S, _ = h.shape
@@ -186,9 +187,8 @@ class Engine(nn.Module):
         if layer.qkv is not None:
             q, k, v = lin(h, layer.qkv).view(B, S, 3, H, D).unbind(2)  # (B, S, H, D) each
         else:
-            q = lin(h, layer.q).view(B, S, H, D)
-            k = lin(h, layer.k).view(B, S, G, D)
-            v = lin(h, layer.v).view(B, S, G, D)
+            q, k, v = lins(h, (layer.q, layer.k, layer.v)) if lins else (lin(h, m) for m in (layer.q, layer.k, layer.v))
+            q, k, v = q.view(B, S, H, D), k.view(B, S, G, D), v.view(B, S, G, D)
         if layer.q_norm is not None:
             q, k = norm(q, layer.q_norm), norm(k, layer.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -196,16 +196,20 @@ class Engine(nn.Module):
             q, k = rotate(torch.cat((q, k), 1), *angles).split((H, G), 1)
         return q, k, v
 
-    def _block(self, layer: Layer, x: torch.Tensor, angles, attend, lin=linear, valid=None) -> torch.Tensor | None:
+    def _block(
+        self, layer: Layer, x: torch.Tensor, angles, attend, lin=linear, valid=None, lins=None
+    ) -> torch.Tensor | None:
         """One Transformer block.
 
         The modes differ in two functions: ``attend(q, k, v) -> (B, H, S, D)`` (the attention; None when only
         the keys and values were wanted, and the block stops there) and ``lin(x, module)`` (every linear layer:
-        computed, computed into a rollout record, or replayed from one). ``valid`` (B, S): the real tokens, whose
+        computed, computed into a rollout record, or replayed from one). ``lins(x, modules)``, when given, runs
+        the linear layers that read the same input together (q, k and v; gate and up) and returns their
+        outputs in order (a decode step's grouped split matmul). ``valid`` (B, S): the real tokens, whose
         routing :attr:`router_log` keeps.
         """
         B, S, _ = x.shape
-        q, k, v = self._qkv(layer, norm(x, layer.norm1), angles, lin)
+        q, k, v = self._qkv(layer, norm(x, layer.norm1), angles, lin, lins)
         att = attend(q, k, v)
         if att is None:
             return None
@@ -214,7 +218,8 @@ class Engine(nn.Module):
         if layer.moe is not None:
             return x + moe(layer.moe, h, lin, self.router_log, valid)
         if layer.gate is not None:
-            h = F.silu(lin(h, layer.gate)) * lin(h, layer.up)
+            gate, up = lins(h, (layer.gate, layer.up)) if lins else (lin(h, layer.gate), lin(h, layer.up))
+            h = F.silu(gate) * up
         else:
             h = gelu(lin(h, layer.up), self.spec.act)
         return x + lin(h, layer.down)
@@ -492,6 +497,13 @@ class Engine(nn.Module):
                 y = torch.addmm(y, flat @ pair[0].t(), pair[1].t())
             return y.unsqueeze(1)
 
+        def lins(x, modules):  # a group of one input (q, k, v; gate, up): one grouped split matmul, or each alone
+            flat = x.reshape(B, -1)
+            if adapters.keys() & set(modules) or not kernels.wants_split(flat, *map(in_out_weight, modules)):
+                return [lin(x, m) for m in modules]
+            outs = None if rec is None else [rec.out[m][:, t] for m in modules]
+            return [y.unsqueeze(1) for y in base_group_into(flat, modules, outs)]
+
         for i, layer in enumerate(self.spec.layers):
             first = 0 if layer.window is None else max(0, t + 1 - layer.window)
 
@@ -501,7 +513,7 @@ class Engine(nn.Module):
                 keys, values = cache.k_upto[i][t][:, :, first:], cache.v_upto[i][t][:, :, first:]
                 return self._sdpa(q, keys, values, cache.mask_upto[t][..., first:])
 
-            x = self._block(layer, x, angles, attend, lin)
+            x = self._block(layer, x, angles, attend, lin, lins=lins)
         session.length = t + 1
         hidden = norm(x[:, 0], self.spec.norm)  # (B, E)
         head = self.spec.head.weight.t()  # (E, V)
@@ -588,6 +600,12 @@ class _StaticStep:
                 w = in_out_weight(m)
                 self.split[m] = kernels.wants_split(like.new_empty(B, w.shape[0]), w)
             self.split_head = kernels.wants_split(like.new_empty(B, s.head.weight.shape[1]), s.head.weight.t())
+            # the groups of one input (q, k, v; gate, up) that take the grouped kernel, in one call each
+            self.grouped = {
+                g: kernels.wants_split(like.new_empty(B, in_out_weight(g[0]).shape[0]), *map(in_out_weight, g))
+                for layer in s.layers
+                for g in layer.groups()
+            }
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Record | None]] = {}  # by record and autocast dtype
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
 
@@ -657,6 +675,15 @@ class _StaticStep:
                 rec.out[module].index_copy_(1, t, y[:, None])
             return y.unsqueeze(1)
 
+        def lins(x, modules):
+            if not self.grouped.get(modules, False):
+                return [lin(x, m) for m in modules]
+            ys = base_group_into(x.reshape(B, -1), modules)
+            if rec is not None:
+                for m, y in zip(modules, ys, strict=True):
+                    rec.out[m].index_copy_(1, t, y[:, None])
+            return [y.unsqueeze(1) for y in ys]
+
         for i, layer in enumerate(s.layers):
             mask = cache.keymask
             if layer.window is not None:  # the key columns within the window of position column t
@@ -667,7 +694,7 @@ class _StaticStep:
                 cache.v[i].index_copy_(2, t, v.to(cache.v[i].dtype))
                 return self.attention(q, cache.k[i], cache.v[i], mask)
 
-            x = engine._block(layer, x, angles, attend, lin)
+            x = engine._block(layer, x, angles, attend, lin, lins=lins)
         hidden = norm(x[:, 0], s.norm)  # (B, E)
         logits = kernels.split_mm(hidden, s.head.weight.t()) if self.split_head else F.linear(hidden, s.head.weight)
         if rec is not None:

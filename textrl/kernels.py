@@ -1,14 +1,22 @@
 """textrl's own CPU kernels (``textrl/csrc``), compiled on first use and used only where they measurably win.
 
-One kernel so far, :func:`split_mm`: a matmul of few rows (a decode step: one token of each of B rows)
-split by output columns over the intra-op threads, each chunk one single-threaded BLAS call. The BLAS
-library's own threading splits a matmul's rows, so at 16 rows each of two threads packs the whole weight
-matrix for 8 rows; split by columns, each packs its own half once. ``benchmarks/cpu_kernels.py`` measures it
-(decode-step matmuls, whole decode steps and whole REINFORCE iterations, paired in one process).
+:func:`split_mm`: a matmul of few rows (a decode step: one token of each of B rows) split by output columns
+over the intra-op threads. The BLAS library's own threading splits a matmul's rows, so at 16 rows each of two
+threads packs the whole weight matrix for 8 rows; split by columns, each thread reads its own share once.
+Where the weight is input-major ((in, out), unit column stride: every block weight on a CPU,
+:func:`textrl.ops.input_major`), that share runs through a direct kernel that multiplies the weight where
+it lies, 8 rows x 32 columns at a time in registers, instead of packing it into a buffer first as a BLAS
+call does (at a decode step's few rows the copy costs about as much as the multiply). Other layouts (the
+LM head's (out, in) weight) take one single-threaded BLAS call per thread's share.
+:func:`split_mm_group` does the same for the weights that read the same rows (q, k and v; gate and up) in
+one parallel region. Results equal torch's matmul to float32 rounding (the sums run in another order).
+``benchmarks/cpu_kernels.py`` measures them (decode-step matmuls, whole decode steps and whole REINFORCE
+iterations, paired in one process).
 
-The kernel is built with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; the build is cached
-per machine under ``TORCH_EXTENSIONS_DIR``; about 30 s on 2 cores the first time). Where it cannot be built, a warning
-names the cause once and every matmul stays torch's own. ``TEXTRL_CPU_KERNELS=0`` switches it off.
+The kernels are built with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja; ``-march=native``,
+as the build is for the machine it runs on; cached per machine under ``TORCH_EXTENSIONS_DIR``; about 30 s on
+2 cores the first time). Where they cannot be built, a warning names the cause once and every matmul stays
+torch's own. ``TEXTRL_CPU_KERNELS=0`` switches them off.
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 NAME = "textrl_cpu_kernels"
 """The extension's name: its build lives in torch's extension cache under it."""
 
-MAX_ROWS = 64
-"""Rows up to which :func:`wants_split` takes the split matmul (``benchmarks/cpu_kernels.py``: whole decode
-steps of a Llama 8 x 512 1.14-1.21x faster at 16 and 64 rows; at 128 the gain was within the noise)."""
-MIN_WEIGHT = 1 << 17
-"""Weight elements (in x out) from which it does: 256 x 688 gains, 256 x 256 loses (a call's own overhead)."""
+MAX_ROWS = 256
+"""Rows up to which :func:`wants_split` takes the kernel (``benchmarks/cpu_kernels.py``, 2 threads: a
+512 x 1408 weight 1.6-2x faster than torch's matmul at 16 rows, 1.3x at 128, 1.2x at 256, 1.1x at 640, where
+the BLAS library's own blocking catches up)."""
+MIN_WEIGHT = 1 << 12
+"""Weight elements (in x out, a group's in all) from which it does: a 64 x 64 weight at 16 rows gains
+(about 1.1x), smaller ones are a call's overhead."""
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ok": whether the kernels loaded (tried once per process); "error": why not
@@ -92,12 +102,14 @@ def _compile() -> None:
     from torch.utils.cpp_extension import load as load_extension
 
     if not _built_before():
-        print("textrl: building the CPU matmul kernel (once on this machine, about 30 s)", file=sys.stderr, flush=True)
-    # -fopenmp: at::parallel_for runs the chunks on torch's OpenMP threads; without it, one after another
+        print("textrl: building the CPU matmul kernels (once on this machine, about 30 s)", file=sys.stderr, flush=True)
+    # -fopenmp: at::parallel_for runs the chunks on torch's OpenMP threads; without it, one after another.
+    # -march=native: the direct kernel's vectors in this machine's widest registers (it is built where it runs);
+    # -ffp-contract=fast: its multiply-adds fused (ISO C++ mode leaves them apart otherwise)
     load_extension(
         name=NAME,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp"],
+        extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
@@ -115,19 +127,34 @@ def _register_fake() -> None:
     def _(x, w, bias, out):
         return None
 
+    @torch.library.register_fake("textrl::split_mm_cat")
+    def _(x, ws, biases):
+        return x.new_empty(x.shape[0], sum(w.shape[1] for w in ws))
 
-def wants_split(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``x @ w`` should take :func:`split_mm`: float32 on a CPU with two or more threads, at most
-    :data:`MAX_ROWS` rows, a weight of at least :data:`MIN_WEIGHT` elements, no autograd (the kernel has no
-    backward), no autocast, and the kernel built."""
+    @torch.library.register_fake("textrl::split_mm_group_out")
+    def _(x, ws, biases, outs):
+        return None
+
+
+def direct() -> bool:
+    """Whether the kernels were built with the direct kernel for input-major weights (a CPU with AVX-512);
+    without it, each thread's share is one BLAS call."""
+    return load() and bool(torch.ops.textrl.has_direct())
+
+
+def wants_split(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """Whether ``x @ w`` should take :func:`split_mm` (one weight), or ``x @ w`` for every weight of a group
+    :func:`split_mm_group`: float32 on a CPU with two or more threads, at most :data:`MAX_ROWS` rows, at least
+    :data:`MIN_WEIGHT` weight elements in all, no autograd (the kernel has no backward), no autocast, and the
+    kernel built."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and w.dtype == torch.float32
+        and all(w.dtype == torch.float32 for w in ws)
         and x.shape[0] <= MAX_ROWS
-        and w.shape[0] * w.shape[1] >= MIN_WEIGHT
+        and sum(w.shape[0] * w.shape[1] for w in ws) >= MIN_WEIGHT
         and torch.get_num_threads() > 1
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)))
         and not torch.is_autocast_enabled("cpu")  # autocast's casts are torch's matmul's, not this kernel's
         and enabled()
         and load()
@@ -144,3 +171,21 @@ def split_mm(
         return torch.ops.textrl.split_mm(x, w, bias)
     torch.ops.textrl.split_mm_out(x, w, bias, out)
     return out
+
+
+def split_mm_group(
+    x: torch.Tensor,
+    ws: list[torch.Tensor],
+    biases: list[torch.Tensor | None],
+    outs: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """``x @ ws[i] (+ biases[i])`` for every weight of a group that reads the same rows (a layer's q, k and v;
+    its gate and up) in one parallel region: the group's output columns, end to end, are cut into one chunk
+    per thread. Fewer, wider calls than one :func:`split_mm` per weight, and weights too small to split on
+    their own share the threads. Into ``outs`` when given; otherwise the outputs are views of one (M, sum of
+    widths) tensor. Call only where :func:`wants_split` said so for the whole group."""
+    if outs is None:
+        y = torch.ops.textrl.split_mm_cat(x, ws, biases)
+        return list(y.split([w.shape[1] for w in ws], 1))
+    torch.ops.textrl.split_mm_group_out(x, ws, biases, outs)
+    return outs

@@ -126,6 +126,16 @@ def base_into(
     return torch.mm(x, w, **kw) if bias is None else torch.addmm(bias, x, w, **kw)
 
 
+def base_group_into(
+    x: torch.Tensor, modules: tuple[nn.Module, ...], outs: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """The base layers' outputs for rows x (N, in) of a group that reads the same input (q, k and v; gate
+    and up), in one :func:`textrl.kernels.split_mm_group` call; into ``outs`` when given. Call only where
+    :func:`textrl.kernels.wants_split` said so for the group's weights."""
+    weights = [in_out_weight(m) for m in modules]
+    return kernels.split_mm_group(x, weights, [base_layer(m).bias for m in modules], outs)
+
+
 def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``module(x)`` for an ``nn.Linear`` (weight (out, in)), a GPT-2 ``Conv1D`` (weight (in, out)), or a
     peft LoRA layer over either (base output plus :func:`lora_delta`).

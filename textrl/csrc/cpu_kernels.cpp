@@ -1,62 +1,235 @@
 // textrl's CPU kernels, built on first use by textrl/kernels.py (torch.utils.cpp_extension.load).
 //
 // split_mm: a matmul with few rows (a decode step's B tokens) split by output columns over the intra-op
-// threads, each chunk one single-threaded BLAS call. With few rows, the BLAS library's own threading
-// splits the rows, and every thread then packs the whole weight matrix for its handful of rows; split by
-// columns, each thread packs only its own share of the weight, once.
+// threads. With few rows, the BLAS library's own threading splits the rows, and every thread then packs the
+// whole weight matrix for its handful of rows; split by columns, each thread reads only its own share of
+// the weight, once.
+//
+// Where the weight is input-major ((in, out), unit column stride: every block weight on a CPU, see
+// textrl.ops.input_major), a thread's share runs through the direct kernel below, which multiplies the
+// weight where it lies instead of packing it first (a BLAS call copies its weight panel into a buffer before
+// multiplying; at a decode step's few rows that copy costs about as much as the multiply). Other layouts (the
+// LM head's (out, in) weight), other dtypes and the columns short of a 32-wide strip take one single-threaded
+// BLAS call per share.
+//
+// split_mm_group: the same for several weights that read the same rows (a layer's q, k and v; its gate and
+// up), their columns laid end to end and shared out in one parallel region.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 namespace {
 
-// out = x @ w (+ bias): x (M, K), w (K, N) of any strides, bias (N,) or none, out (M, N) with unit column stride.
-void split_mm_into(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, "split_mm: x, w and out must be 2-D");
-  TORCH_CHECK(x.size(1) == w.size(0), "split_mm: x is ", x.sizes(), " but w is ", w.sizes());
-  TORCH_CHECK(out.size(0) == x.size(0) && out.size(1) == w.size(1), "split_mm: out is ", out.sizes(),
-              ", expected ", x.size(0), " x ", w.size(1));
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && out.device().is_cpu(), "split_mm: CPU tensors only");
-  const int64_t N = w.size(1);
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 64));
-  // chunk widths rounded to 16 columns (a SIMD multiple), the last one takes the rest
-  const int64_t step = ((N + parts - 1) / parts + 15) / 16 * 16;
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    // below autograd on every thread (grad mode is per thread): the chunks are plain CPU matmuls
+// 16 floats: one AVX-512 register (GCC/Clang vector extension, built with -march=native). The tile below
+// keeps 16 of them as accumulators plus two of weights: that fits AVX-512's 32 registers, not AVX2's 16, so
+// on a machine without AVX-512 every share takes the BLAS calls instead.
+typedef float vec16 __attribute__((vector_size(64), aligned(4)));
+#if defined(__AVX512F__)
+constexpr bool kDirect = true;
+#else
+constexpr bool kDirect = false;
+#endif
+
+constexpr int64_t kCols = 32;      // output columns per tile: two vectors
+constexpr int64_t kRows = 8;       // rows per tile: 8 x 2 accumulators stay in registers
+constexpr int64_t kPrefetch = 16;  // weight rows read ahead: a tile walks down a column strip, which the
+                                   // hardware prefetcher does not follow across pages
+
+// out[r, 0:32] = x[r, :] @ w[:, 0:32] (+ bias[0:32]) for the R rows of x; w's rows are ldw apart.
+template <int R>
+inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw, const float* bias, float* out,
+                 int64_t ldo) {
+  vec16 acc0[R], acc1[R];
+  vec16 b0 = {}, b1 = {};
+  if (bias != nullptr) {
+    std::memcpy(&b0, bias, sizeof(vec16));
+    std::memcpy(&b1, bias + 16, sizeof(vec16));
+  }
+  for (int r = 0; r < R; ++r) {
+    acc0[r] = b0;
+    acc1[r] = b1;
+  }
+  const float* wp = w;
+  for (int64_t k = 0; k < K; ++k, wp += ldw) {
+    __builtin_prefetch(wp + kPrefetch * ldw);
+    __builtin_prefetch(wp + kPrefetch * ldw + 16);
+    vec16 w0, w1;
+    std::memcpy(&w0, wp, sizeof(vec16));
+    std::memcpy(&w1, wp + 16, sizeof(vec16));
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * ldx + k];
+      acc0[r] += xv * w0;
+      acc1[r] += xv * w1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(out + r * ldo, &acc0[r], sizeof(vec16));
+    std::memcpy(out + r * ldo + 16, &acc1[r], sizeof(vec16));
+  }
+}
+
+// Columns [lo, lo + 32) of out = x @ w (+ bias), every row: tiles of 8 rows (the column strip of w, K x 32,
+// stays in cache between them), then the remaining rows.
+void strip(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw, const float* bias,
+           float* out, int64_t ldo, int64_t lo) {
+  const float* b = bias == nullptr ? nullptr : bias + lo;
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows) tile<kRows>(x + m * ldx, ldx, K, w + lo, ldw, b, out + m * ldo + lo, ldo);
+  const float* xm = x + m * ldx;
+  float* om = out + m * ldo + lo;
+  switch (M - m) {
+    case 7: tile<7>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    case 6: tile<6>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    case 5: tile<5>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    case 4: tile<4>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    case 3: tile<3>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    case 2: tile<2>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    case 1: tile<1>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    default: break;
+  }
+}
+
+// One piece of a thread's share: columns [lo, lo + width) of weight j, by the direct kernel (a whole strip of
+// an input-major weight) or by one BLAS call.
+struct Piece {
+  int64_t j, lo, width;
+  bool direct;
+};
+
+// outs[j] = x @ ws[j] (+ biases[j]) for every j: x (M, K) and ws[j] (K, N_j) of any strides, biases[j] (N_j,)
+// or none, outs[j] (M, N_j) with unit column stride. The columns of all the weights, end to end, are cut into
+// one share per thread.
+void mm_group_into(const at::Tensor& x, at::TensorList ws, const std::vector<c10::optional<at::Tensor>>& biases,
+                   at::TensorList outs, const char* name) {
+  const int64_t n = static_cast<int64_t>(ws.size());
+  TORCH_CHECK(n > 0, name, ": no weights");
+  TORCH_CHECK(static_cast<int64_t>(outs.size()) == n && static_cast<int64_t>(biases.size()) == n, name, ": ", n,
+              " weights but ", outs.size(), " outputs and ", biases.size(), " biases");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": x must be a 2-D CPU tensor, got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  const bool x_direct = kDirect && x.scalar_type() == at::kFloat && x.stride(1) == 1;
+  std::vector<Piece> pieces;
+  int64_t total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const at::Tensor& w = ws[j];
+    const at::Tensor& o = outs[j];
+    TORCH_CHECK(w.dim() == 2 && o.dim() == 2, name, ": weight and output ", j, " must be 2-D");
+    TORCH_CHECK(K == w.size(0), name, ": x is ", x.sizes(), " but weight ", j, " is ", w.sizes());
+    TORCH_CHECK(o.size(0) == M && o.size(1) == w.size(1), name, ": output ", j, " is ", o.sizes(), ", expected ", M,
+                " x ", w.size(1));
+    TORCH_CHECK(o.stride(1) == 1 || o.size(1) <= 1, name, ": output ", j, " needs unit column stride");
+    TORCH_CHECK(w.device().is_cpu() && o.device().is_cpu(), name, ": CPU tensors only");
+    const c10::optional<at::Tensor>& b = biases[j];
+    const bool has_bias = b.has_value() && b->defined();
+    if (has_bias) {
+      TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(1), name, ": bias ", j, " is ", b->sizes(), ", expected (",
+                  w.size(1), ",)");
+    }
+    const bool direct = x_direct && w.scalar_type() == at::kFloat && o.scalar_type() == at::kFloat &&
+                        w.stride(1) == 1 && (!has_bias || (b->scalar_type() == at::kFloat && b->stride(0) == 1));
+    const int64_t N = w.size(1);
+    int64_t lo = 0;
+    if (direct) {
+      for (; lo + kCols <= N; lo += kCols) pieces.push_back({j, lo, kCols, true});
+    }
+    if (lo < N) {  // another layout, or the last columns short of a strip: BLAS calls, one per thread's share
+      const int64_t rest = N - lo, parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rest / 64));
+      const int64_t step = ((rest + parts - 1) / parts + 15) / 16 * 16;  // a multiple of 16 columns
+      for (; lo < N; lo += step) pieces.push_back({j, lo, std::min(step, N - lo), false});
+    }
+    total += N;
+  }
+  // contiguous runs of pieces, one per thread, of about equal width
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pieces.size()));
+  std::vector<int64_t> start(threads + 1, static_cast<int64_t>(pieces.size()));
+  start[0] = 0;
+  int64_t seen = 0, t = 1;
+  for (int64_t p = 0; p < static_cast<int64_t>(pieces.size()) && t < threads; ++p) {
+    seen += pieces[p].width;
+    if (seen * threads >= t * total) start[t++] = p + 1;
+  }
+  const float* xp = x_direct ? x.data_ptr<float>() : nullptr;
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    // below autograd on every thread (grad mode is per thread): the BLAS pieces are plain CPU matmuls
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t lo = i * step, width = std::min(N, lo + step) - lo;
-      if (width <= 0) continue;
-      at::Tensor o = out.narrow(1, lo, width);
-      at::Tensor wi = w.narrow(1, lo, width);
-      if (bias.has_value() && bias->defined()) {
-        at::addmm_out(o, bias->narrow(0, lo, width), x, wi);
-      } else {
-        at::mm_out(o, x, wi);
+      for (int64_t p = start[i]; p < start[i + 1]; ++p) {
+        const Piece& piece = pieces[p];
+        const at::Tensor& w = ws[piece.j];
+        const at::Tensor& o = outs[piece.j];
+        const c10::optional<at::Tensor>& b = biases[piece.j];
+        const bool has_bias = b.has_value() && b->defined();
+        if (piece.direct) {
+          strip(xp, x.stride(0), M, K, w.data_ptr<float>(), w.stride(0), has_bias ? b->data_ptr<float>() : nullptr,
+                o.data_ptr<float>(), o.stride(0), piece.lo);
+          continue;
+        }
+        at::Tensor oi = o.narrow(1, piece.lo, piece.width);
+        at::Tensor wi = w.narrow(1, piece.lo, piece.width);
+        if (has_bias) {
+          at::addmm_out(oi, b->narrow(0, piece.lo, piece.width), x, wi);
+        } else {
+          at::mm_out(oi, x, wi);
+        }
       }
     }
   });
 }
 
+std::vector<c10::optional<at::Tensor>> optional_list(const c10::List<c10::optional<at::Tensor>>& biases) {
+  std::vector<c10::optional<at::Tensor>> out;
+  for (size_t i = 0; i < biases.size(); ++i) out.push_back(biases.get(i));
+  return out;
+}
+
 at::Tensor split_mm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   at::Tensor out = at::empty({x.size(0), w.size(1)}, x.options());
-  split_mm_into(x, w, bias, out);
+  mm_group_into(x, {w}, {bias}, {out}, "split_mm");
   return out;
 }
 
 void split_mm_out(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, at::Tensor out) {
-  split_mm_into(x, w, bias, out);
+  mm_group_into(x, {w}, {bias}, {out}, "split_mm");
 }
+
+// One (M, sum of the weights' widths) tensor, the outputs side by side (callers split it into views).
+at::Tensor split_mm_cat(const at::Tensor& x, at::TensorList ws, const c10::List<c10::optional<at::Tensor>>& biases) {
+  int64_t N = 0;
+  for (const at::Tensor& w : ws) N += w.size(1);
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  std::vector<at::Tensor> outs;
+  int64_t lo = 0;
+  for (const at::Tensor& w : ws) {
+    outs.push_back(out.narrow(1, lo, w.size(1)));
+    lo += w.size(1);
+  }
+  mm_group_into(x, ws, optional_list(biases), outs, "split_mm_group");
+  return out;
+}
+
+void split_mm_group_out(const at::Tensor& x, at::TensorList ws, const c10::List<c10::optional<at::Tensor>>& biases,
+                        at::TensorList outs) {
+  mm_group_into(x, ws, optional_list(biases), outs, "split_mm_group");
+}
+
+bool has_direct() { return kDirect; }
 
 }  // namespace
 
 TORCH_LIBRARY(textrl, m) {
+  m.def("has_direct() -> bool", &has_direct);
   m.def("split_mm(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("split_mm_out(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("split_mm_cat(Tensor x, Tensor[] ws, Tensor?[] biases) -> Tensor");
+  m.def("split_mm_group_out(Tensor x, Tensor[] ws, Tensor?[] biases, Tensor(a!)[] outs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(textrl, CPU, m) {
   m.impl("split_mm", &split_mm);
   m.impl("split_mm_out", &split_mm_out);
+  m.impl("split_mm_cat", &split_mm_cat);
+  m.impl("split_mm_group_out", &split_mm_group_out);
 }
