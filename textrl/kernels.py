@@ -21,7 +21,9 @@ torch's own. ``TEXTRL_CPU_KERNELS=0`` switches them off.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -30,8 +32,22 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-NAME = "textrl_cpu_kernels"
-"""The extension's name: its build lives in torch's extension cache under it."""
+
+
+def _cpu_tag() -> str:
+    """A short fingerprint of this CPU's instruction sets (``/proc/cpuinfo``'s flags; ``generic`` where there is
+    none): a build with ``-march=native`` runs only on CPUs like the one it was made on, so machines that share
+    a home directory (a cluster's nodes) each get their own build in torch's extension cache."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:10] if flags else "generic"
+
+
+NAME = f"textrl_cpu_kernels_{_cpu_tag()}"
+"""The extension's name: its build lives in torch's extension cache under it (one per kind of CPU)."""
 
 MAX_ROWS = 256
 """Rows up to which :func:`wants_split` takes the kernel (``benchmarks/cpu_kernels.py``, 2 threads: a
@@ -104,12 +120,13 @@ def _compile() -> None:
     if not _built_before():
         print("textrl: building the CPU matmul kernels (once on this machine, about 30 s)", file=sys.stderr, flush=True)
     # -fopenmp: at::parallel_for runs the chunks on torch's OpenMP threads; without it, one after another.
-    # -march=native: the direct kernel's vectors in this machine's widest registers (it is built where it runs);
-    # -ffp-contract=fast: its multiply-adds fused (ISO C++ mode leaves them apart otherwise)
+    # -march=native (x86-64: the direct kernel is AVX-512's): its vectors in this machine's widest registers
+    # (it is built where it runs); -ffp-contract=fast: its multiply-adds fused (ISO C++ leaves them apart)
+    native = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
     load_extension(
         name=NAME,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", "-march=native", "-ffp-contract=fast"],
+        extra_cflags=["-O3", "-fopenmp", *native, "-ffp-contract=fast"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
