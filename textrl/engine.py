@@ -497,12 +497,11 @@ class Engine(nn.Module):
                 y = torch.addmm(y, flat @ pair[0].t(), pair[1].t())
             return y.unsqueeze(1)
 
-        def lins(x, modules):  # a group of one input (q, k, v; gate, up): one grouped split matmul, or each alone
-            flat = x.reshape(B, -1)
-            if adapters.keys() & set(modules) or not kernels.wants_split(flat, *map(in_out_weight, modules)):
+        def lins(x, modules):  # a group of one input (q, k, v; gate, up): one grouped split matmul where it pays
+            if adapters.keys() & set(modules):
                 return [lin(x, m) for m in modules]
             outs = None if rec is None else [rec.out[m][:, t] for m in modules]
-            return [y.unsqueeze(1) for y in base_group_into(flat, modules, outs)]
+            return [y.unsqueeze(1) for y in base_group_into(x.reshape(B, -1), modules, outs)]
 
         for i, layer in enumerate(self.spec.layers):
             first = 0 if layer.window is None else max(0, t + 1 - layer.window)
@@ -678,7 +677,7 @@ class _StaticStep:
         def lins(x, modules):
             if not self.grouped.get(modules, False):
                 return [lin(x, m) for m in modules]
-            ys = base_group_into(x.reshape(B, -1), modules)
+            ys = base_group_into(x.reshape(B, -1), modules, split=True)
             if rec is not None:
                 for m, y in zip(modules, ys, strict=True):
                     rec.out[m].index_copy_(1, t, y[:, None])

@@ -127,12 +127,21 @@ def base_into(
 
 
 def base_group_into(
-    x: torch.Tensor, modules: tuple[nn.Module, ...], outs: list[torch.Tensor] | None = None
+    x: torch.Tensor, modules: tuple[nn.Module, ...], outs: list[torch.Tensor] | None = None, split: bool | None = None
 ) -> list[torch.Tensor]:
     """The base layers' outputs for rows x (N, in) of a group that reads the same input (q, k and v; gate
-    and up), in one :func:`textrl.kernels.split_mm_group` call; into ``outs`` when given. Call only where
-    :func:`textrl.kernels.wants_split` said so for the group's weights."""
+    and up), into ``outs`` when given: :func:`base_into` for a group.
+
+    ``split``: in one :func:`textrl.kernels.split_mm_group` call; None decides by
+    :func:`textrl.kernels.wants_split` on the whole group. Otherwise one torch matmul per layer (a group too
+    small for the kernel has no member large enough either).
+    """
     weights = [in_out_weight(m) for m in modules]
+    if split is None:
+        split = kernels.wants_split(x, *weights)
+    if not split:
+        outs = outs if outs is not None else [None] * len(modules)
+        return [base_into(x, m, out, split=False) for m, out in zip(modules, outs, strict=True)]
     return kernels.split_mm_group(x, weights, [base_layer(m).bias for m in modules], outs)
 
 
