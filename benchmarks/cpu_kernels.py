@@ -7,6 +7,8 @@ which also compiles):
   B rows, and each group of weights that read the same rows: q, k and v; gate and up): microseconds per call
   through torch's matmul and through the kernel, each linear's weight in the layout the engine stores it
   (input-major);
+- the same single matmuls with their weights read from memory (256 MB of distinct copies of each weight, taken
+  in turn), as a decode step reads them: us per call and the kernel's weight rate in GB/s;
 - whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
   (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
   same tokens: ms per step and the largest difference between their logits;
@@ -82,6 +84,51 @@ def matmul_times(model, B: int, rounds: int, calls: int = 50) -> list[dict]:
         out = str(n) if len(ws) == 1 else "(" + " + ".join(map(str, n)) + ")"
         taken = kernels.wants_split(x, *ws)
         rows.append({"shape": f"{B} x {k} x {out}", "torch": torch_us, "split": split_us, "taken": taken})
+    return rows
+
+
+def streaming_times(model, B: int, rounds: int, megabytes: int = 256) -> list[dict]:
+    """Per distinct (in, out) shape of the model's single decode matmuls (block linears and the head, in the
+    engine's layout): us per call and the rate the weight is read (GB/s), torch's and the kernel's, over
+    ``megabytes`` of distinct copies of the weight taken in turn, so that each call reads its weight from
+    memory, as a decode step does, and not from a cache a repeated call keeps warm."""
+    spec = describe(model)
+    input_major(spec, model)
+    shapes: dict[tuple, torch.Tensor] = {}
+    for layer in spec.layers:
+        for m in layer.linears():
+            w = in_out_weight(m).detach()
+            shapes.setdefault(tuple(w.shape), w)
+    head = spec.head.weight.detach().t()
+    shapes.setdefault(tuple(head.shape), head)
+    rows = []
+    for (k, n), w in shapes.items():
+        copies = max(2, -(-megabytes * 2**20 // w.nbytes))
+        # each copy in the source's layout (input-major: contiguous transpose), in memory of its own
+        ws = [w.t().contiguous().t() if not w.is_contiguous() else w.clone() for _ in range(copies)]
+        x = torch.randn(B, k)
+        calls_of = {
+            "torch": lambda x=x, ws=ws: [torch.mm(x, w) for w in ws],
+            "split": lambda x=x, ws=ws: [kernels.split_mm(x, w) for w in ws],
+        }
+        times: dict[str, list[float]] = {"torch": [], "split": []}
+        for r in range(rounds + 1):
+            for name, fn in calls_of.items():
+                us = _median_us(fn, 3) / copies
+                if r:
+                    times[name].append(us)
+        torch_us, split_us = statistics.median(times["torch"]), statistics.median(times["split"])
+        rows.append(
+            {
+                "shape": f"{B} x {k} x {n}",
+                "copies": copies,
+                "torch": torch_us,
+                "split": split_us,
+                "gbps": w.nbytes / split_us / 1e3,
+                "taken": kernels.wants_split(x, w),
+            }
+        )
+        del ws
     return rows
 
 
@@ -170,6 +217,19 @@ def main(argv: list[str] | None = None) -> None:
             ratio = row["torch"] / row["split"]
             taken = "yes" if row["taken"] else "no"
             print(f"| {row['shape']} | {row['torch']:.0f} | {row['split']:.0f} | {ratio:.2f}x | {taken} |")
+    print("\nThe same single matmuls with their weights read from memory (distinct copies of each weight, 256 MB")
+    print("in all, taken in turn: a decode step reads every weight once, from memory unless the model fits in")
+    print("cache), us per call and the kernel's weight rate:\n")
+    print("| rows x in x out | copies | torch | split | torch / split | split GB/s | taken by the engine |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for B in args.batch_sizes:
+        for row in streaming_times(model, B, args.rounds):
+            ratio = row["torch"] / row["split"]
+            taken = "yes" if row["taken"] else "no"
+            print(
+                f"| {row['shape']} | {row['copies']} | {row['torch']:.0f} | {row['split']:.0f} | {ratio:.2f}x "
+                f"| {row['gbps']:.1f} | {taken} |"
+            )
     print(f"\nWhole decode steps, {P} + {T} positions, ms per step:\n")
     print("| B | decode step | kernel on | kernel off | off / on | max logit difference |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -361,19 +361,19 @@ def test_a_record_over_the_memory_budget_is_not_kept(request, llama_env):
 
 
 def test_linear_weights_are_stored_input_major_and_gradients_keep_that_layout(request, tmp_path):
-    """On CPU the engine re-strides the blocks' ``nn.Linear`` weights in place (same values, same
-    Parameter objects); gradients, computed or replayed, arrive in that layout (nothing is transposed per
-    step), and the model still saves and reloads as a plain HF folder."""
+    """On CPU the engine re-strides the blocks' ``nn.Linear`` weights and the untied LM head's in place (same
+    values, same Parameter objects); gradients, computed or replayed, arrive in that layout (nothing is
+    transposed per step), and the model still saves and reloads as a plain HF folder."""
     model = _model(request, "llama_gqa_dir")
     params = {n: p for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in params.items()}
     core = Engine(model)
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    assert len(linears) == 2 * 7
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2 * 7 + 1 and "lm_head" in linears  # the blocks' and the head (not tied here)
     for n in linears:
         w = model.get_submodule(n).weight
         assert w is params[f"{n}.weight"] and w.stride() == (1, w.shape[0]), n
-    assert model.lm_head.weight.is_contiguous()  # the head keeps (V, E): its decode product is (V, E) @ (E, B)
+    assert model.get_input_embeddings().weight.is_contiguous()  # lookups gather its rows
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     ids, mask = _batch(_vocab(model), B=4)
@@ -397,6 +397,23 @@ def test_linear_weights_are_stored_input_major_and_gradients_keep_that_layout(re
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for n, p in reloaded.named_parameters():
         assert torch.equal(p, params[n]), n
+
+
+def test_a_tied_lm_head_keeps_the_embedding_layout(request):
+    """A head tied to the embedding table is that table: it stays (V, E)-contiguous (lookups gather its rows)
+    while the blocks' weights are re-strided, and its decode logits still match the HF forward."""
+    model = _model(request, "qwen3_dir")
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    core = Engine(model)
+    assert model.lm_head.weight.is_contiguous()
+    assert model.model.layers[0].mlp.up_proj.weight.stride()[0] == 1
+    ids = torch.randint(0, _vocab(model), (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        session = core.start(ids[:, :4], torch.ones(2, 4, dtype=torch.long), 6)
+        logits, _ = session.step(ids[:, 4])
+        session.close()
+        expected = model(ids[:, :5]).logits[:, -1]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("fused", [True, False])

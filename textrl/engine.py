@@ -71,6 +71,7 @@ from textrl.ops import (
     gelu,
     in_out_weight,
     input_major,
+    is_input_major,
     is_lora,
     linear,
     moe,
@@ -367,7 +368,7 @@ class Engine(nn.Module):
         hidden = norm(x, self.spec.norm)
         j = start - rec.P + 1 if rec is not None else -1  # column of the logits record for position start
         if j < 0:
-            return F.linear(hidden, self.spec.head.weight), hidden
+            return linear(hidden, self.spec.head), hidden  # the weight's gradient in its own layout
         logits = rec.logits[:, j : j + x.shape[1]] if rows is None else rec.logits[rows, j : j + x.shape[1]]
         return _Replayed.apply(hidden, self.spec.head.weight, None, logits, True), hidden
 
@@ -522,6 +523,8 @@ class Engine(nn.Module):
         out = None if rec is None else rec.logits[:, t - rec.P + 1]
         if kernels.wants_split(hidden, head):  # split by vocabulary columns over the threads, into the record
             return kernels.split_mm(hidden, head, out=out), hidden
+        if is_input_major(self.spec.head.weight):  # stored (E, V): the product as it lies
+            return (torch.mm(hidden, head) if out is None else torch.mm(hidden, head, out=out)), hidden
         # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
         logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
         return (logits_t.t().contiguous(), hidden) if out is None else (out.copy_(logits_t.t()), hidden)
@@ -695,7 +698,7 @@ class _StaticStep:
 
             x = engine._block(layer, x, angles, attend, lin, lins=lins)
         hidden = norm(x[:, 0], s.norm)  # (B, E)
-        logits = kernels.split_mm(hidden, s.head.weight.t()) if self.split_head else F.linear(hidden, s.head.weight)
+        logits = base_into(hidden, s.head, split=self.split_head)
         if rec is not None:
             rec.ids.index_copy_(1, t, self.tokens[:, None])
             rec.logits.index_copy_(1, t - rec.P + 1, logits[:, None])

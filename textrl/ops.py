@@ -161,8 +161,9 @@ def linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 def input_major(spec: Spec, model: nn.Module | None = None) -> int:
-    """Store every block ``nn.Linear`` weight input-major (its (in, out) transpose contiguous, the logical
-    (out, in) tensor a strided view of it), in place; returns how many were changed.
+    """Store every block ``nn.Linear`` weight, and an LM head not tied to the embeddings, input-major (its
+    (in, out) transpose contiguous, the logical (out, in) tensor a strided view of it), in place; returns how
+    many were changed. (A tied head stays: its rows are the embedding table's, which lookups gather.)
 
     With ``model`` given, its other CPU parameters are copied into memory of their own as well, when any
     weight was re-strided: transformers maps a safetensors file into memory and the loaded parameters
@@ -177,13 +178,15 @@ def input_major(spec: Spec, model: nn.Module | None = None) -> int:
     CPU only: GPU matmul libraries take either order at full speed.
     """
     restrided = set()
-    for layer in spec.layers:
-        for module in map(base_layer, layer.linears()):
-            w = module.weight
-            if isinstance(module, nn.Linear) and w.device.type == "cpu" and w.stride() == (w.shape[1], 1):
-                with torch.no_grad():
-                    w.data = w.data.t().contiguous().t()
-                restrided.add(id(w))
+    modules = [base_layer(m) for layer in spec.layers for m in layer.linears()]
+    if spec.head.weight is not spec.embed.weight:
+        modules.append(spec.head)
+    for module in modules:
+        w = module.weight
+        if isinstance(module, nn.Linear) and w.device.type == "cpu" and w.stride() == (w.shape[1], 1):
+            with torch.no_grad():
+                w.data = w.data.t().contiguous().t()
+            restrided.add(id(w))
     if model is not None and restrided:
         with torch.no_grad():
             for p in model.parameters():

@@ -35,13 +35,18 @@ constexpr bool kDirect = false;
 
 constexpr int64_t kCols = 32;      // output columns per tile: two vectors
 constexpr int64_t kRows = 8;       // rows per tile: 8 x 2 accumulators stay in registers
-constexpr int64_t kPrefetch = 16;  // weight rows read ahead: a tile walks down a column strip, which the
-                                   // hardware prefetcher does not follow across pages
+// Weight rows read ahead, into L2. A tile walks down a column strip, 128 bytes a row, which the hardware
+// prefetcher does not follow across pages. A decode step reads each weight once, from memory; the core keeps
+// more misses in flight towards L2 than towards L1, so prefetching far ahead into L2 draws the weights faster
+// than near ahead into L1 (the streaming table of benchmarks/cpu_kernels.py measures the rate).
+constexpr int64_t kPrefetch = 64;
 
-// out[r, 0:32] = x[r, :] @ w[:, 0:32] (+ bias[0:32]) for the R rows of x; w's rows are ldw apart.
+// out[r, 0:32] = x[r, :] @ w[:, 0:32] (+ bias[0:32]) for the R rows of x; w's rows are ldw apart. The last
+// kPrefetch rows prefetch the first rows of ``next`` (the strip this thread multiplies next; this strip again
+// when null).
 template <int R>
 inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw, const float* bias, float* out,
-                 int64_t ldo) {
+                 int64_t ldo, const float* next) {
   vec16 acc0[R], acc1[R];
   vec16 b0 = {}, b1 = {};
   if (bias != nullptr) {
@@ -53,9 +58,12 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t
     acc1[r] = b1;
   }
   const float* wp = w;
-  for (int64_t k = 0; k < K; ++k, wp += ldw) {
-    __builtin_prefetch(wp + kPrefetch * ldw);
-    __builtin_prefetch(wp + kPrefetch * ldw + 16);
+  const float* pf = w + kPrefetch * ldw;
+  const int64_t wrap = std::max<int64_t>(K - kPrefetch, 0);
+  for (int64_t k = 0; k < K; ++k, wp += ldw, pf += ldw) {
+    if (k == wrap) pf = next != nullptr ? next : w;
+    __builtin_prefetch(pf, 0, 2);  // locality 2: into L2 (prefetcht1)
+    __builtin_prefetch(pf + 16, 0, 2);
     vec16 w0, w1;
     std::memcpy(&w0, wp, sizeof(vec16));
     std::memcpy(&w1, wp + 16, sizeof(vec16));
@@ -72,22 +80,26 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t
 }
 
 // Columns [lo, lo + 32) of out = x @ w (+ bias), every row: tiles of 8 rows (the column strip of w, K x 32,
-// stays in cache between them), then the remaining rows.
+// stays in cache between them), then the remaining rows. ``next``: the start of the strip this thread multiplies
+// after this one (null if none), which the last tile prefetches.
 void strip(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw, const float* bias,
-           float* out, int64_t ldo, int64_t lo) {
+           float* out, int64_t ldo, int64_t lo, const float* next) {
   const float* b = bias == nullptr ? nullptr : bias + lo;
+  const float* ws = w + lo;
   int64_t m = 0;
-  for (; m + kRows <= M; m += kRows) tile<kRows>(x + m * ldx, ldx, K, w + lo, ldw, b, out + m * ldo + lo, ldo);
+  for (; m + kRows <= M; m += kRows) {
+    tile<kRows>(x + m * ldx, ldx, K, ws, ldw, b, out + m * ldo + lo, ldo, m + kRows == M ? next : nullptr);
+  }
   const float* xm = x + m * ldx;
   float* om = out + m * ldo + lo;
   switch (M - m) {
-    case 7: tile<7>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
-    case 6: tile<6>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
-    case 5: tile<5>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
-    case 4: tile<4>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
-    case 3: tile<3>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
-    case 2: tile<2>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
-    case 1: tile<1>(xm, ldx, K, w + lo, ldw, b, om, ldo); break;
+    case 7: tile<7>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
+    case 6: tile<6>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
+    case 5: tile<5>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
+    case 4: tile<4>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
+    case 3: tile<3>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
+    case 2: tile<2>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
+    case 1: tile<1>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
     default: break;
   }
 }
@@ -163,8 +175,12 @@ void mm_group_into(const at::Tensor& x, at::TensorList ws, const std::vector<c10
         const c10::optional<at::Tensor>& b = biases[piece.j];
         const bool has_bias = b.has_value() && b->defined();
         if (piece.direct) {
+          const float* next = nullptr;  // this thread's next strip, if it has one
+          if (p + 1 < start[i + 1] && pieces[p + 1].direct) {
+            next = ws[pieces[p + 1].j].data_ptr<float>() + pieces[p + 1].lo;
+          }
           strip(xp, x.stride(0), M, K, w.data_ptr<float>(), w.stride(0), has_bias ? b->data_ptr<float>() : nullptr,
-                o.data_ptr<float>(), o.stride(0), piece.lo);
+                o.data_ptr<float>(), o.stride(0), piece.lo, next);
           continue;
         }
         at::Tensor oi = o.narrow(1, piece.lo, piece.width);
