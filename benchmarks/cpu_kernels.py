@@ -191,6 +191,19 @@ def iteration_times(arch: str, size: str, B: int, mode: str, iters: int, folder:
     return {"on": statistics.median(times["on"]), "off": statistics.median(times["off"]), "pairs": pairs}
 
 
+def _print_matmuls(rows: list[dict], extra: dict | None = None) -> None:
+    """A markdown table of matmul rows: shape, us per call of torch and of the kernel, their ratio, the ``extra``
+    columns (name -> formatter of a row), and whether the engine takes the kernel there."""
+    extra = extra or {}
+    heads = ["rows x in x out", "torch", "split", "torch / split", *extra, "taken by the engine"]
+    print("| " + " | ".join(heads) + " |")
+    print("|---|" + "---:|" * (len(heads) - 2) + "---|")
+    for row in rows:
+        cells = [row["shape"], f"{row['torch']:.0f}", f"{row['split']:.0f}", f"{row['torch'] / row['split']:.2f}x"]
+        cells += [cell(row) for cell in extra.values()] + ["yes" if row["taken"] else "no"]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     engine_decode.paired_step_arguments(parser, size="small", rounds=5)
@@ -210,26 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Input-major weights run through {how}.\n")
     print("Decode-step matmuls (rows x in x out; a group of weights of one input: one call, against torch's")
     print("matmul per weight), us per call:\n")
-    print("| rows x in x out | torch | split | torch / split | taken by the engine |")
-    print("|---|---:|---:|---:|---|")
-    for B in args.batch_sizes:
-        for row in matmul_times(model, B, args.rounds):
-            ratio = row["torch"] / row["split"]
-            taken = "yes" if row["taken"] else "no"
-            print(f"| {row['shape']} | {row['torch']:.0f} | {row['split']:.0f} | {ratio:.2f}x | {taken} |")
+    _print_matmuls([row for B in args.batch_sizes for row in matmul_times(model, B, args.rounds)])
     print("\nThe same single matmuls with their weights read from memory (distinct copies of each weight, 256 MB")
     print("in all, taken in turn: a decode step reads every weight once, from memory unless the model fits in")
     print("cache), us per call and the kernel's weight rate:\n")
-    print("| rows x in x out | copies | torch | split | torch / split | split GB/s | taken by the engine |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for B in args.batch_sizes:
-        for row in streaming_times(model, B, args.rounds):
-            ratio = row["torch"] / row["split"]
-            taken = "yes" if row["taken"] else "no"
-            print(
-                f"| {row['shape']} | {row['copies']} | {row['torch']:.0f} | {row['split']:.0f} | {ratio:.2f}x "
-                f"| {row['gbps']:.1f} | {taken} |"
-            )
+    streamed = [row for B in args.batch_sizes for row in streaming_times(model, B, args.rounds)]
+    _print_matmuls(streamed, {"copies": lambda r: str(r["copies"]), "split GB/s": lambda r: f"{r['gbps']:.1f}"})
     print(f"\nWhole decode steps, {P} + {T} positions, ms per step:\n")
     print("| B | decode step | kernel on | kernel off | off / on | max logit difference |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -578,8 +578,9 @@ def test_decode_attention_benchmark_pairs_the_two_compiled_steps(capsys):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")
 def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkeypatch):
-    """textrl's split matmul against torch's: a row per decode-step matmul shape (each taken by the engine) and
-    a row per decode mode with logits that agree; the switch put back as it was."""
+    """textrl's split matmul against torch's: a row per decode-step matmul shape (each taken by the engine), a
+    row per single matmul with its weight streamed from memory, and a row per decode mode with logits that agree;
+    the switch put back as it was."""
     monkeypatch.delenv("TEXTRL_CPU_KERNELS", raising=False)
     module = _load("cpu_kernels", "cpu_kernels")
     argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
@@ -593,6 +594,12 @@ def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkey
         (256, "(704 + 704)"),
     }, out
     assert all(taken.values()), out
+    # the single matmuls again, their weights streamed from distinct copies: copies and the kernel's rate
+    row = r"^\| 3 x (\d+) x (\d+) \| (\d+) \| (\d+) \| ([\d.]+)x \| (\d+) \| ([\d.]+) \| yes \|$"
+    streamed = re.findall(row, out, re.M)
+    singles = {(256, "256"), (256, "128"), (256, "704"), (704, "256"), (256, "4096")}
+    assert {(int(k), n) for k, n, *_ in streamed} == singles, out
+    assert all(int(copies) >= 2 and float(rate) > 0 for *_, copies, rate in streamed), out
     steps = re.findall(r"^\| 3 \| (eager|static) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
     assert [mode for mode, *_ in steps] == ["eager", "static"], out
     for _, on, off, ratio, difference in steps:
