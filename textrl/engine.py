@@ -521,10 +521,9 @@ class Engine(nn.Module):
             rec.ids[:, t] = tokens
             rec.len = t + 1
         out = None if rec is None else rec.logits[:, t - rec.P + 1]
-        if kernels.wants_split(hidden, head):  # split by vocabulary columns over the threads, into the record
-            return kernels.split_mm(hidden, head, out=out), hidden
-        if is_input_major(self.spec.head.weight):  # stored (E, V): the product as it lies
-            return (torch.mm(hidden, head) if out is None else torch.mm(hidden, head, out=out)), hidden
+        split = kernels.wants_split(hidden, head)  # by vocabulary columns over the threads
+        if split or is_input_major(self.spec.head.weight):  # split, or stored (E, V): the product as it lies
+            return base_into(hidden, self.spec.head, out, split=split), hidden
         # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
         logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
         return (logits_t.t().contiguous(), hidden) if out is None else (out.copy_(logits_t.t()), hidden)
