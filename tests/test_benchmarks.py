@@ -558,22 +558,38 @@ def test_gpu_script_smoke_on_the_cpu(tmp_path):
     assert jobs[0] == "decode" and "reinforce" in jobs and "plain" in jobs
 
 
-@pytest.mark.slow
-def test_decode_attention_benchmark_pairs_the_two_compiled_steps(capsys):
-    """The compiled decode step with ``decode_attention`` against the one with torch's SDPA (~1 min of
-    compiling): a row per B, both timings, and logits that agree."""
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")
+def test_decode_attention_benchmark_pairs_the_attentions_of_the_eager_step(capsys):
+    """The eager decode step with textrl's attention kernel against the one with torch's SDPA: a row per B,
+    both timings, and logits that agree."""
     import textrl.engine as engine_module
 
     make_static = engine_module._StaticStep.__init__
     module = _load("decode_attention", "decode_attention")
-    module.main(["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"])
+    argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
+    module.main([*argv, "--modes", "eager"])
     out = capsys.readouterr().out
-    row = re.search(r"^\| 3 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
+    row = re.search(r"^\| eager \| 3 \| ([\d.]+) \| - \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
     assert row, out
     ours, sdpa, ratio, difference = (float(x) for x in row.groups())
     assert ours > 0 and sdpa > 0 and abs(ratio - sdpa / ours) < 0.01
     assert difference < 1e-4
     assert engine_module._StaticStep.__init__ is make_static  # put back
+
+
+@pytest.mark.slow
+def test_decode_attention_benchmark_pairs_the_three_compiled_steps(capsys):
+    """The compiled decode step with textrl's kernel, the written-out attention and torch's SDPA (~1 min of
+    compiling): all three timings, and logits that agree."""
+    module = _load("decode_attention", "decode_attention")
+    argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
+    module.main([*argv, "--modes", "compile"])
+    out = capsys.readouterr().out
+    row = re.search(r"^\| compile \| 3 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
+    assert row, out
+    ours, written, sdpa, ratio, difference = (float(x) for x in row.groups())
+    assert ours > 0 and written > 0 and sdpa > 0 and abs(ratio - sdpa / ours) < 0.01
+    assert difference < 1e-4
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")

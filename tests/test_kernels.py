@@ -112,6 +112,54 @@ def test_split_mm_names_bad_shapes():
         kernels.split_mm(torch.randn(2, 8), torch.randn(8, 4), out=torch.empty(2, 5))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "heads,kv_heads,D,S",
+    [(8, 4, 64, 40), (4, 4, 64, 3), (6, 2, 24, 19), (4, 1, 128, 33), (2, 2, 48, 70), (3, 3, 300, 17), (4, 2, 16, 1)],
+)
+def test_decode_attention_kernel_equals_torch_sdpa(threads, heads, kv_heads, D, S):
+    """The decode step's attention kernel is torch's SDPA to float32 rounding: grouped queries, head sizes its
+    register path takes (multiples of 16 up to 256) and ones it does not, cache views (strided keys and values),
+    masks with holes, per head or broadcast over rows, and a row that sees a single key."""
+    assert kernels.load()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(S)
+    B = 5
+    q = torch.randn(B, heads, 1, D, generator=g)
+    cache_k, cache_v = torch.randn(2, B, kv_heads, S + 7, D, generator=g)
+    k, v = cache_k[:, :, 2 : S + 2], cache_v[:, :, 2 : S + 2]  # views into a longer cache
+    gqa = {"enable_gqa": True} if kv_heads != heads else {}
+    masks = [torch.rand(B, 1, 1, S, generator=g) > 0.4, torch.rand(B, heads, 1, S, generator=g) > 0.5]
+    masks.append(torch.rand(1, 1, 1, S, generator=g) > 0.3)
+    for mask in masks:
+        mask[..., -1] = True  # the step's own column is always seen
+        if mask.shape[0] == B:
+            mask[0] = False
+            mask[0, ..., 0] = True  # a row that sees one key only
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        got = kernels.decode_attention(q, k, v, mask)
+        assert got.shape == (B, heads, 1, D) and got.is_contiguous()
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    torch.set_num_threads(2)
+
+
+def test_decode_attention_names_bad_input():
+    assert kernels.load()
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 5, 16)
+    seen = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="decode_attention: one query per row"):
+        kernels.decode_attention(torch.randn(2, 4, 3, 16), k, k, seen)
+    with pytest.raises(RuntimeError, match=r"decode_attention: q \[2, 3, 1, 16\] does not match k"):
+        kernels.decode_attention(torch.randn(2, 3, 1, 16), k, k, seen)
+    with pytest.raises(RuntimeError, match=r"decode_attention: mask \[2, 1, 1, 4\] does not broadcast"):
+        kernels.decode_attention(q, k, k, seen[..., :4])
+    with pytest.raises(RuntimeError, match="decode_attention: float32 q, k, v and a bool mask only"):
+        kernels.decode_attention(q, k, k, seen.float())
+    with pytest.raises(RuntimeError, match="decode_attention: unit stride along D"):
+        columns = torch.randn(2, 2, 16, 5).transpose(2, 3)  # (2, 2, 5, 16), stride 5 along D
+        kernels.decode_attention(q, columns, columns, seen)
+
+
 def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
     w = torch.randn(512, 1408)
     assert kernels.wants_split(torch.randn(16, 512), w)
@@ -127,8 +175,16 @@ def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
     torch.set_num_threads(1)
     assert not kernels.wants_split(torch.randn(16, 512), w)
     torch.set_num_threads(2)
+    q, k = torch.randn(16, 8, 1, 64), torch.randn(16, 4, 40, 64)
+    assert kernels.wants_attention(q, k)
+    assert not kernels.wants_attention(q.bfloat16(), k.bfloat16())
+    assert not kernels.wants_attention(torch.randn(16, 8, 2, 64), k)  # two queries per row: torch's
+    assert not kernels.wants_attention(q.requires_grad_(), k)  # autograd: no backward here
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.wants_attention(q, k)
     monkeypatch.setenv("TEXTRL_CPU_KERNELS", "0")
     assert not kernels.wants_split(torch.randn(16, 512), w)
+    assert not kernels.wants_attention(q.detach(), k)
 
 
 def _decode(model, mode: str, ids, mask, P: int, S: int):
@@ -142,9 +198,10 @@ def _decode(model, mode: str, ids, mask, P: int, S: int):
 
 @pytest.mark.parametrize("arch", ["gpt2_dir", "llama_gqa_dir", "qwen2_dir"])
 @pytest.mark.parametrize("mode", ["eager", "static"])
-def test_decode_steps_with_the_kernel_match_torch_matmul(request, monkeypatch, two_threads, arch, mode):
-    """Every block matmul and the head of a decode step through the kernel (the test models are small, so the
-    size threshold is lowered): the logits and the rollout record equal those of torch's matmul."""
+def test_decode_steps_with_the_kernels_match_torch(request, monkeypatch, two_threads, arch, mode):
+    """Every block matmul and the head of a decode step through the matmul kernel (the test models are small, so
+    the size threshold is lowered), every layer's attention through the attention kernel: the logits and the
+    rollout record equal those of torch's matmul and attention."""
     model = load_lm(request.getfixturevalue(arch))[0]
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 11), generator=gen)
@@ -154,13 +211,15 @@ def test_decode_steps_with_the_kernel_match_torch_matmul(request, monkeypatch, t
     expected, expected_record = _decode(model, mode, ids, mask, 5, 11)
     monkeypatch.setenv("TEXTRL_CPU_KERNELS", "1")
     monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
-    calls = []  # one per weight
-    split_mm, split_mm_group = kernels.split_mm, kernels.split_mm_group
+    calls, attended = [], []  # one per weight; one per layer and step
+    split_mm, split_mm_group, attention = kernels.split_mm, kernels.split_mm_group, kernels.decode_attention
     monkeypatch.setattr(kernels, "split_mm", lambda *a, **k: calls.append(1) or split_mm(*a, **k))
     monkeypatch.setattr(kernels, "split_mm_group", lambda x, ws, *a: calls.extend(ws) or split_mm_group(x, ws, *a))
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: attended.append(1) or attention(*a))
     got, record = _decode(model, mode, ids, mask, 5, 11)
     n_linears = len(expected_record)
     assert len(calls) >= 5 * (n_linears + 1)  # every block linear and the head, at each of the 5 steps
+    assert len(attended) == 6 * model.config.num_hidden_layers  # every layer's attention at each of the 6 steps
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for m, out in record.items():
         torch.testing.assert_close(out, expected_record[m], atol=1e-5, rtol=1e-5)
@@ -182,6 +241,7 @@ def test_a_compiled_decode_step_calls_the_kernel(request, monkeypatch, two_threa
         got = torch.stack([session.logits] + [session.step(ids[:, t])[0] for t in range(5, 9)], 1)
         static = core._static
     assert static.split_head and all(static.split.values())
+    assert static.attention is kernels.decode_attention
     assert len(static.grouped) == 2 * len(core.spec.layers) and all(static.grouped.values())  # (q, k, v), (gate, up)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -253,6 +253,13 @@ class Engine(nn.Module):
         gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
+    def _attend_one(self, q, k, v, mask):
+        """A decode step's attention, one query per row: textrl's CPU kernel where it applies (float32 on a
+        CPU, no autograd; :func:`textrl.kernels.decode_attention`), torch's otherwise."""
+        if kernels.wants_attention(q, k):
+            return kernels.decode_attention(q, k, v, mask)
+        return self._sdpa(q, k, v, mask)
+
     # --- the modes -------------------------------------------------------------------------------------
 
     @staticmethod
@@ -511,7 +518,7 @@ class Engine(nn.Module):
                 cache.k_col[i][t].copy_(k[:, :, 0])
                 cache.v_col[i][t].copy_(v[:, :, 0])
                 keys, values = cache.k_upto[i][t][:, :, first:], cache.v_upto[i][t][:, :, first:]
-                return self._sdpa(q, keys, values, cache.mask_upto[t][..., first:])
+                return self._attend_one(q, keys, values, cache.mask_upto[t][..., first:])
 
             x = self._block(layer, x, angles, attend, lin, lins=lins)
         session.length = t + 1
@@ -588,10 +595,14 @@ class _StaticStep:
             # on a CPU, a C++ wrapper calls the kernels (no Python between them); on CUDA the graph replays them
             options = {"cpp_wrapper": True} if like.device.type == "cpu" else None
             self.body = torch.compile(self._body, dynamic=False, options=options)
-        # compiled on a CPU, the attention of the step's one query is written out for inductor to fuse
-        # (:func:`textrl.ops.decode_attention`); elsewhere it is torch's kernel, as in every other mode
+        # the step's one query per row: textrl's CPU kernel where it is built (:func:`textrl.kernels.
+        # decode_attention`); otherwise, compiled on a CPU, the attention written out for inductor to fuse
+        # (:func:`textrl.ops.decode_attention`); elsewhere torch's kernel, as in every other mode
         cpu_compiled = self.mode == "compile" and like.device.type == "cpu"
         self.attention = decode_attention if cpu_compiled else engine._sdpa
+        with torch.no_grad():
+            if kernels.wants_attention(like.new_empty(B, s.n_head, 1, s.head_dim), cache.k[0]):
+                self.attention = kernels.decode_attention
         self.compiled: set[bool] = set()  # the graphs compiled so far (CPU): with a record (False), without (True)
         # which matmuls take textrl's split kernel (a CPU, few rows, a large enough weight), decided once here:
         # the compiled body must not trace the decision

@@ -152,6 +152,10 @@ def _register_fake() -> None:
     def _(x, ws, biases, outs):
         return None
 
+    @torch.library.register_fake("textrl::decode_attention")
+    def _(q, k, v, mask):
+        return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+
 
 def direct() -> bool:
     """Whether the kernels were built with the direct kernel for input-major weights (a CPU with AVX-512);
@@ -206,3 +210,28 @@ def split_mm_group(
         return list(y.split([w.shape[1] for w in ws], 1))
     torch.ops.textrl.split_mm_group_out(x, ws, biases, outs)
     return outs
+
+
+def wants_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether a decode step's attention (one query per row, q (B, H, 1, D) over keys k (B, G, S, D)) should take
+    :func:`decode_attention`: float32 on a CPU, no autograd (the kernel has no backward), no autocast, and the
+    kernels built."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k.dtype == torch.float32
+        and q.dim() == 4
+        and q.shape[2] == 1
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and enabled()
+        and load()
+    )
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` for one query per row: q
+    (B, H, 1, D); k, v (B, G, S, D), G dividing H; ``mask`` boolean (B or 1, H or 1, 1, S), True where a key is
+    seen (at least one per row). Each thread takes whole (row, key head) pairs, where torch's CPU kernel, made
+    for many queries, spends most of a call on set-up. Equal to torch's to float32 rounding. Call only where
+    :func:`wants_attention` said so."""
+    return torch.ops.textrl.decode_attention(q, k, v, mask)

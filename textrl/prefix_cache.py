@@ -236,8 +236,8 @@ class PrefixCache:
             else:
                 keys, values = rows.k[i, idx, :, :W], rows.v[i, idx, :, :W]  # (n, G, W, D)
             if layer.window is None:
-                return self.core._sdpa(q, keys, values, seen)
-            return self.core._sdpa(q, keys, values, seen & (pos[:, None] - cols < layer.window)[:, None, None, :])
+                return self.core._attend_one(q, keys, values, seen)
+            return self.core._attend_one(q, keys, values, seen & (pos[:, None] - cols < layer.window)[:, None, None, :])
 
         rows.hidden[idx] = self.core.step_rows(token, pos, attend_cached)
         rows.ids[idx, pos] = token

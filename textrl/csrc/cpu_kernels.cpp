@@ -16,9 +16,14 @@
 // up), their columns laid end to end and shared out in one parallel region.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -231,6 +236,161 @@ void split_mm_group_out(const at::Tensor& x, at::TensorList ws, const c10::List<
   mm_group_into(x, ws, optional_list(biases), outs, "split_mm_group");
 }
 
+// p[s] = exp(p[s]) for s < S (every p[s] <= 0 here: scores less their maximum). With AVX-512, 16 at a time by
+// Cephes' expf (range reduction by ln 2, a degree-6 polynomial, then a scale by 2^n): within 2 ulp of the
+// library's expf, and several times faster than one call per score.
+inline void exp_inplace(float* p, int64_t S) {
+  int64_t s = 0;
+#if defined(__AVX512F__)
+  const __m512 lo = _mm512_set1_ps(-87.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  for (; s + 16 <= S; s += 16) {
+    __m512 x = _mm512_max_ps(_mm512_loadu_ps(p + s), lo);  // exp(-87) is 1.6e-38: 0 against the maximum's 1
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, c1, x);
+    x = _mm512_fnmadd_ps(n, c2, x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    _mm512_storeu_ps(p + s, _mm512_scalef_ps(y, n));
+  }
+#endif
+  for (; s < S; ++s) p[s] = std::exp(p[s]);
+}
+
+// One (row, key head) pair of decode_attention: for each of its r query heads (q rows qs apart), the scores
+// over the S cached keys (rows ks apart; seen[s * ms], the mask of head j at seen + j * mh), their softmax
+// (into p, S floats) and the weighted sum of the values (rows vs apart) into out (r rows of D). V: D / 16 when
+// D is a multiple of 16 up to 256 (the accumulators then stay in registers); 0: any D.
+template <int V>
+void attend_pair(const float* q, int64_t qs, const float* k, int64_t ks, const float* v, int64_t vs, const bool* seen,
+                 int64_t mh, int64_t ms, int64_t r, int64_t S, int64_t D, float scale, float* p, float* out) {
+  for (int64_t j = 0; j < r; ++j, q += qs, seen += mh, out += D) {
+    float top = -std::numeric_limits<float>::infinity();
+    if constexpr (V > 0) {
+      vec16 qv[V];
+      for (int i = 0; i < V; ++i) std::memcpy(&qv[i], q + 16 * i, sizeof(vec16));
+      for (int64_t s = 0; s < S; ++s) {
+        if (!seen[s * ms]) continue;
+        const float* kr = k + s * ks;
+        vec16 acc = {};
+        for (int i = 0; i < V; ++i) {
+          vec16 kv;
+          std::memcpy(&kv, kr + 16 * i, sizeof(vec16));
+          acc += qv[i] * kv;
+        }
+#if defined(__AVX512F__)
+        p[s] = _mm512_reduce_add_ps(reinterpret_cast<__m512>(acc)) * scale;
+#else
+        float sum = 0.0f;
+        for (int i = 0; i < 16; ++i) sum += acc[i];
+        p[s] = sum * scale;
+#endif
+        top = std::max(top, p[s]);
+      }
+    } else {
+      for (int64_t s = 0; s < S; ++s) {
+        if (!seen[s * ms]) continue;
+        float sum = 0.0f;
+        for (int64_t d = 0; d < D; ++d) sum += q[d] * k[s * ks + d];
+        p[s] = sum * scale;
+        top = std::max(top, p[s]);
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) p[s] = seen[s * ms] ? p[s] - top : -std::numeric_limits<float>::infinity();
+    exp_inplace(p, S);
+    float total = 0.0f;
+    for (int64_t s = 0; s < S; ++s) {
+      p[s] = seen[s * ms] ? p[s] : 0.0f;
+      total += p[s];
+    }
+    const float inv = 1.0f / total;  // no key seen: 0/0, NaN, as torch's kernel gives
+    if constexpr (V > 0) {
+      vec16 acc[V] = {};
+      for (int64_t s = 0; s < S; ++s) {
+        const float w = p[s];
+        if (w == 0.0f) continue;
+        const float* vr = v + s * vs;
+        for (int i = 0; i < V; ++i) {
+          vec16 x;
+          std::memcpy(&x, vr + 16 * i, sizeof(vec16));
+          acc[i] += w * x;
+        }
+      }
+      for (int i = 0; i < V; ++i) {
+        acc[i] *= inv;
+        std::memcpy(out + 16 * i, &acc[i], sizeof(vec16));
+      }
+    } else {
+      std::fill(out, out + D, 0.0f);
+      for (int64_t s = 0; s < S; ++s) {
+        const float w = p[s];
+        if (w == 0.0f) continue;
+        for (int64_t d = 0; d < D; ++d) out[d] += w * v[s * vs + d];
+      }
+      for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+    }
+  }
+}
+
+// A decode step's attention: one query per row over its KV cache, as F.scaled_dot_product_attention(q, k, v,
+// attn_mask=mask, enable_gqa=True) computes it. q (B, H, 1, D); k, v (B, G, S, D) with G dividing H (each key
+// head serves H / G query heads); mask boolean (B or 1, H or 1, 1, S), True where a key is seen. Any strides
+// with unit stride along D. torch's CPU kernel is made for many queries and spends most of a call on set-up
+// when there is one; here each thread takes whole (row, key head) pairs, whose keys and values stay in cache
+// for all the pair's query heads.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "decode_attention: q, k, v and mask ",
+              "must be 4-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes(), ", ", mask.sizes());
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), G = k.size(1), S = k.size(2);
+  TORCH_CHECK(q.size(2) == 1, "decode_attention: one query per row, got q ", q.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && G > 0 && H % G == 0,
+              "decode_attention: q ", q.sizes(), " does not match k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK((mask.size(0) == B || mask.size(0) == 1) && (mask.size(1) == H || mask.size(1) == 1) &&
+                  mask.size(2) == 1 && mask.size(3) == S,
+              "decode_attention: mask ", mask.sizes(), " does not broadcast to (", B, ", ", H, ", 1, ", S, ")");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  mask.scalar_type() == at::kBool,
+              "decode_attention: float32 q, k, v and a bool mask only");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && mask.device().is_cpu(),
+              "decode_attention: CPU tensors only");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: unit stride along D");
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const int64_t r = H / G;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), mh = mask.size(1) == 1 ? 0 : mask.stride(1);
+  const int64_t ms = mask.stride(3), qs = q.stride(1);
+  auto pair = D % 16 != 0 || D > 256 ? attend_pair<0>
+              : D == 64              ? attend_pair<4>
+              : D == 128             ? attend_pair<8>
+              : D == 32              ? attend_pair<2>
+              : D == 16              ? attend_pair<1>
+              : D == 256             ? attend_pair<16>
+              : D == 96              ? attend_pair<6>
+              : D == 80              ? attend_pair<5>
+              : D == 48              ? attend_pair<3>
+                                     : attend_pair<0>;
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / G, g = task % G;
+      pair(qp + b * q.stride(0) + g * r * qs, qs, kp + b * k.stride(0) + g * k.stride(1), k.stride(2),
+           vp + b * v.stride(0) + g * v.stride(1), v.stride(2), mp + b * mb + g * r * mh, mh, ms, r, S, D, scale,
+           p.data(), op + (b * H + g * r) * D);
+    }
+  });
+  return out;
+}
+
 bool has_direct() { return kDirect; }
 
 }  // namespace
@@ -241,6 +401,7 @@ TORCH_LIBRARY(textrl, m) {
   m.def("split_mm_out(Tensor x, Tensor w, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("split_mm_cat(Tensor x, Tensor[] ws, Tensor?[] biases) -> Tensor");
   m.def("split_mm_group_out(Tensor x, Tensor[] ws, Tensor?[] biases, Tensor(a!)[] outs) -> ()");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(textrl, CPU, m) {
@@ -248,4 +409,5 @@ TORCH_LIBRARY_IMPL(textrl, CPU, m) {
   m.impl("split_mm_out", &split_mm_out);
   m.impl("split_mm_cat", &split_mm_cat);
   m.impl("split_mm_group_out", &split_mm_group_out);
+  m.impl("decode_attention", &decode_attention);
 }
