@@ -84,7 +84,11 @@ class GuardMixin:
             ]
             where = f" (first in {names[0]}; {len(names)} tensors affected)" if names else ""
             self.nonfinite(f"non-finite gradient norm ({norm.item()}) at iteration {self.iteration + 1}{where}")
-        torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm or float("inf"), norm)
+        limit = self.config.max_grad_norm or float("inf")
+        # torch's coefficient, clamped at 1 (a multiply by exactly 1 changes nothing, so it is skipped: a pass over
+        # every gradient fewer whenever the norm is within the limit)
+        if limit / (norm + 1e-6) < 1:
+            torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

@@ -282,3 +282,29 @@ def test_suppressed_eos_gives_full_length_completions_and_a_consistent_distribut
     assert not any(agent.generate(PROMPTS, max_new_tokens=6))
     agent.learn(1, reset_num_timesteps=False)
     assert agent.iteration == 1
+
+
+@pytest.mark.parametrize("limit", [1e-3, 1e6, 0.0])
+def test_clip_and_step_clips_as_torch_does(env, limit):
+    """The step gets the gradients ``clip_grads_with_norm_`` leaves, bit for bit: scaled when the norm is over
+    ``max_grad_norm``, untouched within it (the multiply by a clamped 1 is skipped) or with 0 (no clipping);
+    the pre-clip norm is returned and the gradients are cleared."""
+    agent = REINFORCE(env, config=_small(REINFORCE, max_grad_norm=limit), seed=0)
+    params = list(agent.policy.trainable_parameters())
+    gen = torch.Generator().manual_seed(1)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    original = [p.grad.clone() for p in params]
+    holders = [torch.zeros_like(g, requires_grad=True) for g in original]  # torch's clip reads .grad
+    for h, g in zip(holders, original, strict=True):
+        h.grad = g.clone()
+    norm = torch.nn.utils.get_total_norm([h.grad for h in holders])
+    torch.nn.utils.clip_grads_with_norm_(holders, limit or float("inf"), norm)
+    expected = [h.grad for h in holders]
+    stepped = []
+    agent.optimizer.step = lambda: stepped.append([p.grad.clone() for p in params])
+    assert agent.clip_and_step() == pytest.approx(float(norm))
+    assert len(stepped) == 1 and all(p.grad is None for p in params)
+    assert all(torch.equal(a, b) for a, b in zip(stepped[0], expected, strict=True))
+    clipped = limit == 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(stepped[0], original, strict=True)) is not clipped
