@@ -160,6 +160,42 @@ def test_decode_attention_names_bad_input():
         kernels.decode_attention(q, columns, columns, seen)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(16, 512), (3, 7, 40), (600, 100), (2, 5, 4, 24), (1, 1)])
+def test_row_kernels_equal_torch(threads, shape):
+    """RMSNorm and SwiGLU's product, one pass per row: torch's to float32 rounding for rows of any width (a
+    multiple of 16 or not), any leading dimensions, views with a row stride, and enough rows to be shared out
+    over the threads."""
+    assert kernels.load()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(len(shape))
+    E = shape[-1]
+    wide = torch.randn(*shape[:-1], 2 * E + 3, generator=g) * 3
+    for x in (torch.randn(shape, generator=g) * 3, wide[..., 1 : E + 1]):  # contiguous, and a strided view
+        w = torch.randn(E, generator=g)
+        torch.testing.assert_close(
+            kernels.rms_norm(x, w, 1e-5), torch.nn.functional.rms_norm(x, (E,), w, 1e-5), atol=2e-6, rtol=1e-5
+        )
+        up = torch.randn(*shape[:-1], E + 5, generator=g)[..., 2 : E + 2]  # a strided view
+        expected = torch.nn.functional.silu(x) * up
+        got = kernels.silu_mul(x, up)
+        assert got.shape == x.shape and got.is_contiguous()
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+    big = torch.tensor([[-200.0, -88.5, -20.0, 0.0, 20.0, 90.0, 200.0] * 3])  # saturating exponents, vector and tail
+    torch.testing.assert_close(kernels.silu_mul(big, torch.ones_like(big)), torch.nn.functional.silu(big))
+    torch.set_num_threads(2)
+
+
+def test_row_kernels_name_bad_input():
+    assert kernels.load()
+    with pytest.raises(RuntimeError, match=r"rms_norm: weight \[5\] does not match rows of 4"):
+        kernels.rms_norm(torch.randn(3, 4), torch.randn(5), 1e-6)
+    with pytest.raises(RuntimeError, match="rms_norm: a float32 CPU tensor"):
+        kernels.rms_norm(torch.randn(3, 4, dtype=torch.float64), torch.randn(4), 1e-6)
+    with pytest.raises(RuntimeError, match=r"silu_mul: gate \[3, 4\] and up \[3, 5\] differ"):
+        kernels.silu_mul(torch.randn(3, 4), torch.randn(3, 5))
+
+
 def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
     w = torch.randn(512, 1408)
     assert kernels.wants_split(torch.randn(16, 512), w)
@@ -182,9 +218,18 @@ def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
     assert not kernels.wants_attention(q.requires_grad_(), k)  # autograd: no backward here
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels.wants_attention(q, k)
+    x, weight = torch.randn(16, 512), torch.ones(512, requires_grad=True)
+    assert not kernels.wants_rows(x, weight)  # autograd through the norm's weight: torch's
+    with torch.no_grad():
+        assert kernels.wants_rows(x, weight)
+        assert not kernels.wants_rows(x.bfloat16(), weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not kernels.wants_rows(x, weight)
     monkeypatch.setenv("TEXTRL_CPU_KERNELS", "0")
     assert not kernels.wants_split(torch.randn(16, 512), w)
     assert not kernels.wants_attention(q.detach(), k)
+    with torch.no_grad():
+        assert not kernels.wants_rows(x, weight)
 
 
 def _decode(model, mode: str, ids, mask, P: int, S: int):
@@ -216,10 +261,14 @@ def test_decode_steps_with_the_kernels_match_torch(request, monkeypatch, two_thr
     monkeypatch.setattr(kernels, "split_mm", lambda *a, **k: calls.append(1) or split_mm(*a, **k))
     monkeypatch.setattr(kernels, "split_mm_group", lambda x, ws, *a: calls.extend(ws) or split_mm_group(x, ws, *a))
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: attended.append(1) or attention(*a))
+    rowwise, rms_norm = [], kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: rowwise.append(1) or rms_norm(*a))
     got, record = _decode(model, mode, ids, mask, 5, 11)
     n_linears = len(expected_record)
     assert len(calls) >= 5 * (n_linears + 1)  # every block linear and the head, at each of the 5 steps
     assert len(attended) == 6 * model.config.num_hidden_layers  # every layer's attention at each of the 6 steps
+    if arch != "gpt2_dir":  # RMSNorm: two a layer and the final one, in the prompt's pass and at each step
+        assert len(rowwise) == 7 * (2 * model.config.num_hidden_layers + 1)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for m, out in record.items():
         torch.testing.assert_close(out, expected_record[m], atol=1e-5, rtol=1e-5)

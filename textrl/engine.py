@@ -78,6 +78,7 @@ from textrl.ops import (
     norm,
     rotate,
     signed_sin,
+    swiglu,
 )
 from textrl.replay import Record, _Replayed, replayed, width
 from textrl.session import KVCache, Session
@@ -220,7 +221,7 @@ class Engine(nn.Module):
             return x + moe(layer.moe, h, lin, self.router_log, valid)
         if layer.gate is not None:
             gate, up = lins(h, (layer.gate, layer.up)) if lins else (lin(h, layer.gate), lin(h, layer.up))
-            h = F.silu(gate) * up
+            h = swiglu(gate, up)
         else:
             h = gelu(lin(h, layer.up), self.spec.act)
         return x + lin(h, layer.down)

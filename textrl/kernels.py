@@ -156,6 +156,14 @@ def _register_fake() -> None:
     def _(q, k, v, mask):
         return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
 
+    @torch.library.register_fake("textrl::rms_norm")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("textrl::silu_mul")
+    def _(gate, up):
+        return gate.new_empty(gate.shape)
+
 
 def direct() -> bool:
     """Whether the kernels were built with the direct kernel for input-major weights (a CPU with AVX-512);
@@ -235,3 +243,31 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     for many queries, spends most of a call on set-up. Equal to torch's to float32 rounding. Call only where
     :func:`wants_attention` said so."""
     return torch.ops.textrl.decode_attention(q, k, v, mask)
+
+
+def wants_rows(*xs: torch.Tensor) -> bool:
+    """Whether a row-wise op on ``xs`` (RMSNorm, SwiGLU's product) should take :func:`rms_norm` /
+    :func:`silu_mul`: float32 on a CPU, no autograd (no backward here: decode steps and reference passes), no
+    autocast, not inside ``torch.compile`` (inductor fuses torch's ops with their neighbours), and the kernels
+    built. One pass over each row where torch's CPU RMSNorm is six elementwise ops, each with its own set-up
+    and threading."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs)
+        and not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
+        and not torch.is_autocast_enabled("cpu")
+        and enabled()
+        and load()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``F.rms_norm(x, (E,), weight, eps)`` (HF's RMSNorm in float32) over x (..., E), one row per thread's
+    chunk. Equal to torch's to float32 rounding. Call only where :func:`wants_rows` said so."""
+    return torch.ops.textrl.rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` (SwiGLU's product) in one pass. Equal to torch's to float32 rounding. Call only
+    where :func:`wants_rows` said so."""
+    return torch.ops.textrl.silu_mul(gate, up)

@@ -51,9 +51,20 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
 
 
 def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A LayerNorm or RMSNorm module's output for x (..., E); RMSNorm without autograd (decode steps, reference
+    passes) through textrl's row kernel (:func:`textrl.kernels.rms_norm`) where it applies."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    if kernels.wants_rows(x, module.weight):
+        return kernels.rms_norm(x, module.weight, module.variance_epsilon)
     return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up``; without autograd in one pass (:func:`textrl.kernels.silu_mul`) where it applies."""
+    if kernels.wants_rows(gate, up):
+        return kernels.silu_mul(gate, up)
+    return F.silu(gate) * up
 
 
 def is_lora(module: nn.Module) -> bool:

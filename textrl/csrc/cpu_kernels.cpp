@@ -236,30 +236,108 @@ void split_mm_group_out(const at::Tensor& x, at::TensorList ws, const c10::List<
   mm_group_into(x, ws, optional_list(biases), outs, "split_mm_group");
 }
 
-// p[s] = exp(p[s]) for s < S (every p[s] <= 0 here: scores less their maximum). With AVX-512, 16 at a time by
-// Cephes' expf (range reduction by ln 2, a degree-6 polynomial, then a scale by 2^n): within 2 ulp of the
-// library's expf, and several times faster than one call per score.
+#if defined(__AVX512F__)
+// exp of 16 floats by Cephes' expf (range reduction by ln 2, a degree-6 polynomial, then a scale by 2^n): within
+// 2 ulp of the library's expf; inputs clamped to [-87, 88] (exp(-87) is 1.6e-38, exp(88) 1.7e38).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(y, n);
+}
+#endif
+
+// p[s] = exp(p[s]) for s < S (every p[s] <= 0 here: scores less their maximum), 16 at a time where AVX-512 is.
 inline void exp_inplace(float* p, int64_t S) {
   int64_t s = 0;
 #if defined(__AVX512F__)
-  const __m512 lo = _mm512_set1_ps(-87.0f), log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
-  for (; s + 16 <= S; s += 16) {
-    __m512 x = _mm512_max_ps(_mm512_loadu_ps(p + s), lo);  // exp(-87) is 1.6e-38: 0 against the maximum's 1
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, c1, x);
-    x = _mm512_fnmadd_ps(n, c2, x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    _mm512_storeu_ps(p + s, _mm512_scalef_ps(y, n));
-  }
+  for (; s + 16 <= S; s += 16) _mm512_storeu_ps(p + s, exp16(_mm512_loadu_ps(p + s)));
 #endif
   for (; s < S; ++s) p[s] = std::exp(p[s]);
+}
+
+// Row-wise kernels for a decode step's few rows, where each of torch's elementwise ops costs more in set-up and
+// threading than in arithmetic: x (..., E) with unit stride along E, flattened to rows. Rows go to threads only
+// when there are enough elements to pay for it.
+constexpr int64_t kRowsGrain = 1 << 15;  // elements per thread's chunk at least
+
+at::Tensor as_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu() && x.scalar_type() == at::kFloat, name,
+              ": a float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  return x.reshape({-1, x.size(-1)});
+}
+
+// RMSNorm as HF computes it in float32: x * rsqrt(mean(x^2) + eps) * weight.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const at::Tensor rows = as_rows(x, "rms_norm");
+  const int64_t N = rows.size(0), E = rows.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == E && weight.scalar_type() == at::kFloat && weight.stride(0) == 1,
+              "rms_norm: weight ", weight.sizes(), " does not match rows of ", E);
+  TORCH_CHECK(rows.stride(1) == 1 || E <= 1, "rms_norm: unit stride along the last dimension");
+  at::Tensor out = at::empty({N, E}, rows.options());
+  const float* xp = rows.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ld = rows.stride(0);
+  at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(E, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xr = xp + n * ld;
+      float* orow = op + n * E;
+      vec16 acc = {};
+      int64_t e = 0;
+      for (; e + 16 <= E; e += 16) {
+        vec16 v;
+        std::memcpy(&v, xr + e, sizeof(vec16));
+        acc += v * v;
+      }
+      float sum = 0.0f;
+      for (int i = 0; i < 16; ++i) sum += acc[i];
+      for (; e < E; ++e) sum += xr[e] * xr[e];
+      const float r = 1.0f / std::sqrt(sum / static_cast<float>(E) + static_cast<float>(eps));
+      for (e = 0; e < E; ++e) orow[e] = wp[e] * (xr[e] * r);
+    }
+  });
+  return out.view(x.sizes());
+}
+
+// SwiGLU's product silu(gate) * up = gate / (1 + exp(-gate)) * up.
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate ", gate.sizes(), " and up ", up.sizes(), " differ");
+  const at::Tensor g = as_rows(gate, "silu_mul"), u = as_rows(up, "silu_mul");
+  const int64_t N = g.size(0), F = g.size(1);
+  TORCH_CHECK((g.stride(1) == 1 && u.stride(1) == 1) || F <= 1, "silu_mul: unit stride along the last dimension");
+  at::Tensor out = at::empty({N, F}, g.options());
+  const float* gp = g.data_ptr<float>();
+  const float* up_ = u.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t lg = g.stride(0), lu = u.stride(0);
+  at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(F, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* gr = gp + n * lg;
+      const float* ur = up_ + n * lu;
+      float* orow = op + n * F;
+      int64_t f = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.0f);
+      for (; f + 16 <= F; f += 16) {
+        const __m512 x = _mm512_loadu_ps(gr + f);
+        const __m512 sig = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        _mm512_storeu_ps(orow + f, _mm512_mul_ps(sig, _mm512_loadu_ps(ur + f)));
+      }
+#endif
+      for (; f < F; ++f) orow[f] = gr[f] / (1.0f + std::exp(-gr[f])) * ur[f];
+    }
+  });
+  return out.view(gate.sizes());
 }
 
 // One (row, key head) pair of decode_attention: for each of its r query heads (q rows qs apart), the scores
@@ -402,6 +480,8 @@ TORCH_LIBRARY(textrl, m) {
   m.def("split_mm_cat(Tensor x, Tensor[] ws, Tensor?[] biases) -> Tensor");
   m.def("split_mm_group_out(Tensor x, Tensor[] ws, Tensor?[] biases, Tensor(a!)[] outs) -> ()");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(textrl, CPU, m) {
@@ -410,4 +490,6 @@ TORCH_LIBRARY_IMPL(textrl, CPU, m) {
   m.impl("split_mm_cat", &split_mm_cat);
   m.impl("split_mm_group_out", &split_mm_group_out);
   m.impl("decode_attention", &decode_attention);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
 }
