@@ -1,6 +1,6 @@
-"""Paired A/B of textrl's CPU matmul kernels (:mod:`textrl.kernels`) against torch's own matmul.
+"""Paired A/B of textrl's CPU kernels (:mod:`textrl.kernels`) against torch's own matmul and ops.
 
-Two parts, both in one process and interleaved round by round (medians of ``--rounds`` after one untimed round,
+Several parts, all in one process and interleaved round by round (medians of ``--rounds`` after one untimed round,
 which also compiles):
 
 - the decode-step matmul shapes of one random model of ``--arch`` / ``--size`` (each block linear and the head,
@@ -9,6 +9,8 @@ which also compiles):
   (input-major);
 - the same single matmuls with their weights read from memory (256 MB of distinct copies of each weight, taken
   in turn), as a decode step reads them: us per call and the kernel's weight rate in GB/s;
+- the other kernels against torch's ops: RMSNorm and SwiGLU's product over a decode step's rows and a reference
+  pass's, and a decode step's attention over the cache: us per call;
 - whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
   (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
   same tokens: ms per step and the largest difference between their logits;
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_decode
@@ -191,6 +194,60 @@ def iteration_times(arch: str, size: str, B: int, mode: str, iters: int, folder:
     return {"on": statistics.median(times["on"]), "off": statistics.median(times["off"]), "pairs": pairs}
 
 
+def row_times(model, B: int, P: int, T: int, rounds: int, calls: int = 50) -> list[dict]:
+    """The decode's other kernels against torch's ops, us per call: RMSNorm and SwiGLU's product over a decode
+    step's B rows and over a reference pass's B x (P + T) (models with them), and one query per row's attention
+    over a cache of P + T positions (grouped queries as the model has them)."""
+    spec = describe(model)
+    E, H, G, D, S = spec.embed.weight.shape[1], spec.n_head, spec.n_kv_head, spec.head_dim, P + T
+    gen = torch.Generator().manual_seed(B)
+    work = []
+    layer = spec.layers[0]
+    if not isinstance(layer.norm1, torch.nn.LayerNorm):
+        w, eps = layer.norm1.weight.detach(), layer.norm1.variance_epsilon
+        for rows in (B, B * S):
+            x = torch.randn(rows, E, generator=gen)
+            work.append(
+                (
+                    f"RMSNorm {rows} x {E}",
+                    lambda x=x: F.rms_norm(x, (E,), w, eps),
+                    lambda x=x: kernels.rms_norm(x, w, eps),
+                )
+            )
+    if layer.gate is not None:
+        width = in_out_weight(layer.gate).shape[1]
+        for rows in (B, B * S):
+            g, u = torch.randn(2, rows, width, generator=gen)
+            work.append(
+                (
+                    f"silu(gate) * up {rows} x {width}",
+                    lambda g=g, u=u: F.silu(g) * u,
+                    lambda g=g, u=u: kernels.silu_mul(g, u),
+                )
+            )
+    q = torch.randn(B, H, 1, D, generator=gen)
+    k, v = torch.randn(2, B, G, S, D, generator=gen)
+    seen = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    gqa = {"enable_gqa": True} if G != H else {}
+    work.append(
+        (
+            f"attention {B} x {H} heads ({G} kv) x {S} keys",
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=seen, **gqa),
+            lambda: kernels.decode_attention(q, k, v, seen),
+        )
+    )
+    times: dict[str, dict[str, list[float]]] = {name: {"torch": [], "kernel": []} for name, *_ in work}
+    with torch.no_grad():
+        for _ in range(rounds + 1):
+            for name, ours, theirs in work:
+                times[name]["torch"].append(_median_us(ours, calls))
+                times[name]["kernel"].append(_median_us(theirs, calls))
+    return [
+        {"op": name, "torch": statistics.median(t["torch"][1:]), "kernel": statistics.median(t["kernel"][1:])}
+        for name, t in times.items()
+    ]
+
+
 def _print_matmuls(rows: list[dict], extra: dict | None = None) -> None:
     """A markdown table of matmul rows: shape, us per call of torch and of the kernel, their ratio, the ``extra``
     columns (name -> formatter of a row), and whether the engine takes the kernel there."""
@@ -229,7 +286,14 @@ def main(argv: list[str] | None = None) -> None:
     print("cache), us per call and the kernel's weight rate:\n")
     streamed = [row for B in args.batch_sizes for row in streaming_times(model, B, args.rounds)]
     _print_matmuls(streamed, {"copies": lambda r: str(r["copies"]), "split GB/s": lambda r: f"{r['gbps']:.1f}"})
-    print(f"\nWhole decode steps, {P} + {T} positions, ms per step:\n")
+    print("\nThe other kernels (no autograd: decode steps, reference passes) against torch's ops, us per call:\n")
+    print("| op | torch | kernel | torch / kernel |")
+    print("|---|---:|---:|---:|")
+    for B in args.batch_sizes:
+        for row in row_times(model, B, P, T, args.rounds):
+            ratio = row["torch"] / row["kernel"]
+            print(f"| {row['op']} | {row['torch']:.1f} | {row['kernel']:.1f} | {ratio:.2f}x |")
+    print(f"\nWhole decode steps, {P} + {T} positions, ms per step (every kernel on against all off):\n")
     print("| B | decode step | kernel on | kernel off | off / on | max logit difference |")
     print("|---:|---|---:|---:|---:|---:|")
     for B in args.batch_sizes:

@@ -594,9 +594,9 @@ def test_decode_attention_benchmark_pairs_the_three_compiled_steps(capsys):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")
 def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkeypatch):
-    """textrl's split matmul against torch's: a row per decode-step matmul shape (each taken by the engine), a
-    row per single matmul with its weight streamed from memory, and a row per decode mode with logits that agree;
-    the switch put back as it was."""
+    """textrl's kernels against torch: a row per decode-step matmul shape (each taken by the engine), a row per
+    single matmul with its weight streamed from memory, a row per row-wise op and the attention, and a row per
+    decode mode with logits that agree; the switch put back as it was."""
     monkeypatch.delenv("TEXTRL_CPU_KERNELS", raising=False)
     module = _load("cpu_kernels", "cpu_kernels")
     argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
@@ -616,6 +616,18 @@ def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkey
     singles = {(256, "256"), (256, "128"), (256, "704"), (704, "256"), (256, "4096")}
     assert {(int(k), n) for k, n, *_ in streamed} == singles, out
     assert all(int(copies) >= 2 and float(rate) > 0 for *_, copies, rate in streamed), out
+    # the other kernels: RMSNorm and SwiGLU at 3 rows and at 3 x 12 (a reference pass), the decode's attention
+    ops = re.findall(
+        r"^\| (RMSNorm|silu\(gate\) \* up|attention) ([^|]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|$", out, re.M
+    )
+    assert [(op, size.strip()) for op, size, *_ in ops] == [
+        ("RMSNorm", "3 x 256"),
+        ("RMSNorm", "36 x 256"),
+        ("silu(gate) * up", "3 x 704"),
+        ("silu(gate) * up", "36 x 704"),
+        ("attention", "3 x 4 heads (2 kv) x 12 keys"),
+    ], out
+    assert all(float(a) > 0 and float(b) > 0 for *_, a, b, _ in ops), out
     steps = re.findall(r"^\| 3 \| (eager|static) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
     assert [mode for mode, *_ in steps] == ["eager", "static"], out
     for _, on, off, ratio, difference in steps:
