@@ -236,13 +236,24 @@ void split_mm_group_out(const at::Tensor& x, at::TensorList ws, const c10::List<
   mm_group_into(x, ws, optional_list(biases), outs, "split_mm_group");
 }
 
+// The sum of a vector's 16 lanes (with AVX-512, a tree of shuffles rather than 15 dependent adds).
+inline float lanes_sum(vec16 v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
+  float sum = 0.0f;
+  for (int i = 0; i < 16; ++i) sum += v[i];
+  return sum;
+#endif
+}
+
 #if defined(__AVX512F__)
 // exp of 16 floats by Cephes' expf (range reduction by ln 2, a degree-6 polynomial, then a scale by 2^n): within
 // 2 ulp of the library's expf; inputs clamped to [-87, 88] (exp(-87) is 1.6e-38, exp(88) 1.7e38).
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 scaled = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));  // x / ln 2
+  const __m512 n = _mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
   __m512 y = _mm512_set1_ps(1.9875691500e-4f);
@@ -265,9 +276,9 @@ inline void exp_inplace(float* p, int64_t S) {
   for (; s < S; ++s) p[s] = std::exp(p[s]);
 }
 
-// Row-wise kernels for a decode step's few rows, where each of torch's elementwise ops costs more in set-up and
-// threading than in arithmetic: x (..., E) with unit stride along E, flattened to rows. Rows go to threads only
-// when there are enough elements to pay for it.
+// Row-wise kernels (decode steps, reference passes): one pass per row where torch runs several elementwise ops,
+// each with its own set-up and threading; x (..., E) with unit stride along E, flattened to rows. Rows go to
+// threads only when there are enough elements to pay for it.
 constexpr int64_t kRowsGrain = 1 << 15;  // elements per thread's chunk at least
 
 at::Tensor as_rows(const at::Tensor& x, const char* name) {
@@ -299,8 +310,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
         std::memcpy(&v, xr + e, sizeof(vec16));
         acc += v * v;
       }
-      float sum = 0.0f;
-      for (int i = 0; i < 16; ++i) sum += acc[i];
+      float sum = lanes_sum(acc);
       for (; e < E; ++e) sum += xr[e] * xr[e];
       const float r = 1.0f / std::sqrt(sum / static_cast<float>(E) + static_cast<float>(eps));
       for (e = 0; e < E; ++e) orow[e] = wp[e] * (xr[e] * r);
@@ -361,13 +371,7 @@ void attend_pair(const float* q, int64_t qs, const float* k, int64_t ks, const f
           std::memcpy(&kv, kr + 16 * i, sizeof(vec16));
           acc += qv[i] * kv;
         }
-#if defined(__AVX512F__)
-        p[s] = _mm512_reduce_add_ps(reinterpret_cast<__m512>(acc)) * scale;
-#else
-        float sum = 0.0f;
-        for (int i = 0; i < 16; ++i) sum += acc[i];
-        p[s] = sum * scale;
-#endif
+        p[s] = lanes_sum(acc) * scale;
         top = std::max(top, p[s]);
       }
     } else {
