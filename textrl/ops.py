@@ -335,11 +335,11 @@ def moe(moe: Moe, h: torch.Tensor, lin, log: list | None = None, valid: torch.Te
     for e in torch.unique(chosen).tolist():
         rows, slot = torch.where(chosen == e)
         gate, up = F.linear(flat[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, experts.down_proj[e]) * top[rows, slot, None]
+        y = F.linear(swiglu(gate, up), experts.down_proj[e]) * top[rows, slot, None]
         out = out.index_add(0, rows, y)
     if moe.shared_proj is not None:
         gate, up, down = moe.shared_proj
-        shared = lin(F.silu(lin(h, gate)) * lin(h, up), down)
+        shared = lin(swiglu(lin(h, gate), lin(h, up)), down)
         out = out + (torch.sigmoid(lin(h, moe.shared_gate)) * shared).reshape(out.shape)
     return out.view(h.shape)
 
