@@ -163,9 +163,9 @@ def test_decode_attention_names_bad_input():
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(16, 512), (3, 7, 40), (600, 100), (2, 5, 4, 24), (1, 1)])
 def test_row_kernels_equal_torch(threads, shape):
-    """RMSNorm and SwiGLU's product, one pass per row: torch's to float32 rounding for rows of any width (a
-    multiple of 16 or not), any leading dimensions, views with a row stride, and enough rows to be shared out
-    over the threads."""
+    """RMSNorm, SwiGLU's product and the tanh GELU, one pass per row: torch's to float32 rounding for rows of any
+    width (a multiple of 16 or not), any leading dimensions, views with a row stride, and enough rows to be shared
+    out over the threads."""
     assert kernels.load()
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(len(shape))
@@ -181,8 +181,11 @@ def test_row_kernels_equal_torch(threads, shape):
         got = kernels.silu_mul(x, up)
         assert got.shape == x.shape and got.is_contiguous()
         torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+        expected = torch.nn.functional.gelu(x, approximate="tanh")
+        torch.testing.assert_close(kernels.gelu_tanh(x), expected, atol=2e-6, rtol=1e-5)
     big = torch.tensor([[-200.0, -88.5, -20.0, 0.0, 20.0, 90.0, 200.0] * 3])  # saturating exponents, vector and tail
     torch.testing.assert_close(kernels.silu_mul(big, torch.ones_like(big)), torch.nn.functional.silu(big))
+    torch.testing.assert_close(kernels.gelu_tanh(big), torch.nn.functional.gelu(big, approximate="tanh"))
     torch.set_num_threads(2)
 
 
@@ -194,6 +197,8 @@ def test_row_kernels_name_bad_input():
         kernels.rms_norm(torch.randn(3, 4, dtype=torch.float64), torch.randn(4), 1e-6)
     with pytest.raises(RuntimeError, match=r"silu_mul: gate \[3, 4\] and up \[3, 5\] differ"):
         kernels.silu_mul(torch.randn(3, 4), torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="gelu_tanh: a float32 CPU tensor"):
+        kernels.gelu_tanh(torch.randn(3, 4, dtype=torch.bfloat16))
 
 
 def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
@@ -261,14 +266,17 @@ def test_decode_steps_with_the_kernels_match_torch(request, monkeypatch, two_thr
     monkeypatch.setattr(kernels, "split_mm", lambda *a, **k: calls.append(1) or split_mm(*a, **k))
     monkeypatch.setattr(kernels, "split_mm_group", lambda x, ws, *a: calls.extend(ws) or split_mm_group(x, ws, *a))
     monkeypatch.setattr(kernels, "decode_attention", lambda *a: attended.append(1) or attention(*a))
-    rowwise, rms_norm = [], kernels.rms_norm
+    rowwise, rms_norm, gelu_tanh = [], kernels.rms_norm, kernels.gelu_tanh
     monkeypatch.setattr(kernels, "rms_norm", lambda *a: rowwise.append(1) or rms_norm(*a))
+    monkeypatch.setattr(kernels, "gelu_tanh", lambda *a: rowwise.append(1) or gelu_tanh(*a))
     got, record = _decode(model, mode, ids, mask, 5, 11)
     n_linears = len(expected_record)
     assert len(calls) >= 5 * (n_linears + 1)  # every block linear and the head, at each of the 5 steps
     assert len(attended) == 6 * model.config.num_hidden_layers  # every layer's attention at each of the 6 steps
     if arch != "gpt2_dir":  # RMSNorm: two a layer and the final one, in the prompt's pass and at each step
         assert len(rowwise) == 7 * (2 * model.config.num_hidden_layers + 1)
+    else:  # GPT-2's LayerNorms stay torch's; its tanh GELU, one a layer
+        assert len(rowwise) == 7 * model.config.num_hidden_layers
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for m, out in record.items():
         torch.testing.assert_close(out, expected_record[m], atol=1e-5, rtol=1e-5)

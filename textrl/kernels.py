@@ -164,6 +164,10 @@ def _register_fake() -> None:
     def _(gate, up):
         return gate.new_empty(gate.shape)
 
+    @torch.library.register_fake("textrl::gelu_tanh")
+    def _(x):
+        return x.new_empty(x.shape)
+
 
 def direct() -> bool:
     """Whether the kernels were built with the direct kernel for input-major weights (a CPU with AVX-512);
@@ -246,11 +250,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def wants_rows(*xs: torch.Tensor) -> bool:
-    """Whether a row-wise op on ``xs`` (RMSNorm, SwiGLU's product) should take :func:`rms_norm` /
-    :func:`silu_mul`: float32 on a CPU, no autograd (no backward here: decode steps and reference passes), no
-    autocast, not inside ``torch.compile`` (inductor fuses torch's ops with their neighbours), and the kernels
-    built. One pass over each row where torch's CPU RMSNorm is six elementwise ops, each with its own set-up
-    and threading."""
+    """Whether a row-wise op on ``xs`` (RMSNorm, SwiGLU's product, the tanh GELU) should take :func:`rms_norm`,
+    :func:`silu_mul` or :func:`gelu_tanh`: float32 on a CPU, no autograd (no backward here: decode steps and
+    reference passes), no autocast, not inside ``torch.compile`` (inductor fuses torch's ops with their
+    neighbours), and the kernels built. One pass over each row where torch runs several elementwise ops (six for
+    its CPU RMSNorm), each with its own set-up and threading."""
     return (
         not torch.compiler.is_compiling()
         and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs)
@@ -271,3 +275,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` (SwiGLU's product) in one pass. Equal to torch's to float32 rounding. Call only
     where :func:`wants_rows` said so."""
     return torch.ops.textrl.silu_mul(gate, up)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh GELU, ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))`` (:func:`textrl.ops.gelu`'s form), in one
+    pass. Equal to torch's to float32 rounding. Call only where :func:`wants_rows` said so."""
+    return torch.ops.textrl.gelu_tanh(x)

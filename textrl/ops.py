@@ -42,11 +42,14 @@ def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    """GELU (``approximate``: ``"tanh"`` or ``"none"``); the tanh one through :class:`_TanhGELU`."""
+    """GELU (``approximate``: ``"tanh"`` or ``"none"``); the tanh one through :class:`_TanhGELU` (without autograd,
+    textrl's row kernel :func:`textrl.kernels.gelu_tanh` where it applies)."""
     if approximate != "tanh":
         return F.gelu(x, approximate=approximate)
     if torch.is_grad_enabled() and x.requires_grad:
         return _TanhGELU.apply(x)
+    if kernels.wants_rows(x):  # one pass where torch's ops make five
+        return kernels.gelu_tanh(x)
     return _tanh_gelu(x)
 
 

@@ -350,6 +350,40 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out.view(gate.sizes());
 }
 
+// GPT-2's tanh GELU as x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (0.5 (1 + tanh z) = sigmoid(2 z)), the form
+// textrl.ops takes with autograd too.
+at::Tensor gelu_tanh(const at::Tensor& x) {
+  const at::Tensor rows = as_rows(x, "gelu_tanh");
+  const int64_t N = rows.size(0), F = rows.size(1);
+  TORCH_CHECK(rows.stride(1) == 1 || F <= 1, "gelu_tanh: unit stride along the last dimension");
+  at::Tensor out = at::empty({N, F}, rows.options());
+  const float* xp = rows.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ld = rows.stride(0);
+  constexpr float k = 1.5957691216057308f;  // 2 sqrt(2 / pi)
+  at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(F, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xr = xp + n * ld;
+      float* orow = op + n * F;
+      int64_t f = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.0f), c = _mm512_set1_ps(0.044715f), minus_k = _mm512_set1_ps(-k);
+      for (; f + 16 <= F; f += 16) {
+        const __m512 v = _mm512_loadu_ps(xr + f);
+        const __m512 z = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(v, v), v), c, v);  // x + 0.044715 x^3
+        const __m512 e = exp16(_mm512_mul_ps(z, minus_k));
+        _mm512_storeu_ps(orow + f, _mm512_div_ps(v, _mm512_add_ps(one, e)));
+      }
+#endif
+      for (; f < F; ++f) {
+        const float v = xr[f];
+        orow[f] = v / (1.0f + std::exp(-k * (v + 0.044715f * v * v * v)));
+      }
+    }
+  });
+  return out.view(x.sizes());
+}
+
 // One (row, key head) pair of decode_attention: for each of its r query heads (q rows qs apart), the scores
 // over the S cached keys (rows ks apart; seen[s * ms], the mask of head j at seen + j * mh), their softmax
 // (into p, S floats) and the weighted sum of the values (rows vs apart) into out (r rows of D). V: D / 16 when
@@ -486,6 +520,7 @@ TORCH_LIBRARY(textrl, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(textrl, CPU, m) {
@@ -496,4 +531,5 @@ TORCH_LIBRARY_IMPL(textrl, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("gelu_tanh", &gelu_tanh);
 }
