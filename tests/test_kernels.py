@@ -315,3 +315,21 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_a_warning(monkeypatch, tw
         assert not kernels.wants_split(x, w)
     assert not kernels.wants_split(x, w)  # tried once: no second warning (pytest's filter would raise)
     assert "Ninja" in kernels._state["error"]
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_with_a_warning(tmp_path):
+    """torch waits for a build's lock file for ever: one older than a build takes (a process killed while
+    building) is removed with a warning that names it; a fresh one (a build in progress) is left to torch."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    kernels._clear_stale_lock(tmp_path)  # a build in progress: kept
+    assert lock.exists()
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match=r"removing .*lock, left 11 min ago by a build .* that did not finish"):
+        kernels._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    kernels._clear_stale_lock(tmp_path)  # no lock: nothing to do

@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -113,10 +114,35 @@ def _built_before() -> bool:
         return True
 
 
+STALE_LOCK_SECONDS = 600
+"""Age from which a build's lock file in torch's extension cache is taken as left by a build that never finished
+(a process killed while building): a build takes well under a minute, and torch waits for a lock for ever."""
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Remove the lock a killed build left in ``build_dir`` (older than :data:`STALE_LOCK_SECONDS`), with a warning
+    naming it; a younger lock is a build in progress, which torch waits for."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:  # no lock: nothing to clear
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(
+            f"removing {lock}, left {age / 60:.0f} min ago by a build of textrl's CPU kernels that did not finish "
+            f"(a killed process); building again",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        lock.unlink(missing_ok=True)
+
+
 def _compile() -> None:
     """Build the extension (or take the cached build) and load it: its ops register as ``torch.ops.textrl``."""
+    from torch.utils.cpp_extension import _get_build_directory
     from torch.utils.cpp_extension import load as load_extension
 
+    _clear_stale_lock(Path(_get_build_directory(NAME, False)))
     if not _built_before():
         print("textrl: building the CPU matmul kernels (once on this machine, about 30 s)", file=sys.stderr, flush=True)
     # -fopenmp: at::parallel_for runs the chunks on torch's OpenMP threads; without it, one after another.
