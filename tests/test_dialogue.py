@@ -344,7 +344,10 @@ def test_stock_sb3_ppo_with_textrl_policy_trains_a_multi_turn_env():
         policy_kwargs={"lm": "tiny"},
     )  # fmt: skip
     policy = model.policy
-    torch.nn.init.normal_(policy.value_net.weight.data)  # non-zero values (the value net starts at zero)
+    # non-zero values (the value net starts at zero) of unit scale, as a trained head gives: weights of std 1 would
+    # scale the hidden state's float32 rounding (decode kernels against the full forward) by sqrt(width)
+    width = policy.value_net.weight.shape[1]
+    torch.nn.init.normal_(policy.value_net.weight.data, std=width**-0.5)
     _, callback = model._setup_learn(24, callback=None)
     assert model.collect_rollouts(model.env, callback, model.rollout_buffer, 12)
     buffer = model.rollout_buffer

@@ -185,7 +185,10 @@ def test_cached_rollout_equals_the_uncached_forward(gpt2_dir):
     venv.seed(0)
     model = _ppo(gpt2_dir, venv=venv, n_steps=12, batch_size=12)
     policy, value_calls = model.policy, []
-    torch.nn.init.normal_(policy.value_net.weight.data)  # non-zero values (the value net starts at zero)
+    # non-zero values (the value net starts at zero) of unit scale, as a trained head gives: weights of std 1 would
+    # scale the hidden state's float32 rounding (decode kernels against the full forward) by sqrt(width)
+    width = policy.value_net.weight.shape[1]
+    torch.nn.init.normal_(policy.value_net.weight.data, std=width**-0.5)
     predict_values = policy.predict_values
     policy.predict_values = lambda obs: value_calls.append((obs, predict_values(obs))) or value_calls[-1][1]
     _, callback = model._setup_learn(36, callback=None)
