@@ -207,14 +207,20 @@ def wants_split(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     :data:`MIN_WEIGHT` weight elements in all, no autograd (the kernel has no backward), no autocast, and the
     kernel built."""
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and all(w.dtype == torch.float32 for w in ws)
-        and x.shape[0] <= MAX_ROWS
+        x.shape[0] <= MAX_ROWS
         and sum(w.shape[0] * w.shape[1] for w in ws) >= MIN_WEIGHT
         and torch.get_num_threads() > 1
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)))
-        and not torch.is_autocast_enabled("cpu")  # autocast's casts are torch's matmul's, not this kernel's
+        and _takes(x, *ws)
+    )
+
+
+def _takes(*ts: torch.Tensor) -> bool:
+    """What every kernel needs of its inputs ``ts``: float32 CPU tensors, no autograd through any of them (the
+    kernels have no backward), no autocast (its casts are torch's ops'), and the kernels built."""
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+        and not torch.is_autocast_enabled("cpu")
         and enabled()
         and load()
     )
@@ -254,16 +260,7 @@ def wants_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether a decode step's attention (one query per row, q (B, H, 1, D) over keys k (B, G, S, D)) should take
     :func:`decode_attention`: float32 on a CPU, no autograd (the kernel has no backward), no autocast, and the
     kernels built."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == k.dtype == torch.float32
-        and q.dim() == 4
-        and q.shape[2] == 1
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and enabled()
-        and load()
-    )
+    return q.dim() == 4 and q.shape[2] == 1 and _takes(q, k)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -281,14 +278,7 @@ def wants_rows(*xs: torch.Tensor) -> bool:
     reference passes), no autocast, not inside ``torch.compile`` (inductor fuses torch's ops with their
     neighbours), and the kernels built. One pass over each row where torch runs several elementwise ops (six for
     its CPU RMSNorm), each with its own set-up and threading."""
-    return (
-        not torch.compiler.is_compiling()
-        and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in xs)
-        and not (torch.is_grad_enabled() and any(x.requires_grad for x in xs))
-        and not torch.is_autocast_enabled("cpu")
-        and enabled()
-        and load()
-    )
+    return not torch.compiler.is_compiling() and _takes(*xs)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
