@@ -31,13 +31,11 @@ import textrl.engine as engine_module
 from textrl import kernels, ops
 from textrl.engine import Engine
 
-ATTENTIONS = {"kernel": "textrl's kernel", "written": "written out (inductor)", "sdpa": "torch SDPA"}
-
 
 def step_times(model, mode: str, B: int, P: int, T: int, rounds: int) -> dict:
-    """ms per decode step (``mode``: ``"eager"`` or ``"compile"``) for each attention of :data:`ATTENTIONS` that
-    the mode runs (the written-out one is the compiled step's), and the largest logit difference from the
-    kernel's (``"max_diff"``)."""
+    """ms per decode step (``mode``: ``"eager"`` or ``"compile"``) for each attention the mode runs: textrl's
+    kernel (``"kernel"``), torch's SDPA (``"sdpa"``) and, compiled, the written-out one (``"written"``); and the
+    largest logit difference from the kernel's (``"max_diff"``)."""
     names = ["kernel", "written", "sdpa"] if mode == "compile" else ["kernel", "sdpa"]
     engines = {name: Engine(model) for name in names}
     functions = {"kernel": kernels.decode_attention, "written": ops.decode_attention}
