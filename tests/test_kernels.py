@@ -237,13 +237,17 @@ def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
         assert not kernels.wants_rows(x, weight)
 
 
-def _decode(model, mode: str, ids, mask, P: int, S: int):
+def _decode(model, mode: str, ids, mask, P: int, S: int, fused: bool = False, record: bool = True):
+    """The logits of a prefill and decode steps to S positions, and the record's buffers (None without one);
+    ``fused``: eager steps as one C++ call per block (:attr:`Engine.fused_step`), else op by op."""
     core = Engine(model)
-    core.decode_step = mode
-    with torch.no_grad(), core.start(ids[:, :P], mask[:, :P], S, record=True) as session:
+    core.decode_step, core.fused_step = mode, fused
+    with torch.no_grad(), core.start(ids[:, :P], mask[:, :P], S, record=record) as session:
         logits = torch.stack([session.logits] + [session.step(ids[:, t])[0] for t in range(P, S)], 1)
-        record = {m: out.clone() for m, out in session.record.out.items()}
-    return logits, record
+        taken = session.fused
+        buffers = {m: out.clone() for m, out in session.record.out.items()} if record else None
+    assert bool(taken) == (fused and mode == "eager" and kernels.enabled())
+    return logits, buffers
 
 
 @pytest.mark.parametrize("arch", ["gpt2_dir", "llama_gqa_dir", "qwen2_dir"])
@@ -251,7 +255,8 @@ def _decode(model, mode: str, ids, mask, P: int, S: int):
 def test_decode_steps_with_the_kernels_match_torch(request, monkeypatch, two_threads, arch, mode):
     """Every block matmul and the head of a decode step through the matmul kernel (the test models are small, so
     the size threshold is lowered), every layer's attention through the attention kernel: the logits and the
-    rollout record equal those of torch's matmul and attention."""
+    rollout record equal those of torch's matmul and attention. (Op by op, where the Python-level calls can be
+    counted; the fused step makes the same calls from C++, see the next test.)"""
     model = load_lm(request.getfixturevalue(arch))[0]
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 11), generator=gen)
@@ -280,6 +285,86 @@ def test_decode_steps_with_the_kernels_match_torch(request, monkeypatch, two_thr
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for m, out in record.items():
         torch.testing.assert_close(out, expected_record[m], atol=1e-5, rtol=1e-5)
+
+
+FUSED_ARCHS = ["gpt2_dir", "llama_gqa_dir", "qwen2_dir", "qwen3_dir", "mistral_dir"]
+
+
+@pytest.mark.parametrize("arch", FUSED_ARCHS)
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("record", [True, False])
+def test_the_fused_decode_step_equals_the_op_by_op_one_bit_for_bit(
+    request, monkeypatch, two_threads, arch, split, record
+):
+    """One C++ call per block (textrl::decode_layer) computes what the op-by-op block computes with the same
+    kernels, bit for bit: logits and every linear output in the record, for LayerNorm + fused qkv + GELU (GPT-2),
+    grouped-query attention with RMSNorm and SwiGLU (Llama), q/k/v biases (Qwen2), q/k norms and a head size other
+    than width / heads (Qwen3) and a sliding window shorter than the sequence (Mistral); a padded row; the linear
+    layers split over the threads or torch's matmul (the size threshold moved both ways); the last step past the
+    record's capacity (scratch outputs), and sessions without a record."""
+    model = load_lm(request.getfixturevalue(arch))[0]
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 14), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0 if split else 1 << 40)
+    expected, expected_record = _decode(model, "eager", ids, mask, 5, 14, fused=False, record=record)
+    got, got_record = _decode(model, "eager", ids, mask, 5, 14, fused=True, record=record)
+    assert torch.equal(got, expected)
+    if record:
+        assert got_record.keys() == expected_record.keys()
+        for m, out in got_record.items():
+            assert torch.equal(out, expected_record[m])
+
+
+def test_the_fused_step_is_taken_only_where_it_applies(request, monkeypatch, two_threads):
+    """Op by op wherever the fused step's kernels do not apply: switched off, kernels off, bf16 weights, a
+    mixture-of-experts layer, active LoRA adapters."""
+    import peft
+
+    def taken(model, fused=True) -> bool:
+        core = Engine(model)
+        core.fused_step = fused
+        ids = torch.ones(2, 3, dtype=torch.long)
+        with torch.no_grad(), core.start(ids, torch.ones_like(ids), 5) as session:
+            session.step(ids[:, 0])
+            return bool(session.fused)
+
+    llama = load_lm(request.getfixturevalue("llama_gqa_dir"))[0]
+    assert taken(llama) and not taken(llama, fused=False)
+    assert not taken(load_lm(request.getfixturevalue("mixtral_dir"))[0])
+    assert not taken(load_lm(request.getfixturevalue("qwen2_dir"))[0].to(torch.bfloat16))
+    lora = peft.get_peft_model(
+        load_lm(request.getfixturevalue("llama_gqa_dir"))[0], peft.LoraConfig(r=2, target_modules="all-linear")
+    )
+    assert not taken(lora)
+    with lora.disable_adapter():  # no adapter acts: the base weights alone, fused
+        assert taken(lora)
+    monkeypatch.setenv("TEXTRL_CPU_KERNELS", "0")
+    assert not taken(llama)
+
+
+def test_decode_layer_names_bad_input():
+    assert kernels.load()
+    op = kernels.decode_layer_op()
+    B, E, D, G = 2, 16, 8, 2
+    w = torch.randn(E, E)
+    cache = torch.zeros(B, G, 4, D)
+    keymask = torch.ones(B, 1, 1, 4, dtype=torch.bool)
+    scratch = torch.zeros(B, 1, E)
+
+    def call(x, t=1, split=(0, 0, 0, 0)):
+        op(x, 0, t, 0, None, None, torch.ones(E), None, [w, w, w], [None] * 3, [scratch] * 3, None, None, cache,
+           cache.clone(), keymask, w, None, scratch, torch.ones(E), None, [w, w], [None, None], [scratch] * 2, w, None,
+           scratch, 2, 0, False, [1e-6, 1e-6, 0.0], list(split))  # fmt: skip
+
+    call(torch.randn(B, E))  # well formed: runs
+    with pytest.raises(RuntimeError, match="decode_layer: x must be a contiguous float32"):
+        call(torch.randn(E, B).t())
+    with pytest.raises(RuntimeError, match="decode_layer: column 4"):
+        call(torch.randn(B, E), t=4)
+    with pytest.raises(RuntimeError, match="decode_layer: eps takes 3 values and split 4"):
+        call(torch.randn(B, E), split=(0, 0))
 
 
 def test_a_compiled_decode_step_calls_the_kernel(request, monkeypatch, two_threads):

@@ -66,6 +66,7 @@ from textrl.core import positions_from_mask
 from textrl.ops import (
     base_group_into,
     base_into,
+    base_layer,
     decode_attention,
     folded_adapters,
     gelu,
@@ -137,6 +138,11 @@ class Engine(nn.Module):
         docstring): ``"static"``, ``"graph"`` (CUDA graphs; on other devices as ``"static"``) or ``"compile"``
         (``torch.compile``, then a CUDA graph on CUDA)."""
         self._static: _StaticStep | None = None  # the static step of the last session's buffers
+        self.fused_step = True
+        """Eager decode steps run each block as one C++ call (:func:`textrl.kernels.decode_layer`) where the kernels
+        apply (float32 on a CPU, no autocast, no LoRA adapter active, no mixture-of-experts layer): the same
+        kernels and the same numbers as the op-by-op block, without its ~40 Python-level calls per layer. False:
+        always op by op."""
 
     @property
     def spec(self) -> Spec:
@@ -496,7 +502,29 @@ class Engine(nn.Module):
         session.pos += 1
         cache.mask_col[t].fill_(True)
         x, angles = self._embed(tokens[:, None], session.pos[:, None])  # (B, 1, E)
-        adapters = session.adapters
+        if session.fused is None:
+            session.fused = self._fused_plan(session)
+        if session.fused:
+            self._fused_layers(session, x.view(B, -1), angles, t, rec)  # in place
+        else:
+            x = self._layers_op_by_op(session, x, angles, t, rec)
+        session.length = t + 1
+        hidden = norm(x[:, 0], self.spec.norm)  # (B, E)
+        head = self.spec.head.weight.t()  # (E, V)
+        if rec is not None:
+            rec.ids[:, t] = tokens
+            rec.len = t + 1
+        out = None if rec is None else rec.logits[:, t - rec.P + 1]
+        split = kernels.wants_split(hidden, head)  # by vocabulary columns over the threads
+        if split or is_input_major(self.spec.head.weight):  # split, or stored (E, V): the product as it lies
+            return base_into(hidden, self.spec.head, out, split=split), hidden
+        # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
+        logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
+        return (logits_t.t().contiguous(), hidden) if out is None else (out.copy_(logits_t.t()), hidden)
+
+    def _layers_op_by_op(self, session: Session, x: torch.Tensor, angles, t: int, rec: Record | None) -> torch.Tensor:
+        """A decode step's blocks through :meth:`_block` on x (B, 1, E): the last block's output."""
+        cache, adapters, B = session.cache, session.adapters, x.shape[0]
 
         def lin(x, module):  # each base matmul writes straight into the record's column t
             flat = x.reshape(B, -1)
@@ -522,19 +550,71 @@ class Engine(nn.Module):
                 return self._attend_one(q, keys, values, cache.mask_upto[t][..., first:])
 
             x = self._block(layer, x, angles, attend, lin, lins=lins)
-        session.length = t + 1
-        hidden = norm(x[:, 0], self.spec.norm)  # (B, E)
-        head = self.spec.head.weight.t()  # (E, V)
+        return x
+
+    def _fused_plan(self, session: Session) -> dict | bool:
+        """The session's arguments of :func:`textrl.kernels.decode_layer` per layer, by whether a step writes the
+        record: ``{True: [...], False: [...]}`` (without a record, one-column scratch buffers take the linear
+        outputs); False where the fused step does not apply (:attr:`fused_step`)."""
+        s, cache, rec = self.spec, session.cache, session.record
+        if not (self.fused_step and not session.adapters and all(layer.moe is None for layer in s.layers)):
+            return False
+        weights = [in_out_weight(m) for layer in s.layers for m in layer.linears()]
+        x = cache.k[0].new_empty(cache.k[0].shape[0], s.embed.weight.shape[1])  # (B, E)
+        if not kernels.wants_rows(x, *weights):
+            return False
+        if any(m.q_norm is not None and m.q_norm.variance_epsilon != m.k_norm.variance_epsilon for m in s.layers):
+            return False  # the kernel takes one epsilon for both
+        modules = [m for layer in s.layers for m in layer.linears()]
+        scratch = {m: x.new_empty(x.shape[0], 1, width(m)) for m in modules}
+        plans = {False: self._fused_args(cache, scratch, x)}
         if rec is not None:
-            rec.ids[:, t] = tokens
-            rec.len = t + 1
-        out = None if rec is None else rec.logits[:, t - rec.P + 1]
-        split = kernels.wants_split(hidden, head)  # by vocabulary columns over the threads
-        if split or is_input_major(self.spec.head.weight):  # split, or stored (E, V): the product as it lies
-            return base_into(hidden, self.spec.head, out, split=split), hidden
-        # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
-        logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
-        return (logits_t.t().contiguous(), hidden) if out is None else (out.copy_(logits_t.t()), hidden)
+            plans[True] = self._fused_args(cache, rec.out, x)
+        return plans
+
+    def _fused_args(self, cache: KVCache, outs: dict, x: torch.Tensor) -> list[tuple[int | None, tuple]]:
+        """Per layer: its attention window and its arguments of :func:`textrl.kernels.decode_layer` after the
+        per-step ones (x, col, t, first, cos, sin), the linear layers writing into ``outs[module]`` (B, T, width).
+        Each linear call takes the split matmul where :func:`textrl.kernels.wants_split` says so for rows like
+        x's, as the op-by-op step decides."""
+        s = self.spec
+
+        def weights_biases(mods):
+            return [in_out_weight(m) for m in mods], [base_layer(m).bias for m in mods]
+
+        def split(*mods):
+            ws = [in_out_weight(m) for m in mods]
+            return int(kernels.wants_split(x.new_empty(x.shape[0], ws[0].shape[0]), *ws))
+
+        args = []
+        for i, layer in enumerate(s.layers):
+            attn = (layer.qkv,) if layer.qkv is not None else (layer.q, layer.k, layer.v)
+            mlp = (layer.gate, layer.up) if layer.gate is not None else (layer.up,)
+            ln = isinstance(layer.norm1, nn.LayerNorm)
+            eps = [m.eps if ln else m.variance_epsilon for m in (layer.norm1, layer.norm2)]
+            eps.append(0.0 if layer.q_norm is None else layer.q_norm.variance_epsilon)
+            (aw, ab), (mw, mb) = weights_biases(attn), weights_biases(mlp)
+            qk_norms = (None, None) if layer.q_norm is None else (layer.q_norm.weight, layer.k_norm.weight)
+            act = 0 if s.act is None else 1 if s.act == "tanh" else 2
+            layer_args = (
+                *(layer.norm1.weight, getattr(layer.norm1, "bias", None), aw, ab, [outs[m] for m in attn], *qk_norms),
+                *(cache.k[i], cache.v[i], cache.keymask),
+                *(in_out_weight(layer.out), base_layer(layer.out).bias, outs[layer.out]),
+                *(layer.norm2.weight, getattr(layer.norm2, "bias", None), mw, mb, [outs[m] for m in mlp]),
+                *(in_out_weight(layer.down), base_layer(layer.down).bias, outs[layer.down]),
+                *(s.n_head, act, ln, eps, [split(*attn), split(layer.out), split(*mlp), split(layer.down)]),
+            )
+            args.append((layer.window, layer_args))
+        return args
+
+    def _fused_layers(self, session: Session, x: torch.Tensor, angles, t: int, rec: Record | None) -> None:
+        """A decode step's blocks, one :func:`textrl.kernels.decode_layer` call each, in place on x (B, E)."""
+        cos, sin = (None, None) if angles is None else (a.reshape(x.shape[0], -1) for a in angles)
+        col = t if rec is not None else 0
+        op = kernels.decode_layer_op()
+        for window, args in session.fused[rec is not None]:
+            first = 0 if window is None else max(0, t + 1 - window)
+            op(x, col, t, first, cos, sin, *args)
 
     def _static_ok(self) -> bool:
         """Whether the static step can run this model: no mixture-of-experts layer (its routing has

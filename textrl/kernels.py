@@ -297,3 +297,10 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh GELU, ``x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))`` (:func:`textrl.ops.gelu`'s form), in one
     pass. Equal to torch's to float32 rounding. Call only where :func:`wants_rows` said so."""
     return torch.ops.textrl.gelu_tanh(x)
+
+
+def decode_layer_op():
+    """``torch.ops.textrl.decode_layer``: one decode step's Transformer block in one call, in place on the
+    residual stream (the arguments are :meth:`textrl.engine.Engine._fused_args`'). Call only where :func:`wants_rows`
+    holds for the block's weights."""
+    return torch.ops.textrl.decode_layer.default

@@ -507,6 +507,170 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// --- one decode step's Transformer block in one call -----------------------------------------------------
+
+// out[d] = x[d] * cos[d] + x[(d + D/2) % D] * sin[d] over D elements (``sin`` signed: its first half negated), as
+// textrl.ops.rotate computes rotary embeddings: two products and a sum, each rounded, with no fused multiply-add
+// (the file is built with -ffp-contract=fast), so the result is torch's bit for bit.
+#if defined(__clang__)
+void rotate_row(const float* x, int64_t D, const float* c, const float* s, float* out) {
+#pragma clang fp contract(off)
+#else
+__attribute__((optimize("fp-contract=off"))) void rotate_row(const float* x, int64_t D, const float* c,
+                                                             const float* s, float* out) {
+#endif
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const float a = x[d] * c[d];
+    const float b = x[d < half ? d + half : d - half] * s[d];
+    out[d] = a + b;
+  }
+}
+
+// A block's norm of x (B, E): LayerNorm (torch's own op) or RMSNorm (the row kernel above).
+at::Tensor block_norm(const at::Tensor& x, const c10::optional<at::Tensor>& w, const c10::optional<at::Tensor>& b,
+                      double eps, bool layer_norm) {
+  if (layer_norm) return at::layer_norm(x, {x.size(-1)}, w, b, eps);
+  TORCH_CHECK(w.has_value() && w->defined(), "decode_layer: an RMSNorm needs its weight");
+  return rms_norm(x, *w, eps);
+}
+
+// outs[j] = x @ ws[j] (+ biases[j]): split over the threads by columns (mm_group_into), or torch's matmul per
+// weight, as textrl.ops.base_group_into does for the same ``split``.
+void linear_group(const at::Tensor& x, at::TensorList ws, const std::vector<c10::optional<at::Tensor>>& biases,
+                  at::TensorList outs, bool split) {
+  if (split) {
+    mm_group_into(x, ws, biases, outs, "decode_layer");
+    return;
+  }
+  for (size_t j = 0; j < ws.size(); ++j) {
+    at::Tensor o = outs[j];
+    if (biases[j].has_value() && biases[j]->defined()) {
+      at::addmm_out(o, *biases[j], x, ws[j]);
+    } else {
+      at::mm_out(o, x, ws[j]);
+    }
+  }
+}
+
+// Column ``col`` of each (B, T, width) buffer: the (B, width) outputs a step writes (a rollout record's column t,
+// or a session's scratch buffer of one column).
+std::vector<at::Tensor> columns(at::TensorList bufs, int64_t col) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& b : bufs) out.push_back(b.select(1, col));
+  return out;
+}
+
+// x += y for (B, E) tensors, y of any row stride: the residual connection, in place.
+void add_rows(at::Tensor& x, const at::Tensor& y) {
+  const int64_t B = x.size(0), E = x.size(1);
+  float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* xr = xp + b * x.stride(0);
+    const float* yr = yp + b * y.stride(0);
+    for (int64_t e = 0; e < E; ++e) xr[e] += yr[e];
+  }
+}
+
+// One Transformer block for a decode step's one token per row, in place on the residual stream x (B, E), as
+// textrl.engine.Engine._block computes it with the decode's kernels: norm, the attention's linear layers (q, k, v
+// as one group, or GPT-2's fused qkv), per-head q/k RMSNorm (Qwen3), rotary embedding, the keys and values into
+// the cache's column t, attention over cache columns [first, t], output projection plus residual, norm, the MLP
+// (SwiGLU's gate and up as one group, or up and a GELU) and its down projection plus residual. One call where the
+// op-by-op block makes ~40 Python-level calls per layer, each with its dispatch and its own small allocation.
+//
+// Every linear output goes into column ``col`` of its (B, T, width) buffer in attn_outs / o_out / mlp_outs /
+// down_out (a rollout record, or one-column scratch). k_cache, v_cache (B, G, max_len, D) and keymask
+// (B, 1, 1, max_len) are the session's cache; cos, sin (B, D) the rotary tables at each row's position (none:
+// learned positions). eps: the two block norms' and the q/k norms'. split: per linear call (attention group,
+// output, MLP group, down), whether it takes mm_group_into. act: 0 SwiGLU, 1 tanh GELU, 2 exact GELU.
+void decode_layer(at::Tensor x, int64_t col, int64_t t, int64_t first, const c10::optional<at::Tensor>& cos,
+                  const c10::optional<at::Tensor>& sin, const c10::optional<at::Tensor>& norm1_w,
+                  const c10::optional<at::Tensor>& norm1_b, at::TensorList attn_ws,
+                  const c10::List<c10::optional<at::Tensor>>& attn_bs, at::TensorList attn_outs,
+                  const c10::optional<at::Tensor>& q_norm_w, const c10::optional<at::Tensor>& k_norm_w,
+                  at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& keymask, const at::Tensor& o_w,
+                  const c10::optional<at::Tensor>& o_b, const at::Tensor& o_out,
+                  const c10::optional<at::Tensor>& norm2_w, const c10::optional<at::Tensor>& norm2_b,
+                  at::TensorList mlp_ws, const c10::List<c10::optional<at::Tensor>>& mlp_bs, at::TensorList mlp_outs,
+                  const at::Tensor& down_w, const c10::optional<at::Tensor>& down_b, const at::Tensor& down_out,
+                  int64_t n_head, int64_t act, bool layer_norm, at::ArrayRef<double> eps, at::IntArrayRef split) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "decode_layer: x must be a contiguous float32 CPU (B, E) tensor, got ", x.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(0) == x.size(0),
+              "decode_layer: caches ", k_cache.sizes(), " and ", v_cache.sizes(), " do not fit x ", x.sizes());
+  TORCH_CHECK(0 <= first && first <= t && t < k_cache.size(2), "decode_layer: column ", t, " (from ", first,
+              ") outside a cache of ", k_cache.size(2));
+  TORCH_CHECK(eps.size() == 3 && split.size() == 4, "decode_layer: eps takes 3 values and split 4");
+  TORCH_CHECK(attn_ws.size() == 1 || attn_ws.size() == 3, "decode_layer: 1 (fused qkv) or 3 attention weights");
+  TORCH_CHECK(mlp_ws.size() == (act == 0 ? 2u : 1u), "decode_layer: SwiGLU takes gate and up, a GELU up only");
+  const int64_t B = x.size(0), H = n_head, G = k_cache.size(1), D = k_cache.size(3);
+  at::Tensor h = block_norm(x, norm1_w, norm1_b, eps[0], layer_norm);
+  const std::vector<at::Tensor> a = columns(attn_outs, col);
+  linear_group(h, attn_ws, optional_list(attn_bs), a, split[0] != 0);
+  at::Tensor q, k, v;
+  if (a.size() == 1) {
+    TORCH_CHECK(a[0].size(1) == (H + 2 * G) * D, "decode_layer: fused qkv of ", a[0].size(1), " columns");
+    q = a[0].narrow(1, 0, H * D);
+    k = a[0].narrow(1, H * D, G * D);
+    v = a[0].narrow(1, (H + G) * D, G * D);
+  } else {
+    q = a[0];
+    k = a[1];
+    v = a[2];
+  }
+  TORCH_CHECK(q.size(1) == H * D && k.size(1) == G * D && v.size(1) == G * D, "decode_layer: q, k, v of ", q.size(1),
+              ", ", k.size(1), ", ", v.size(1), " columns for ", H, " heads and ", G, " key heads of ", D);
+  q = q.unflatten(1, {H, D});  // (B, H, D)
+  k = k.unflatten(1, {G, D});
+  v = v.unflatten(1, {G, D});
+  if (q_norm_w.has_value() && q_norm_w->defined()) {
+    q = rms_norm(q, *q_norm_w, eps[2]);
+    k = rms_norm(k, *k_norm_w, eps[2]);
+  }
+  at::Tensor k_col = k_cache.select(2, t), v_col = v_cache.select(2, t);  // (B, G, D)
+  v_col.copy_(v);
+  at::Tensor q4;
+  if (cos.has_value() && cos->defined()) {
+    TORCH_CHECK(cos->is_contiguous() && sin->is_contiguous() && cos->size(0) == B && cos->size(1) == D &&
+                    sin->sizes() == cos->sizes(),
+                "decode_layer: rotary tables must be contiguous (B, D)");
+    q4 = at::empty({B, H, 1, D}, x.options());
+    const float* cp = cos->data_ptr<float>();
+    const float* sp = sin->data_ptr<float>();
+    const float* qp = q.data_ptr<float>();
+    const float* kp = k.data_ptr<float>();
+    float* q4p = q4.data_ptr<float>();
+    float* kc = k_col.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < H; ++i) {
+        rotate_row(qp + b * q.stride(0) + i * q.stride(1), D, cp + b * D, sp + b * D, q4p + (b * H + i) * D);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        rotate_row(kp + b * k.stride(0) + g * k.stride(1), D, cp + b * D, sp + b * D,
+                   kc + b * k_col.stride(0) + g * k_col.stride(1));
+      }
+    }
+  } else {
+    k_col.copy_(k);
+    q4 = q.unsqueeze(2);
+  }
+  const int64_t S = t + 1 - first;
+  at::Tensor att = decode_attention(q4, k_cache.narrow(2, first, S), v_cache.narrow(2, first, S),
+                                    keymask.narrow(3, first, S));
+  const at::Tensor o = o_out.select(1, col);
+  linear_group(att.view({B, H * D}), {o_w}, {o_b}, {o}, split[1] != 0);
+  add_rows(x, o);
+  h = block_norm(x, norm2_w, norm2_b, eps[1], layer_norm);
+  const std::vector<at::Tensor> m = columns(mlp_outs, col);
+  linear_group(h, mlp_ws, optional_list(mlp_bs), m, split[2] != 0);
+  const at::Tensor hidden = act == 0 ? silu_mul(m[0], m[1]) : act == 1 ? gelu_tanh(m[0]) : at::gelu(m[0]);
+  const at::Tensor d = down_out.select(1, col);
+  linear_group(hidden, {down_w}, {down_b}, {d}, split[3] != 0);
+  add_rows(x, d);
+}
+
 bool has_direct() { return kDirect; }
 
 }  // namespace
@@ -521,6 +685,13 @@ TORCH_LIBRARY(textrl, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def(
+      "decode_layer(Tensor(a!) x, int col, int t, int first, Tensor? cos, Tensor? sin, Tensor? norm1_w, "
+      "Tensor? norm1_b, Tensor[] attn_ws, Tensor?[] attn_bs, Tensor(b!)[] attn_outs, Tensor? q_norm_w, "
+      "Tensor? k_norm_w, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor keymask, Tensor o_w, Tensor? o_b, "
+      "Tensor(e!) o_out, Tensor? norm2_w, Tensor? norm2_b, Tensor[] mlp_ws, Tensor?[] mlp_bs, "
+      "Tensor(f!)[] mlp_outs, Tensor down_w, Tensor? down_b, Tensor(g!) down_out, int n_head, int act, "
+      "bool layer_norm, float[] eps, int[] split) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(textrl, CPU, m) {
@@ -532,4 +703,5 @@ TORCH_LIBRARY_IMPL(textrl, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("gelu_tanh", &gelu_tanh);
+  m.impl("decode_layer", &decode_layer);
 }
