@@ -46,12 +46,20 @@ constexpr int64_t kRows = 8;       // rows per tile: 8 x 2 accumulators stay in 
 // than near ahead into L1 (the streaming table of benchmarks/cpu_kernels.py measures the rate).
 constexpr int64_t kPrefetch = 64;
 
-// out[r, 0:32] = x[r, :] @ w[:, 0:32] (+ bias[0:32]) for the R rows of x; w's rows are ldw apart. The last
-// kPrefetch rows prefetch the first rows of ``next`` (the strip this thread multiplies next; this strip again
-// when null).
+// Where a tile prefetches, row by row: from ``from`` (rows ``ld`` apart) until row ``wrap``, then from ``then``
+// (rows ``then_ld`` apart).
+struct Prefetch {
+  const float* from;
+  int64_t ld, wrap;
+  const float* then;
+  int64_t then_ld;
+};
+
+// out[r, 0:32] = x[r, :] @ w[:, 0:32] (+ bias[0:32]) for the R rows of x; w's rows are ldw apart. Each row of
+// the loop prefetches one row (two cache lines) as ``pf`` says.
 template <int R>
 inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw, const float* bias, float* out,
-                 int64_t ldo, const float* next) {
+                 int64_t ldo, Prefetch pf) {
   vec16 acc0[R], acc1[R];
   vec16 b0 = {}, b1 = {};
   if (bias != nullptr) {
@@ -63,12 +71,15 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t
     acc1[r] = b1;
   }
   const float* wp = w;
-  const float* pf = w + kPrefetch * ldw;
-  const int64_t wrap = std::max<int64_t>(K - kPrefetch, 0);
-  for (int64_t k = 0; k < K; ++k, wp += ldw, pf += ldw) {
-    if (k == wrap) pf = next != nullptr ? next : w;
-    __builtin_prefetch(pf, 0, 2);  // locality 2: into L2 (prefetcht1)
-    __builtin_prefetch(pf + 16, 0, 2);
+  const float* p = pf.from;
+  int64_t pld = pf.ld;
+  for (int64_t k = 0; k < K; ++k, wp += ldw, p += pld) {
+    if (k == pf.wrap) {
+      p = pf.then;
+      pld = pf.then_ld;
+    }
+    __builtin_prefetch(p, 0, 2);  // locality 2: into L2 (prefetcht1)
+    __builtin_prefetch(p + 16, 0, 2);
     vec16 w0, w1;
     std::memcpy(&w0, wp, sizeof(vec16));
     std::memcpy(&w1, wp + 16, sizeof(vec16));
@@ -86,25 +97,37 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const float* w, int64_t
 
 // Columns [lo, lo + 32) of out = x @ w (+ bias), every row: tiles of 8 rows (the column strip of w, K x 32,
 // stays in cache between them), then the remaining rows. ``next``: the start of the strip this thread multiplies
-// after this one (null if none), which the last tile prefetches.
+// after this one (null if none; its rows ``next_ld`` apart).
+//
+// The prefetches keep memory busy all along: the first tile reads the strip from memory and prefetches
+// kPrefetch rows ahead of itself (into the next strip, for its last rows, when it is the only tile); a later
+// tile reads the strip from cache, and the last one prefetches the whole next strip, one row per row, so that
+// the next strip's first tile finds it in cache too.
 void strip(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw, const float* bias,
-           float* out, int64_t ldo, int64_t lo, const float* next) {
+           float* out, int64_t ldo, int64_t lo, const float* next, int64_t next_ld) {
   const float* b = bias == nullptr ? nullptr : bias + lo;
   const float* ws = w + lo;
+  const int64_t wrap = std::max<int64_t>(K - kPrefetch, 0);
+  const Prefetch ahead{ws + kPrefetch * ldw, ldw, wrap, ws, ldw};  // a first tile, more to come: this strip again
+  const Prefetch only{ws + kPrefetch * ldw, ldw, wrap, next != nullptr ? next : ws, next != nullptr ? next_ld : ldw};
+  const Prefetch whole_next{next != nullptr ? next : ws, next != nullptr ? next_ld : ldw, -1, nullptr, 0};
   int64_t m = 0;
   for (; m + kRows <= M; m += kRows) {
-    tile<kRows>(x + m * ldx, ldx, K, ws, ldw, b, out + m * ldo + lo, ldo, m + kRows == M ? next : nullptr);
+    const bool last = m + kRows == M;
+    tile<kRows>(x + m * ldx, ldx, K, ws, ldw, b, out + m * ldo + lo, ldo,
+                m == 0 ? (last ? only : ahead) : (last ? whole_next : ahead));
   }
   const float* xm = x + m * ldx;
   float* om = out + m * ldo + lo;
+  const Prefetch pf = m == 0 ? only : whole_next;
   switch (M - m) {
-    case 7: tile<7>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
-    case 6: tile<6>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
-    case 5: tile<5>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
-    case 4: tile<4>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
-    case 3: tile<3>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
-    case 2: tile<2>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
-    case 1: tile<1>(xm, ldx, K, ws, ldw, b, om, ldo, next); break;
+    case 7: tile<7>(xm, ldx, K, ws, ldw, b, om, ldo, pf); break;
+    case 6: tile<6>(xm, ldx, K, ws, ldw, b, om, ldo, pf); break;
+    case 5: tile<5>(xm, ldx, K, ws, ldw, b, om, ldo, pf); break;
+    case 4: tile<4>(xm, ldx, K, ws, ldw, b, om, ldo, pf); break;
+    case 3: tile<3>(xm, ldx, K, ws, ldw, b, om, ldo, pf); break;
+    case 2: tile<2>(xm, ldx, K, ws, ldw, b, om, ldo, pf); break;
+    case 1: tile<1>(xm, ldx, K, ws, ldw, b, om, ldo, pf); break;
     default: break;
   }
 }
@@ -181,11 +204,14 @@ void mm_group_into(const at::Tensor& x, at::TensorList ws, const std::vector<c10
         const bool has_bias = b.has_value() && b->defined();
         if (piece.direct) {
           const float* next = nullptr;  // this thread's next strip, if it has one
+          int64_t next_ld = 0;
           if (p + 1 < start[i + 1] && pieces[p + 1].direct) {
-            next = ws[pieces[p + 1].j].data_ptr<float>() + pieces[p + 1].lo;
+            const at::Tensor& wn = ws[pieces[p + 1].j];
+            next = wn.data_ptr<float>() + pieces[p + 1].lo;
+            next_ld = wn.stride(0);
           }
           strip(xp, x.stride(0), M, K, w.data_ptr<float>(), w.stride(0), has_bias ? b->data_ptr<float>() : nullptr,
-                o.data_ptr<float>(), o.stride(0), piece.lo, next);
+                o.data_ptr<float>(), o.stride(0), piece.lo, next, next_ld);
           continue;
         }
         at::Tensor oi = o.narrow(1, piece.lo, piece.width);
