@@ -29,6 +29,7 @@ from agents.guards import GuardMixin, SkipBatch
 from agents.inference import InferenceMixin
 from agents.persistence import PersistenceMixin, _step_name
 from agents.reporting import ReportingMixin
+from textrl import allocator
 from textrl import checkpoint as ckpt
 from textrl.advantages import KLController, kl_penalty
 from textrl.interrupt import StopRequest, TrainingInterrupted
@@ -103,6 +104,8 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         self.env_id = env if isinstance(env, str) else getattr(getattr(env, "spec", None), "id", None) or "TextGen"
         self.runtime = runtime if runtime is not None else Runtime.from_env(self.config.device)
         self.device = self.runtime.device
+        if self.device.type == "cpu":  # every iteration's large tensors reuse the last one's pages
+            allocator.keep_freed_blocks()
         world = self.runtime.world_size
         # data parallel: config.batch_size is the whole batch; each process steps its own env copy of
         # batch_size / world_size rows, made of whole prompt groups (group baselines stay local)

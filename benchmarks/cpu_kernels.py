@@ -14,6 +14,8 @@ which also compiles):
 - whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
   (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
   same tokens: ms per step and the largest difference between their logits;
+- eager decode steps with each block one C++ call (:attr:`textrl.engine.Engine.fused_step`) against op by op,
+  the kernels on in both: ms per step, and whether the logits are equal bit for bit;
 - with ``--iterations N``, whole textrl REINFORCE iterations on a random model of the same family and size
   (``peers.py``'s workload and model), two agents, kernel on and off, alternating: seconds per iteration.
 
@@ -164,6 +166,29 @@ def step_times(model, B: int, P: int, T: int, rounds: int, mode: str) -> dict:
     return out
 
 
+def fused_times(model, B: int, P: int, T: int, rounds: int) -> dict:
+    """ms per eager decode step with each block one C++ call (``"fused"``, :attr:`Engine.fused_step`) and op by
+    op (``"ops"``), the kernels on in both, fed the same tokens in alternating sessions; ``"equal"``: whether
+    their logits are equal bit for bit."""
+    engines = {"fused": Engine(model), "ops": Engine(model)}
+    engines["ops"].fused_step = False
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (B, P), generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (T - 1, B), generator=gen)
+    logits, times = {}, {name: [] for name in engines}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, core in engines.items():
+                with core.start(ids, torch.ones_like(ids), P + T, record=True) as session:
+                    start = time.perf_counter()
+                    logits[name] = torch.stack([session.step(t)[0].clone() for t in tokens])
+                    if r:
+                        times[name].append((time.perf_counter() - start) / (T - 1))
+    out = {name: statistics.median(seconds) * 1e3 for name, seconds in times.items()}
+    out["equal"] = torch.equal(logits["fused"], logits["ops"])
+    return out
+
+
 def iteration_times(arch: str, size: str, B: int, mode: str, iters: int, folder: Path) -> dict:
     """Seconds per textrl REINFORCE iteration (``peers.py``'s workload: 8-token prompts, 32 new tokens, RLOO
     groups of 4, KL 0.05) with the kernel on and off: two agents on the same random model, alternating
@@ -301,6 +326,15 @@ def main(argv: list[str] | None = None) -> None:
             row = step_times(model, B, P, T, args.rounds, mode)
             ratio = row["off"] / row["on"]
             print(f"| {B} | {mode} | {row['on']:.2f} | {row['off']:.2f} | {ratio:.3f}x | {row['max_diff']:.1e} |")
+    if "eager" in args.decode_step:
+        print("\nEager decode steps, each block one C++ call (textrl::decode_layer) against op by op (the kernels on")
+        print("in both), ms per step:\n")
+        print("| B | fused | op by op | op by op / fused | logits equal bit for bit |")
+        print("|---:|---:|---:|---:|---|")
+        for B in args.batch_sizes:
+            row = fused_times(model, B, P, T, args.rounds)
+            ratio = row["ops"] / row["fused"]
+            print(f"| {B} | {row['fused']:.2f} | {row['ops']:.2f} | {ratio:.3f}x | {row['equal']} |")
     if args.iterations:
         print(f"\nWhole REINFORCE iterations (peers.py's workload), median of {args.iterations} alternating pairs:\n")
         print("| B | decode step | kernel on s | kernel off s | off / on | each pair's off / on |")

@@ -127,6 +127,16 @@ def test_tensorboard_logs_and_checkpoints(env, tmp_path):
     assert len(checkpoints) == 1 and (checkpoints[0] / "manifest.json").is_file()
 
 
+def test_an_agent_on_a_cpu_tunes_the_allocator(env, monkeypatch):
+    """Every iteration's large tensors reuse the last one's pages (see textrl.allocator): set by the agent."""
+    from textrl import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_blocks", lambda: calls.append(1) or True)
+    REINFORCE(env, config=_small(REINFORCE), seed=0)
+    assert calls == [1]
+
+
 def test_corrupt_checkpoint_is_a_clear_error(env, tmp_path):
     agent = REINFORCE(env, config=_small(REINFORCE), seed=0)
     path = agent.save(tmp_path / "agent")

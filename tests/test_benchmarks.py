@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import platform
 import re
 import shutil
 import sys
@@ -597,8 +598,9 @@ def test_decode_attention_benchmark_pairs_the_three_compiled_steps(capsys):
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build textrl's CPU kernel")
 def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkeypatch):
     """textrl's kernels against torch: a row per decode-step matmul shape (each taken by the engine), a row per
-    single matmul with its weight streamed from memory, a row per row-wise op and the attention, and a row per
-    decode mode with logits that agree; the switch put back as it was."""
+    single matmul with its weight streamed from memory, a row per row-wise op and the attention, a row per
+    decode mode with logits that agree, and the fused eager step's row, equal bit for bit to op by op; the switch
+    put back as it was."""
     monkeypatch.delenv("TEXTRL_CPU_KERNELS", raising=False)
     module = _load("cpu_kernels", "cpu_kernels")
     argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
@@ -635,4 +637,29 @@ def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkey
     for _, on, off, ratio, difference in steps:
         assert float(on) > 0 and float(off) > 0 and abs(float(ratio) - float(off) / float(on)) < 0.01
         assert float(difference) < 1e-5
+    # the fused eager step against op by op: bit for bit the same logits
+    fused = re.findall(r"^\| 3 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| (True|False) \|$", out, re.M)
+    assert len(fused) == 1, out
+    fast, ops, ratio, equal = fused[0]
+    assert float(fast) > 0 and abs(float(ratio) - float(ops) / float(fast)) < 0.01 and equal == "True"
     assert "TEXTRL_CPU_KERNELS" not in os.environ
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
+)
+def test_allocator_benchmark_runs_each_side_in_its_own_processes(capsys):
+    """One process per side (tuned by the agent, glibc's defaults, glibc's environment variables), each
+    checked by the benchmark to run as its side says: a row each with its time, ratio, page faults, system time
+    and peak memory. (Fewer page faults with the tuning show at 8 x 512, not at this toy size; the
+    mechanism itself is tests/test_allocator.py's.)"""
+    module = _load("allocator", "allocator_bench")
+    module.main(["--arch", "llama", "--size", "tiny", "--pairs", "1", "--warmup", "1", "--iters", "1"])
+    out = capsys.readouterr().out
+    row = r"^\| ([^|]+) \| ([\d.]+) \| ([\d.]+)x \(([\d., ]+)\) \| ([\d,]+) \| ([\d.]+) \| ([\d,]+) \|$"
+    rows = re.findall(row, out, re.M)
+    assert [name.split(" ")[0] for name, *_ in rows] == ["tuned", "glibc", "glibc's"], out
+    assert rows[0][2] == "1.000", out  # the tuned side against itself
+    for _, seconds, ratio, each, faults, system, rss in rows:
+        assert float(seconds) > 0 and abs(float(ratio) - float(each)) < 0.01, out
+        assert int(faults.replace(",", "")) >= 0 and float(system) >= 0 and int(rss.replace(",", "")) > 100, out
