@@ -9,6 +9,8 @@ then given O(1) weights, norms and biases (the ``sharpen`` fixture) before it is
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -397,6 +399,45 @@ def test_linear_weights_are_stored_input_major_and_gradients_keep_that_layout(re
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for n, p in reloaded.named_parameters():
         assert torch.equal(p, params[n]), n
+
+
+def _file_mappings(path) -> list[tuple[int, int]]:
+    """The address ranges this process maps ``path`` at (/proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == str(path):
+                lo, hi = (int(a, 16) for a in fields[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("arch", ["gpt2_dir", "llama_gqa_dir"])
+def test_the_engine_gives_every_parameter_memory_of_its_own(request, arch):
+    """A model loaded from safetensors points into the file's mapping (transformers maps it); the engine copies
+    every CPU parameter into memory of its own, GPT-2's already input-major Conv1D weights included (in the
+    mapping, a decode step's strided walk down each weight runs about half as fast), with the same values; a
+    second engine on the same model copies nothing again."""
+    folder = request.getfixturevalue(arch)
+    model = load_lm(folder)[0]
+    weights = (folder / "model.safetensors").resolve()
+
+    def in_file() -> list[str]:
+        ranges = _file_mappings(weights)
+        return [n for n, p in model.named_parameters() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+
+    if not in_file():
+        pytest.skip("this transformers loads safetensors into memory of its own, not a file mapping")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    Engine(model)
+    assert in_file() == []
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    pointers = [p.data_ptr() for p in model.parameters()]
+    Engine(model)
+    assert [p.data_ptr() for p in model.parameters()] == pointers
 
 
 def test_a_tied_lm_head_keeps_the_embedding_layout(request):

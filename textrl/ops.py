@@ -179,10 +179,14 @@ def input_major(spec: Spec, model: nn.Module | None = None) -> int:
     (in, out) transpose contiguous, the logical (out, in) tensor a strided view of it), in place; returns how
     many were changed. (A tied head stays: its rows are the embedding table's, which lookups gather.)
 
-    With ``model`` given, its other CPU parameters are copied into memory of their own as well, when any
-    weight was re-strided: transformers maps a safetensors file into memory and the loaded parameters
-    point into that mapping, which stays resident as long as any of them does; once every parameter has
-    its own copy the mapping is released, and the re-strided weights do not cost their size twice.
+    With ``model`` given, its other CPU parameters are copied into memory of their own as well (once per
+    parameter: a second engine on the same model copies nothing). transformers maps a safetensors file into
+    memory and the loaded parameters point into that mapping, which stays resident as long as any of them
+    does; once every parameter has its own copy the mapping is released, and the re-strided weights do not
+    cost their size twice. And weights in a file's mapping read slowly in a decode step: its kernel walks each
+    weight down a strip of columns, a row at a time, and the mapping's pages (the page cache's, 4 KiB) make
+    that walk about twice as slow as over the process's own memory (GPT-2's ``Conv1D`` weights, already
+    input-major, used to stay in the mapping).
 
     Values, shapes and the ``Parameter`` objects are unchanged; only the memory order is. On CPU a matmul of a
     few rows (a decode step: B rows) against an (out, in)-contiguous weight runs well below the speed of the
@@ -201,12 +205,17 @@ def input_major(spec: Spec, model: nn.Module | None = None) -> int:
             with torch.no_grad():
                 w.data = w.data.t().contiguous().t()
             restrided.add(id(w))
-    if model is not None and restrided:
+    if model is not None:
         with torch.no_grad():
             for p in model.parameters():
-                if id(p) not in restrided and p.device.type == "cpu":
-                    p.data = p.data.clone()
+                if p.device.type == "cpu" and not getattr(p, _OWN_MEMORY, False):
+                    if id(p) not in restrided:
+                        p.data = p.data.clone()
+                    setattr(p, _OWN_MEMORY, True)
     return len(restrided)
+
+
+_OWN_MEMORY = "_textrl_own_memory"  # marks a parameter input_major gave memory of its own
 
 
 def is_input_major(t: torch.Tensor) -> bool:
