@@ -42,6 +42,11 @@ the next rollout of the same shape), ``"compile"`` runs it through ``torch.compi
 kernels), ``"static"`` runs it as it is (for tests; no faster). Mixture-of-experts layers (data-dependent
 routing) and sessions with LoRA adapters (folded anew per session) always take the eager step.
 
+The fused eager step (:attr:`Engine.fused_step`): on a CPU, where textrl's kernels apply (float32, no autocast,
+no active LoRA adapter, no mixture-of-experts layer), the eager step runs each block as one C++ call
+(:func:`textrl.kernels.decode_layer_op`) on the same kernels the op-by-op block calls, in the same order: the
+same logits and record bit for bit, without the block's Python-level calls.
+
 On a CPU, ``"compile"`` is the fastest step once compiled: inductor fuses each layer's norms, rotary, cache
 writes and activations into a few C++ loops, and a C++ wrapper calls them and the matmuls. Compiling costs
 tens of seconds once per batch shape (two graphs: with a record and without), cached on disk by inductor for
@@ -139,7 +144,7 @@ class Engine(nn.Module):
         (``torch.compile``, then a CUDA graph on CUDA)."""
         self._static: _StaticStep | None = None  # the static step of the last session's buffers
         self.fused_step = True
-        """Eager decode steps run each block as one C++ call (:func:`textrl.kernels.decode_layer`) where the kernels
+        """Eager decode steps run each block as one C++ call (:func:`textrl.kernels.decode_layer_op`) where the kernels
         apply (float32 on a CPU, no autocast, no LoRA adapter active, no mixture-of-experts layer): the same
         kernels and the same numbers as the op-by-op block, without its ~40 Python-level calls per layer. False:
         always op by op."""
@@ -553,19 +558,18 @@ class Engine(nn.Module):
         return x
 
     def _fused_plan(self, session: Session) -> dict | bool:
-        """The session's arguments of :func:`textrl.kernels.decode_layer` per layer, by whether a step writes the
+        """The session's arguments of :func:`textrl.kernels.decode_layer_op` per layer, by whether a step writes the
         record: ``{True: [...], False: [...]}`` (without a record, one-column scratch buffers take the linear
         outputs); False where the fused step does not apply (:attr:`fused_step`)."""
         s, cache, rec = self.spec, session.cache, session.record
         if not (self.fused_step and not session.adapters and all(layer.moe is None for layer in s.layers)):
             return False
-        weights = [in_out_weight(m) for layer in s.layers for m in layer.linears()]
+        modules = [m for layer in s.layers for m in layer.linears()]
         x = cache.k[0].new_empty(cache.k[0].shape[0], s.embed.weight.shape[1])  # (B, E)
-        if not kernels.wants_rows(x, *weights):
+        if not kernels.wants_rows(x, *(in_out_weight(m) for m in modules)):
             return False
         if any(m.q_norm is not None and m.q_norm.variance_epsilon != m.k_norm.variance_epsilon for m in s.layers):
             return False  # the kernel takes one epsilon for both
-        modules = [m for layer in s.layers for m in layer.linears()]
         scratch = {m: x.new_empty(x.shape[0], 1, width(m)) for m in modules}
         plans = {False: self._fused_args(cache, scratch, x)}
         if rec is not None:
@@ -573,7 +577,7 @@ class Engine(nn.Module):
         return plans
 
     def _fused_args(self, cache: KVCache, outs: dict, x: torch.Tensor) -> list[tuple[int | None, tuple]]:
-        """Per layer: its attention window and its arguments of :func:`textrl.kernels.decode_layer` after the
+        """Per layer: its attention window and its arguments of :func:`textrl.kernels.decode_layer_op` after the
         per-step ones (x, col, t, first, cos, sin), the linear layers writing into ``outs[module]`` (B, T, width).
         Each linear call takes the split matmul where :func:`textrl.kernels.wants_split` says so for rows like
         x's, as the op-by-op step decides."""
@@ -608,7 +612,7 @@ class Engine(nn.Module):
         return args
 
     def _fused_layers(self, session: Session, x: torch.Tensor, angles, t: int, rec: Record | None) -> None:
-        """A decode step's blocks, one :func:`textrl.kernels.decode_layer` call each, in place on x (B, E)."""
+        """A decode step's blocks, one :func:`textrl.kernels.decode_layer_op` call each, in place on x (B, E)."""
         cos, sin = (None, None) if angles is None else (a.reshape(x.shape[0], -1) for a in angles)
         col = t if rec is not None else 0
         op = kernels.decode_layer_op()
