@@ -65,10 +65,11 @@ class AgentConfig(Sampling):
     decode_step: Literal["eager", "static", "graph", "compile"] = "eager"
     """How the engine runs a decode step: eager; or one static-shape step over the whole KV cache, run as it is
     (static), captured as a CUDA graph and replayed (graph: on a GPU, a step costs about its memory traffic
-    instead of its kernel launches) or through torch.compile, then a CUDA graph on a GPU (compile: on a CPU the
-    fastest step, after tens of seconds of compiling per batch shape, so for runs of hundreds of iterations;
-    it falls back to an uncompiled step, with a warning, where torch.compile cannot run). Models the engine
-    does not run, mixtures of experts and LoRA rollouts decode eagerly."""
+    instead of its kernel launches) or through torch.compile, then a CUDA graph on a GPU (compile: tens of
+    seconds of compiling per batch shape; it falls back to an uncompiled step, with a warning, where
+    torch.compile cannot run). On a CPU the eager step runs each block as one C++ call where textrl's kernels
+    apply, which is faster than compile there. Models the engine does not run, mixtures of experts and LoRA
+    rollouts decode eagerly."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the update's backward pass instead of keeping them from its
     forward (torch.utils.checkpoint): the update's activation memory drops to about one block's plus every

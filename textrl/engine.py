@@ -47,8 +47,9 @@ no active LoRA adapter, no mixture-of-experts layer), the eager step runs each b
 (:func:`textrl.kernels.decode_layer_op`) on the same kernels the op-by-op block calls, in the same order: the
 same logits and record bit for bit, without the block's Python-level calls.
 
-On a CPU, ``"compile"`` is the fastest step once compiled: inductor fuses each layer's norms, rotary, cache
-writes and activations into a few C++ loops, and a C++ wrapper calls them and the matmuls. Compiling costs
+On a CPU, where the fused eager step applies it is the fastest step (``docs/benchmarks.md`` has the figures).
+``"compile"`` takes a similar route by another means: inductor fuses each layer's norms, rotary, cache writes
+and activations into a few C++ loops, and a C++ wrapper calls them and the matmuls. Compiling costs
 tens of seconds once per batch shape (two graphs: with a record and without), cached on disk by inductor for
 later processes, so it pays off in runs of hundreds of iterations, not in a short one. Each layer's cache is
 a tensor of its own (:class:`textrl.session.KVCache`): the compiled step then writes it in place.
