@@ -137,31 +137,43 @@ def streaming_times(model, B: int, rounds: int, megabytes: int = 256) -> list[di
     return rows
 
 
-def step_times(model, B: int, P: int, T: int, rounds: int, mode: str) -> dict:
-    """ms per decode step with the kernel (``"on"``) and without (``"off"``), and the largest logit difference."""
-    switch = {"on": "1", "off": "0"}
-    engines = {}
-    for name, value in switch.items():
-        os.environ["TEXTRL_CPU_KERNELS"] = value
-        engines[name] = Engine(model)
-        engines[name].decode_step = mode
+def _paired_steps(engines: dict, model, B: int, P: int, T: int, rounds: int, before=None) -> tuple[dict, dict]:
+    """Decode sessions of every engine in turn, fed the same tokens, ``rounds`` timed rounds after an untimed one
+    (which also compiles); ``before(name)`` runs before each engine's session. Returns ms per step by engine
+    (medians) and each engine's last logits."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (B, P), generator=gen)
     tokens = torch.randint(0, model.config.vocab_size, (T - 1, B), generator=gen)
     logits, times = {}, {name: [] for name in engines}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, core in engines.items():
+                if before is not None:
+                    before(name)
+                with core.start(ids, torch.ones_like(ids), P + T, record=True) as session:
+                    start = time.perf_counter()
+                    logits[name] = torch.stack([session.step(t)[0].clone() for t in tokens])
+                    if r:
+                        times[name].append((time.perf_counter() - start) / (T - 1))
+    return {name: statistics.median(seconds) * 1e3 for name, seconds in times.items()}, logits
+
+
+def step_times(model, B: int, P: int, T: int, rounds: int, mode: str) -> dict:
+    """ms per decode step with the kernel (``"on"``) and without (``"off"``), and the largest logit difference."""
+    switch = {"on": "1", "off": "0"}
+
+    def set_switch(name: str) -> None:
+        os.environ["TEXTRL_CPU_KERNELS"] = switch[name]
+
+    engines = {}
     try:
-        with torch.no_grad():
-            for r in range(rounds + 1):
-                for name, core in engines.items():
-                    os.environ["TEXTRL_CPU_KERNELS"] = switch[name]
-                    with core.start(ids, torch.ones_like(ids), P + T, record=True) as session:
-                        start = time.perf_counter()
-                        logits[name] = torch.stack([session.step(t)[0].clone() for t in tokens])
-                        if r:  # the first round compiles
-                            times[name].append((time.perf_counter() - start) / (T - 1))
+        for name in switch:
+            set_switch(name)
+            engines[name] = Engine(model)
+            engines[name].decode_step = mode
+        out, logits = _paired_steps(engines, model, B, P, T, rounds, set_switch)
     finally:
         os.environ.pop("TEXTRL_CPU_KERNELS", None)
-    out = {name: statistics.median(seconds) * 1e3 for name, seconds in times.items()}
     out["max_diff"] = (logits["on"] - logits["off"]).abs().max().item()
     return out
 
@@ -172,19 +184,7 @@ def fused_times(model, B: int, P: int, T: int, rounds: int) -> dict:
     their logits are equal bit for bit."""
     engines = {"fused": Engine(model), "ops": Engine(model)}
     engines["ops"].fused_step = False
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (B, P), generator=gen)
-    tokens = torch.randint(0, model.config.vocab_size, (T - 1, B), generator=gen)
-    logits, times = {}, {name: [] for name in engines}
-    with torch.no_grad():
-        for r in range(rounds + 1):
-            for name, core in engines.items():
-                with core.start(ids, torch.ones_like(ids), P + T, record=True) as session:
-                    start = time.perf_counter()
-                    logits[name] = torch.stack([session.step(t)[0].clone() for t in tokens])
-                    if r:
-                        times[name].append((time.perf_counter() - start) / (T - 1))
-    out = {name: statistics.median(seconds) * 1e3 for name, seconds in times.items()}
+    out, logits = _paired_steps(engines, model, B, P, T, rounds)
     out["equal"] = torch.equal(logits["fused"], logits["ops"])
     return out
 

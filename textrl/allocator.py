@@ -23,10 +23,11 @@ them to another program.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import sys
 import threading
+
+from textrl.kernels import switched_on
 
 MMAP_THRESHOLD = 32 << 20
 """Blocks up to this size come from the heap (glibc's largest mmap threshold on 64-bit systems)."""
@@ -39,8 +40,8 @@ _done: dict[str, bool] = {}
 
 
 def enabled() -> bool:
-    """Whether the allocator may be tuned (``TEXTRL_MALLOC_TUNE`` unset, or anything but 0/false/off/no)."""
-    return os.environ.get("TEXTRL_MALLOC_TUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+    """Whether the allocator may be tuned (``TEXTRL_MALLOC_TUNE``, :func:`textrl.kernels.switched_on`)."""
+    return switched_on("TEXTRL_MALLOC_TUNE")
 
 
 def keep_freed_blocks() -> bool:

@@ -63,9 +63,14 @@ _state: dict[str, object] = {}  # "ok": whether the kernels loaded (tried once p
 _fake_registered = False
 
 
+def switched_on(variable: str) -> bool:
+    """Whether an on-by-default switch in the environment is on: unset, or anything but 0/false/off/no."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def enabled() -> bool:
-    """Whether the kernels may be used at all (``TEXTRL_CPU_KERNELS`` unset, or anything but 0/false/off)."""
-    return os.environ.get("TEXTRL_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+    """Whether the kernels may be used at all (``TEXTRL_CPU_KERNELS``, :func:`switched_on`)."""
+    return switched_on("TEXTRL_CPU_KERNELS")
 
 
 def load() -> bool:

@@ -108,9 +108,11 @@ void strip(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, in
   const float* b = bias == nullptr ? nullptr : bias + lo;
   const float* ws = w + lo;
   const int64_t wrap = std::max<int64_t>(K - kPrefetch, 0);
+  const float* then = next != nullptr ? next : ws;  // the next strip; without one, this strip again
+  const int64_t then_ld = next != nullptr ? next_ld : ldw;
   const Prefetch ahead{ws + kPrefetch * ldw, ldw, wrap, ws, ldw};  // a first tile, more to come: this strip again
-  const Prefetch only{ws + kPrefetch * ldw, ldw, wrap, next != nullptr ? next : ws, next != nullptr ? next_ld : ldw};
-  const Prefetch whole_next{next != nullptr ? next : ws, next != nullptr ? next_ld : ldw, -1, nullptr, 0};
+  const Prefetch only{ws + kPrefetch * ldw, ldw, wrap, then, then_ld};
+  const Prefetch whole_next{then, then_ld, -1, nullptr, 0};
   int64_t m = 0;
   for (; m + kRows <= M; m += kRows) {
     const bool last = m + kRows == M;
