@@ -240,6 +240,12 @@ def test_rows_sharing_a_prompt(request, arch):
     assert core.replayed == 1  # the shared prompts and the record together
     torch.testing.assert_close(logits, each[:, P - 1 : -1], **TOL)
     _assert_grads_close(grads, _grads(model, hf, ids[:, :-1], mask[:, :-1], P - 1)[1], "shared prompts")
+    rows = torch.tensor([6, 0, 1, 5, 7])  # some rows of the record, out of order (a minibatch): still shared
+    assert core._shared_prefix(ids[rows], mask[rows], P - 1) is not None
+    logits, grads = _grads(model, core, ids[rows, :-1], mask[rows, :-1], P - 1, rows)
+    assert core.replayed == 2
+    torch.testing.assert_close(logits, each[rows, P - 1 : -1], **TOL)
+    _assert_grads_close(grads, _grads(model, hf, ids[rows, :-1], mask[rows, :-1], P - 1)[1], "a minibatch")
     with torch.no_grad():  # start=0: the prompts' positions too
         torch.testing.assert_close(core.forward(ids, mask)[0][mask.bool()], each[mask.bool()], **TOL)
 

@@ -199,6 +199,62 @@ def test_row_kernels_name_bad_input():
         kernels.silu_mul(torch.randn(3, 4), torch.randn(3, 5))
     with pytest.raises(RuntimeError, match="gelu_tanh: a float32 CPU tensor"):
         kernels.gelu_tanh(torch.randn(3, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"rms_norm_backward: grad \[3, 5\] and x \[3, 4\] differ"):
+        kernels.rms_norm_backward(torch.randn(3, 5), torch.randn(3, 4), torch.randn(4), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rms_norm_backward: weight \[5\] does not match rows of 4"):
+        kernels.rms_norm_backward(torch.randn(3, 4), torch.randn(3, 4), torch.randn(5), 1e-6)
+    with pytest.raises(RuntimeError, match=r"silu_mul_backward: grad \[3, 4\], gate \[3, 4\] and up \[2, 4\] differ"):
+        kernels.silu_mul_backward(torch.randn(3, 4), torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="silu_mul_backward: a float32 CPU tensor"):
+        kernels.silu_mul_backward(*[torch.randn(3, 4, dtype=torch.float64)] * 3)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(16, 512), (4, 9, 40), (600, 100), (2, 5, 4, 24), (1, 1)])
+def test_row_kernels_under_autograd_equal_torch(threads, shape):
+    """RMSNorm and SwiGLU's product under autograd (the update) run on the row kernels forward and backward
+    (:class:`textrl.ops._RMSNorm`, :class:`textrl.ops._SiLUMul`): outputs and gradients equal torch's autograd to
+    float32 rounding, for contiguous inputs, a record's slice (rows with gaps, read in place), views the kernels
+    copy first (leading dimensions that do not collapse, a stride along the row), and an expanded incoming
+    gradient."""
+    from textrl import ops
+
+    assert kernels.load()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(threads + len(shape))
+    E = shape[-1]
+    record = torch.randn(*shape[:-1], 3, 2 * E + 1, generator=g) * 3  # a slice of it leaves gaps between rows
+    if len(shape) > 2:  # the first two dimensions of a slice of it do not merge (for four dimensions: a copy)
+        other = torch.randn(shape[0], 2 * shape[1], *shape[2:], generator=g)[:, : shape[1]]
+    else:  # a stride along the rows: a copy
+        other = torch.randn(shape[0], 2 * E, generator=g)[:, ::2]
+    inputs = [torch.randn(shape, generator=g) * 3, record[..., 1, :E], record[..., 2, E + 1 :], other]
+    norm = torch.nn.Module()
+    norm.weight, norm.variance_epsilon = torch.nn.Parameter(torch.randn(E, generator=g)), 1e-5
+    for x in inputs:
+        for grad in (torch.randn(shape, generator=g), torch.randn(E, generator=g).expand(shape)):
+            a, b = x.detach().clone().requires_grad_(), x.detach().requires_grad_()
+            y = ops.norm(a, norm)
+            assert type(y.grad_fn).__name__ == "_RMSNormBackward"
+            y.backward(grad)
+            w = norm.weight.detach().clone().requires_grad_()
+            expected = torch.nn.functional.rms_norm(b, (E,), w, 1e-5)
+            expected.backward(grad)
+            torch.testing.assert_close(y, expected, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(norm.weight.grad, w.grad, atol=1e-4 * shape[0], rtol=1e-4)
+            norm.weight.grad = None
+            up = torch.randn(shape, generator=g)
+            gate, up1, gate2, up2 = (t.detach().clone().requires_grad_() for t in (x, up, x, up))
+            y = ops.swiglu(gate, up1)
+            assert type(y.grad_fn).__name__ == "_SiLUMulBackward"
+            y.backward(grad)
+            expected = torch.nn.functional.silu(gate2) * up2
+            expected.backward(grad)
+            torch.testing.assert_close(y, expected, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(gate.grad, gate2.grad, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(up1.grad, up2.grad, atol=1e-5, rtol=1e-4)
+    torch.set_num_threads(2)
 
 
 def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
@@ -224,7 +280,8 @@ def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels.wants_attention(q, k)
     x, weight = torch.randn(16, 512), torch.ones(512, requires_grad=True)
-    assert not kernels.wants_rows(x, weight)  # autograd through the norm's weight: torch's
+    assert not kernels.wants_rows(x, weight)  # autograd through the norm's weight: not the kernel alone,
+    assert kernels.wants_rows(x, weight, autograd=True)  # but under an autograd Function with its backward kernel
     with torch.no_grad():
         assert kernels.wants_rows(x, weight)
         assert not kernels.wants_rows(x.bfloat16(), weight)
@@ -235,6 +292,7 @@ def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
     assert not kernels.wants_attention(q.detach(), k)
     with torch.no_grad():
         assert not kernels.wants_rows(x, weight)
+    assert not kernels.wants_rows(x, weight, autograd=True)
 
 
 def _decode(model, mode: str, ids, mask, P: int, S: int, fused: bool = False, record: bool = True):

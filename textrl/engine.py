@@ -30,7 +30,10 @@ activations with autograd; the backward is the usual one. A mixture's routed exp
 
 Shared prompts: when at most half the rows are distinct over a prompt (the ``group_size`` samples that
 RLOO/GRPO-style baselines draw), the prefill runs each distinct prompt once and copies its keys/values and
-record to its rows, and ``forward`` runs the first ``start`` positions once per distinct prompt.
+record to its rows, and ``forward`` runs the first ``start`` positions once per distinct prompt. There the
+distinct prompts' positions and the rows' own ones form one token stream through the norms, linear layers and
+MLPs (one matmul per linear layer, forward and backward, whose weight gradient covers both parts); only the
+attention splits it.
 
 Static decode steps (:attr:`Engine.decode_step`): the eager step attends over the cache columns filled so far
 (a shape that grows by one each step) and issues ~20 small kernels per layer from Python, which on a GPU
@@ -227,6 +230,9 @@ class Engine(nn.Module):
         att = attend(q, k, v)
         if att is None:
             return None
+        if att.shape[2] != S:  # attend kept the last positions only (a shared prompt's last layer): the rest stop
+            x, S = x[:, S - att.shape[2] :], att.shape[2]
+            valid = None if valid is None else valid[:, -S:]
         x = x + lin(att.transpose(1, 2).reshape(B, S, -1), layer.out)
         h = norm(x, layer.norm2)
         if layer.moe is not None:
@@ -332,7 +338,9 @@ class Engine(nn.Module):
 
         Shared prompts: when at most half the rows have distinct first ``start`` positions (the samples of a
         prompt that RLOO/GRPO-style baselines draw), those positions run once per distinct prefix and every
-        row attends to its prefix's gathered keys/values; autograd adds up the rows' gradients there.
+        row attends to its prefix's gathered keys/values; autograd adds up the rows' gradients there. The
+        prefixes' positions and the rows' own run as one token stream (1, N, E) through everything but the
+        attention, so each linear layer is one matmul and its weight gradient one matmul over all N positions.
 
         Rollout replay: on the very sequences of the last recorded rollout (``rows`` of it; all when None),
         under unchanged weights and without autocast, every linear layer's output and the logits are taken
@@ -344,8 +352,8 @@ class Engine(nn.Module):
             self.replayed += 1
         positions = positions_from_mask(mask)
         masks = self._masks(mask)
-        S = ids.shape[1]
-        shared = self._shared_prefix(ids, mask, start)
+        B, S = ids.shape
+        shared = self._shared_prefix(ids, mask, start) if start < S else None
         if shared is None:
             lin = linear if rec is None else self._replaying(rec, rows, 0, S)
             x, angles = self._embed(ids, positions)
@@ -353,27 +361,64 @@ class Engine(nn.Module):
                 attend = lambda q, k, v, m=masks[layer.window]: self._sdpa(q, k, v, m)  # noqa: E731
                 x = self._checkpointed(layer, x, angles, attend, lin, mask)
             return self._head(x[:, start:], rec, rows, start)
+        # One token stream (1, N, E): the U distinct prefixes' n positions, then every row's S - n own ones. Norms,
+        # linear layers and the MLP run on it once (one matmul per layer and pass, whose weight gradient covers both
+        # parts); only the attention splits it: each prefix attends to itself, each row to its prefix's gathered
+        # keys/values and its own.
         first, inverse = shared
-        n, last = start, self.spec.layers[-1]
-        lin_x, lin_y = linear, linear
-        if rec is not None:  # the record's row of each distinct prompt, and every row's own positions
-            lin_x = self._replaying(rec, first if rows is None else rows[first], 0, n)
-            lin_y = self._replaying(rec, rows, n, S)
-        x, angles_x = self._embed(ids[first, :n], positions[first, :n])  # (U, n, E): the distinct prefixes
-        y, angles_y = self._embed(ids[:, n:], positions[:, n:])  # (B, S - n, E): every row's own positions
+        n, U, last = start, len(first), self.spec.layers[-1]
+        Np = U * n  # the prefixes' positions come first in the stream
+
+        def stream(t: torch.Tensor) -> torch.Tensor:  # (B, S, ...) -> (1, N, ...)
+            return torch.cat([t[first, :n].flatten(0, 1), t[:, n:].flatten(0, 1)])[None]
+
+        def part(t: torch.Tensor, rows: int, length: int, lo: int) -> torch.Tensor:  # (1, h, N, D) -> (rows, h, len, D)
+            return t[0, :, lo : lo + rows * length].unflatten(1, (rows, length)).transpose(0, 1)
+
+        lin = linear if rec is None else self._replaying_stream(rec, first if rows is None else rows[first], rows, n, S)
+        x, angles = self._embed(stream(ids), stream(positions))
+        valid = stream(mask)
         for layer in self.spec.layers:
-            m, kv = masks[layer.window], []
+            m = masks[layer.window]
 
-            def attend_prefix(q, k, v, m=m[first, :, :n, :n], kv=kv, last=layer is last):
-                kv.extend((k.index_select(0, inverse), v.index_select(0, inverse)))
-                return None if last else self._sdpa(q, k, v, m)  # after the last layer only keys/values count
+            def attend(q, k, v, m=m, last=layer is last):
+                keys, values = part(k, U, n, 0), part(v, U, n, 0)
+                rows_att = self._sdpa(
+                    part(q, B, S - n, Np),
+                    torch.cat([keys.index_select(0, inverse), part(k, B, S - n, Np)], 2),
+                    torch.cat([values.index_select(0, inverse), part(v, B, S - n, Np)], 2),
+                    m[:, :, n:],
+                )
+                parts = [rows_att]  # after the last layer only the rows' positions count
+                if not last:
+                    parts.insert(0, self._sdpa(part(q, U, n, 0), keys, values, m[first, :, :n, :n]))
+                tokens = torch.cat([a.transpose(1, 2).flatten(0, 1) for a in parts])  # (N', H, D), token-major
+                return tokens[None].transpose(1, 2)
 
-            def attend_rows(q, k, v, m=m[:, :, n:], kv=kv):
-                return self._sdpa(q, torch.cat([kv[0], k], 2), torch.cat([kv[1], v], 2), m)
+            x = self._checkpointed(layer, x, angles, attend, lin, valid)
+        return self._head(x.view(B, S - n, -1), rec, rows, n)
 
-            x = self._checkpointed(layer, x, angles_x, attend_prefix, lin_x, mask[first, :n])
-            y = self._checkpointed(layer, y, angles_y, attend_rows, lin_y, mask[:, n:])
-        return self._head(y, rec, rows, n)
+    @staticmethod
+    def _replaying_stream(rec: Record, prefix_rows: torch.Tensor, rows: torch.Tensor | None, n: int, S: int):
+        """``lin`` of the shared-prompt stream taking its outputs from the record: positions ``0:n`` of
+        ``prefix_rows`` (the record's row of each distinct prompt), then ``n:S`` of ``rows`` (all rows when
+        None), copied into one stream tensor; at the last layer, where the stream holds the rows' positions only,
+        just those."""
+        U, B = len(prefix_rows), rec.ids.shape[0] if rows is None else len(rows)
+
+        def lin(x, module):
+            buf = rec.out[module]
+            out = x.new_empty(x.shape[1], buf.shape[-1])
+            own = out[out.shape[0] - B * (S - n) :].view(B, S - n, -1)
+            if rows is None:
+                own.copy_(buf[:, n:S])
+            else:
+                torch.index_select(buf[:, n:S], 0, rows, out=own)
+            if out.shape[0] > B * (S - n):
+                torch.index_select(buf[:, :n], 0, prefix_rows, out=out[: U * n].view(U, n, -1))
+            return replayed(x, module, out[None])
+
+        return lin
 
     @staticmethod
     def _replaying(rec: Record, rows: torch.Tensor | None, begin: int, end: int):

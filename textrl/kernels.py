@@ -219,12 +219,13 @@ def wants_split(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     )
 
 
-def _takes(*ts: torch.Tensor) -> bool:
+def _takes(*ts: torch.Tensor, autograd: bool = False) -> bool:
     """What every kernel needs of its inputs ``ts``: float32 CPU tensors, no autograd through any of them (the
-    kernels have no backward), no autocast (its casts are torch's ops'), and the kernels built."""
+    kernels have no backward of their own) unless ``autograd`` (the caller wraps the kernel in an autograd
+    Function with its backward kernel), no autocast (its casts are torch's ops'), and the kernels built."""
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+        and (autograd or not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
         and not torch.is_autocast_enabled("cpu")
         and enabled()
         and load()
@@ -277,13 +278,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.ops.textrl.decode_attention(q, k, v, mask)
 
 
-def wants_rows(*xs: torch.Tensor) -> bool:
+def wants_rows(*xs: torch.Tensor, autograd: bool = False) -> bool:
     """Whether a row-wise op on ``xs`` (RMSNorm, SwiGLU's product, the tanh GELU) should take :func:`rms_norm`,
-    :func:`silu_mul` or :func:`gelu_tanh`: float32 on a CPU, no autograd (no backward here: decode steps and
-    reference passes), no autocast, not inside ``torch.compile`` (inductor fuses torch's ops with their
-    neighbours), and the kernels built. One pass over each row where torch runs several elementwise ops (six for
-    its CPU RMSNorm), each with its own set-up and threading."""
-    return not torch.compiler.is_compiling() and _takes(*xs)
+    :func:`silu_mul` or :func:`gelu_tanh`: float32 on a CPU, no autograd (decode steps and reference passes) or,
+    with ``autograd``, under an autograd Function whose backward is the matching backward kernel
+    (:func:`rms_norm_backward`, :func:`silu_mul_backward`: the update), no autocast, not inside ``torch.compile``
+    (inductor fuses torch's ops with their neighbours), and the kernels built. One pass over each row where
+    torch runs several elementwise ops (six for its CPU RMSNorm), each with its own set-up and threading."""
+    return not torch.compiler.is_compiling() and _takes(*xs, autograd=autograd)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -296,6 +298,22 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up`` (SwiGLU's product) in one pass. Equal to torch's to float32 rounding. Call only
     where :func:`wants_rows` said so."""
     return torch.ops.textrl.silu_mul(gate, up)
+
+
+def rms_norm_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`rms_norm` with respect to x and the weight, given the output's ``grad``: one pass
+    over each row (the weight's gradient summed per thread, then over the threads). Equal to torch's autograd
+    to float32 rounding. Call only where :func:`wants_rows` said so (with ``autograd``)."""
+    return torch.ops.textrl.rms_norm_backward(grad, x, weight, eps)
+
+
+def silu_mul_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`silu_mul` with respect to gate and up, given the output's ``grad``, in one pass
+    (torch's autograd runs three elementwise ops and a SiLU backward). Equal to torch's to float32 rounding. Call
+    only where :func:`wants_rows` said so (with ``autograd``)."""
+    return torch.ops.textrl.silu_mul_backward(grad, gate, up)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -53,20 +53,58 @@ def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
     return _tanh_gelu(x)
 
 
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm on textrl's row kernels, forward (:func:`textrl.kernels.rms_norm`) and backward
+    (:func:`textrl.kernels.rms_norm_backward`): one pass each way where torch's autograd runs six elementwise
+    ops forward and their backwards."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return kernels.rms_norm(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dx, dweight = kernels.rms_norm_backward(grad, x, weight, ctx.eps)
+        return dx, dweight if ctx.needs_input_grad[1] else None, None
+
+
+class _SiLUMul(torch.autograd.Function):
+    """SwiGLU's product ``F.silu(gate) * up`` on textrl's row kernels, forward (:func:`textrl.kernels.silu_mul`) and
+    backward (:func:`textrl.kernels.silu_mul_backward`): one pass each way where torch's autograd runs a SiLU,
+    a product and three backward ops."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return kernels.silu_mul(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return kernels.silu_mul_backward(grad, *ctx.saved_tensors)
+
+
 def norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """A LayerNorm or RMSNorm module's output for x (..., E); RMSNorm without autograd (decode steps, reference
-    passes) through textrl's row kernel (:func:`textrl.kernels.rms_norm`) where it applies."""
+    """A LayerNorm or RMSNorm module's output for x (..., E); RMSNorm through textrl's row kernels
+    (:func:`textrl.kernels.rms_norm`, and under autograd :class:`_RMSNorm`) where they apply."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     if kernels.wants_rows(x, module.weight):
         return kernels.rms_norm(x, module.weight, module.variance_epsilon)
+    if kernels.wants_rows(x, module.weight, autograd=True):
+        return _RMSNorm.apply(x, module.weight, module.variance_epsilon)
     return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``F.silu(gate) * up``; without autograd in one pass (:func:`textrl.kernels.silu_mul`) where it applies."""
+    """``F.silu(gate) * up``; in one pass (:func:`textrl.kernels.silu_mul`, and under autograd :class:`_SiLUMul`)
+    where textrl's row kernels apply."""
     if kernels.wants_rows(gate, up):
         return kernels.silu_mul(gate, up)
+    if kernels.wants_rows(gate, up, autograd=True):
+        return _SiLUMul.apply(gate, up)
     return F.silu(gate) * up
 
 

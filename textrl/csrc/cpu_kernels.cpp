@@ -304,32 +304,52 @@ inline void exp_inplace(float* p, int64_t S) {
   for (; s < S; ++s) p[s] = std::exp(p[s]);
 }
 
-// Row-wise kernels (decode steps, reference passes): one pass per row where torch runs several elementwise ops,
-// each with its own set-up and threading; x (..., E) with unit stride along E, flattened to rows. Rows go to
-// threads only when there are enough elements to pay for it.
+// Row-wise kernels (decode steps, reference passes, and the update's backward): one pass per row where torch runs
+// several elementwise ops, each with its own set-up and threading; x (..., E) read as rows of E. Rows go to threads
+// only when there are enough elements to pay for it; the outputs are contiguous.
 constexpr int64_t kRowsGrain = 1 << 15;  // elements per thread's chunk at least
 
-at::Tensor as_rows(const at::Tensor& x, const char* name) {
+// x (..., E) as N rows of E, read in place wherever the leading dimensions collapse into two strided ones (a slice
+// of a rollout record is (B, S, E) with gaps between its rows: flattening it would copy it), from a contiguous copy
+// otherwise.
+struct Rows {
+  at::Tensor t;  // x, a view of it, or a copy
+  const float* p = nullptr;
+  int64_t N = 0, E = 0, inner = 1, outer_stride = 0, inner_stride = 0;
+  const float* row(int64_t n) const { return p + (n / inner) * outer_stride + (n % inner) * inner_stride; }
+};
+
+Rows rows_of(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu() && x.scalar_type() == at::kFloat, name,
               ": a float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes());
-  return x.reshape({-1, x.size(-1)});
+  Rows r;
+  r.E = x.size(-1);
+  if (x.numel() == 0) {
+    r.t = x.new_empty({0, 1, r.E});
+  } else {
+    r.t = x.dim() == 1 ? x.view({1, 1, r.E}) : x.dim() == 2 ? x.unsqueeze(0) : x.reshape({-1, x.size(-2), r.E});
+  }
+  if (r.t.stride(2) != 1 && r.E > 1) r.t = r.t.contiguous();
+  r.p = r.t.data_ptr<float>();
+  r.inner = std::max<int64_t>(r.t.size(1), 1);
+  r.N = r.t.size(0) * r.t.size(1);
+  r.outer_stride = r.t.stride(0);
+  r.inner_stride = r.t.stride(1);
+  return r;
 }
 
 // RMSNorm as HF computes it in float32: x * rsqrt(mean(x^2) + eps) * weight.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const at::Tensor rows = as_rows(x, "rms_norm");
-  const int64_t N = rows.size(0), E = rows.size(1);
+  const Rows rows = rows_of(x, "rms_norm");
+  const int64_t N = rows.N, E = rows.E;
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == E && weight.scalar_type() == at::kFloat && weight.stride(0) == 1,
               "rms_norm: weight ", weight.sizes(), " does not match rows of ", E);
-  TORCH_CHECK(rows.stride(1) == 1 || E <= 1, "rms_norm: unit stride along the last dimension");
-  at::Tensor out = at::empty({N, E}, rows.options());
-  const float* xp = rows.data_ptr<float>();
+  at::Tensor out = at::empty({N, E}, x.options());
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ld = rows.stride(0);
   at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(E, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* xr = xp + n * ld;
+      const float* xr = rows.row(n);
       float* orow = op + n * E;
       vec16 acc = {};
       int64_t e = 0;
@@ -350,18 +370,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // SwiGLU's product silu(gate) * up = gate / (1 + exp(-gate)) * up.
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(gate.sizes() == up.sizes(), "silu_mul: gate ", gate.sizes(), " and up ", up.sizes(), " differ");
-  const at::Tensor g = as_rows(gate, "silu_mul"), u = as_rows(up, "silu_mul");
-  const int64_t N = g.size(0), F = g.size(1);
-  TORCH_CHECK((g.stride(1) == 1 && u.stride(1) == 1) || F <= 1, "silu_mul: unit stride along the last dimension");
-  at::Tensor out = at::empty({N, F}, g.options());
-  const float* gp = g.data_ptr<float>();
-  const float* up_ = u.data_ptr<float>();
+  const Rows g = rows_of(gate, "silu_mul"), u = rows_of(up, "silu_mul");
+  const int64_t N = g.N, F = g.E;
+  at::Tensor out = at::empty({N, F}, gate.options());
   float* op = out.data_ptr<float>();
-  const int64_t lg = g.stride(0), lu = u.stride(0);
   at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(F, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* gr = gp + n * lg;
-      const float* ur = up_ + n * lu;
+      const float* gr = g.row(n);
+      const float* ur = u.row(n);
       float* orow = op + n * F;
       int64_t f = 0;
 #if defined(__AVX512F__)
@@ -378,20 +394,105 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   return out.view(gate.sizes());
 }
 
+// Backward kernels of the row-wise ops, for the update's autograd (textrl.ops wraps each pair in a Function): one
+// pass over each row where torch's autograd runs the forward's several ops' backwards one after the other.
+// RMSNorm's backward: with r = rsqrt(mean(x^2) + eps) and g = grad * weight, dx = r * (g - x * r^2 * mean(g * x))
+// and dweight = the sum over rows of grad * x * r (each thread sums its rows, then the threads' sums are added).
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& weight, double eps) {
+  TORCH_CHECK(grad.sizes() == x.sizes(), "rms_norm_backward: grad ", grad.sizes(), " and x ", x.sizes(), " differ");
+  const Rows rows = rows_of(x, "rms_norm_backward"), g = rows_of(grad, "rms_norm_backward");
+  const int64_t N = rows.N, E = rows.E;
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == E && weight.scalar_type() == at::kFloat && weight.stride(0) == 1,
+              "rms_norm_backward: weight ", weight.sizes(), " does not match rows of ", E);
+  at::Tensor dx = at::empty({N, E}, x.options());
+  at::Tensor partial = at::zeros({at::get_num_threads(), E}, x.options());
+  const float* wp = weight.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(E, 1)), [&](int64_t begin, int64_t end) {
+    float* dw = pp + at::get_thread_num() * E;
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xr = rows.row(n);
+      const float* gr = g.row(n);
+      float* dr = dp + n * E;
+      vec16 sq = {}, gwx = {};
+      int64_t e = 0;
+      for (; e + 16 <= E; e += 16) {
+        vec16 xv, gv, wv;
+        std::memcpy(&xv, xr + e, sizeof(vec16));
+        std::memcpy(&gv, gr + e, sizeof(vec16));
+        std::memcpy(&wv, wp + e, sizeof(vec16));
+        sq += xv * xv;
+        gwx += gv * wv * xv;
+      }
+      float squares = lanes_sum(sq), dot = lanes_sum(gwx);
+      for (; e < E; ++e) {
+        squares += xr[e] * xr[e];
+        dot += gr[e] * wp[e] * xr[e];
+      }
+      const float r = 1.0f / std::sqrt(squares / static_cast<float>(E) + static_cast<float>(eps));
+      const float c = r * r * dot / static_cast<float>(E);
+      for (e = 0; e < E; ++e) {
+        dr[e] = r * (gr[e] * wp[e] - xr[e] * c);
+        dw[e] += gr[e] * xr[e] * r;
+      }
+    }
+  });
+  return {dx.view(x.sizes()), partial.sum(0)};
+}
+
+// SwiGLU's backward: with s = sigmoid(gate), dgate = grad * up * s * (1 + gate * (1 - s)), dup = grad * gate * s.
+std::tuple<at::Tensor, at::Tensor> silu_mul_backward(const at::Tensor& grad, const at::Tensor& gate,
+                                                     const at::Tensor& up) {
+  TORCH_CHECK(gate.sizes() == up.sizes() && grad.sizes() == gate.sizes(), "silu_mul_backward: grad ", grad.sizes(),
+              ", gate ", gate.sizes(), " and up ", up.sizes(), " differ");
+  const Rows d = rows_of(grad, "silu_mul_backward"), g = rows_of(gate, "silu_mul_backward"),
+             u = rows_of(up, "silu_mul_backward");
+  const int64_t N = g.N, F = g.E;
+  at::Tensor dgate = at::empty({N, F}, gate.options()), dup = at::empty({N, F}, gate.options());
+  float* dgp = dgate.data_ptr<float>();
+  float* dup_ = dup.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(F, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* dr = d.row(n);
+      const float* gr = g.row(n);
+      const float* ur = u.row(n);
+      float* dgr = dgp + n * F;
+      float* dur = dup_ + n * F;
+      int64_t f = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.0f);
+      for (; f + 16 <= F; f += 16) {
+        const __m512 x = _mm512_loadu_ps(gr + f), dy = _mm512_loadu_ps(dr + f);
+        const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        const __m512 ds = _mm512_mul_ps(dy, s);
+        _mm512_storeu_ps(dur + f, _mm512_mul_ps(ds, x));
+        const __m512 slope = _mm512_fmadd_ps(x, _mm512_sub_ps(one, s), one);  // 1 + gate * (1 - s)
+        _mm512_storeu_ps(dgr + f, _mm512_mul_ps(_mm512_mul_ps(ds, _mm512_loadu_ps(ur + f)), slope));
+      }
+#endif
+      for (; f < F; ++f) {
+        const float x = gr[f], s = 1.0f / (1.0f + std::exp(-x)), ds = dr[f] * s;
+        dur[f] = ds * x;
+        dgr[f] = ds * ur[f] * (1.0f + x * (1.0f - s));
+      }
+    }
+  });
+  return {dgate.view(gate.sizes()), dup.view(gate.sizes())};
+}
+
 // GPT-2's tanh GELU as x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) (0.5 (1 + tanh z) = sigmoid(2 z)), the form
 // textrl.ops takes with autograd too.
 at::Tensor gelu_tanh(const at::Tensor& x) {
-  const at::Tensor rows = as_rows(x, "gelu_tanh");
-  const int64_t N = rows.size(0), F = rows.size(1);
-  TORCH_CHECK(rows.stride(1) == 1 || F <= 1, "gelu_tanh: unit stride along the last dimension");
-  at::Tensor out = at::empty({N, F}, rows.options());
-  const float* xp = rows.data_ptr<float>();
+  const Rows rows = rows_of(x, "gelu_tanh");
+  const int64_t N = rows.N, F = rows.E;
+  at::Tensor out = at::empty({N, F}, x.options());
   float* op = out.data_ptr<float>();
-  const int64_t ld = rows.stride(0);
   constexpr float k = 1.5957691216057308f;  // 2 sqrt(2 / pi)
   at::parallel_for(0, N, std::max<int64_t>(1, kRowsGrain / std::max<int64_t>(F, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* xr = xp + n * ld;
+      const float* xr = rows.row(n);
       float* orow = op + n * F;
       int64_t f = 0;
 #if defined(__AVX512F__)
@@ -713,6 +814,8 @@ TORCH_LIBRARY(textrl, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def(
       "decode_layer(Tensor(a!) x, int col, int t, int first, Tensor? cos, Tensor? sin, Tensor? norm1_w, "
       "Tensor? norm1_b, Tensor[] attn_ws, Tensor?[] attn_bs, Tensor(b!)[] attn_outs, Tensor? q_norm_w, "
@@ -731,5 +834,7 @@ TORCH_LIBRARY_IMPL(textrl, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("gelu_tanh", &gelu_tanh);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+  m.impl("silu_mul_backward", &silu_mul_backward);
   m.impl("decode_layer", &decode_layer);
 }
