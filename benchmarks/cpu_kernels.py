@@ -11,6 +11,9 @@ which also compiles):
   in turn), as a decode step reads them: us per call and the kernel's weight rate in GB/s;
 - the other kernels against torch's ops: RMSNorm and SwiGLU's product over a decode step's rows and a reference
   pass's, and a decode step's attention over the cache: us per call;
+- the reference pass's and the update's matmuls (each linear's forward and input gradient at B x (P + T) rows:
+  torch's ``mm`` against oneDNN's, :func:`textrl.kernels.onednn_mm`) and RMSNorm and SwiGLU's product forward and
+  backward under autograd (torch's ops against textrl's row kernels): us per call;
 - whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
   (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
   same tokens: ms per step and the largest difference between their logits;
@@ -273,6 +276,79 @@ def row_times(model, B: int, P: int, T: int, rounds: int, calls: int = 50) -> li
     ]
 
 
+def update_times(model, B: int, P: int, T: int, rounds: int, calls: int = 20) -> list[dict]:
+    """The reference pass's and the update's kernels against torch's, us per call, at B x (P + T) rows: each
+    distinct block linear and the head as a forward matmul (``x @ W``) and as the backward's input gradient
+    (``g @ W.T``), torch's ``mm`` against oneDNN's (:func:`textrl.kernels.onednn_mm`); and RMSNorm and SwiGLU's
+    product forward and backward under autograd, torch's ops against textrl's row kernels
+    (:func:`textrl.ops.norm` and :func:`textrl.ops.swiglu` with their C++ backwards); and whether the engine
+    takes textrl's side there (oneDNN's matmul above :data:`textrl.kernels.MAX_ROWS` rows)."""
+    from textrl import ops
+
+    spec = describe(model)
+    N, E = B * (P + T), spec.embed.weight.shape[1]
+    gen = torch.Generator().manual_seed(B)
+    work = []
+    mm = kernels.onednn_mm
+    weights = {
+        tuple(in_out_weight(m).shape): in_out_weight(m).detach() for layer in spec.layers for m in layer.linears()
+    }
+    weights[tuple(in_out_weight(spec.head).shape)] = in_out_weight(spec.head).detach()
+    for (k, n), w in weights.items():
+        x, g = torch.randn(N, k, generator=gen), torch.randn(N, n, generator=gen)
+        work.append(
+            (f"x @ W, {N} x {k} x {n}", lambda x=x, w=w: x @ w, lambda x=x, w=w: mm(x, w), kernels.wants_onednn(x, w))
+        )
+        wt = w.t()
+        work.append(
+            (
+                f"g @ W.T, {N} x {n} x {k}",
+                lambda g=g, w=wt: g @ w,
+                lambda g=g, w=wt: mm(g, w),
+                kernels.wants_onednn(g, wt),
+            )
+        )
+    layer = spec.layers[0]
+    if not isinstance(layer.norm1, torch.nn.LayerNorm):
+        norm, x = layer.norm1, torch.randn(N, E, generator=gen, requires_grad=True)
+        w, eps, g = norm.weight, norm.variance_epsilon, torch.randn(N, E, generator=gen)
+        work.append(
+            (
+                f"RMSNorm forward + backward {N} x {E}",
+                lambda x=x, g=g: torch.autograd.grad(F.rms_norm(x, (E,), w, eps), (x, w), g),
+                lambda x=x, g=g: torch.autograd.grad(ops.norm(x, norm), (x, w), g),
+                kernels.wants_rows(x, w, autograd=True),
+            )
+        )
+    if layer.gate is not None:
+        width = in_out_weight(layer.gate).shape[1]
+        gate, up = torch.randn(2, N, width, generator=gen).unbind(0)
+        gate.requires_grad_(), up.requires_grad_()
+        g = torch.randn(N, width, generator=gen)
+        work.append(
+            (
+                f"silu(gate) * up forward + backward {N} x {width}",
+                lambda g=g: torch.autograd.grad(F.silu(gate) * up, (gate, up), g),
+                lambda g=g: torch.autograd.grad(ops.swiglu(gate, up), (gate, up), g),
+                kernels.wants_rows(gate, up, autograd=True),
+            )
+        )
+    times: dict[str, dict[str, list[float]]] = {name: {"torch": [], "textrl": []} for name, *_ in work}
+    for _ in range(rounds + 1):
+        for name, theirs, ours, _taken in work:
+            times[name]["torch"].append(_median_us(theirs, calls))
+            times[name]["textrl"].append(_median_us(ours, calls))
+    return [
+        {
+            "op": name,
+            "torch": statistics.median(times[name]["torch"][1:]),
+            "textrl": statistics.median(times[name]["textrl"][1:]),
+            "taken": taken,
+        }
+        for name, _, _, taken in work
+    ]
+
+
 def _print_matmuls(rows: list[dict], extra: dict | None = None) -> None:
     """A markdown table of matmul rows: shape, us per call of torch and of the kernel, their ratio, the ``extra``
     columns (name -> formatter of a row), and whether the engine takes the kernel there."""
@@ -318,6 +394,18 @@ def main(argv: list[str] | None = None) -> None:
         for row in row_times(model, B, P, T, args.rounds):
             ratio = row["torch"] / row["kernel"]
             print(f"| {row['op']} | {row['torch']:.1f} | {row['kernel']:.1f} | {ratio:.2f}x |")
+    what = (
+        "oneDNN's matmul and textrl's row kernels"
+        if kernels.wants_onednn(torch.ones(1000, 1), torch.ones(1, 1))
+        else "textrl's row kernels (oneDNN's matmul is not at hand here: the matmuls are torch's on both sides)"
+    )
+    print(f"\nThe reference pass's and the update's matmuls and row ops, torch's against {what}, us per call:\n")
+    print("| op | torch | textrl | torch / textrl | taken by the engine |")
+    print("|---|---:|---:|---:|---|")
+    for B in args.batch_sizes:
+        for row in update_times(model, B, P, T, args.rounds):
+            ratio, taken = row["torch"] / row["textrl"], "yes" if row["taken"] else "no"
+            print(f"| {row['op']} | {row['torch']:.1f} | {row['textrl']:.1f} | {ratio:.2f}x | {taken} |")
     print(f"\nWhole decode steps, {P} + {T} positions, ms per step (every kernel on against all off):\n")
     print("| B | decode step | kernel on | kernel off | off / on | max logit difference |")
     print("|---:|---|---:|---:|---:|---:|")

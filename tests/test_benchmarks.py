@@ -599,8 +599,8 @@ def test_decode_attention_benchmark_pairs_the_three_compiled_steps(capsys):
 def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkeypatch):
     """textrl's kernels against torch: a row per decode-step matmul shape (each taken by the engine), a row per
     single matmul with its weight streamed from memory, a row per row-wise op and the attention, a row per
-    decode mode with logits that agree, and the fused eager step's row, equal bit for bit to op by op; the switch
-    put back as it was."""
+    update matmul and row op under autograd, a row per decode mode with logits that agree, and the fused eager
+    step's row, equal bit for bit to op by op; the switch put back as it was."""
     monkeypatch.delenv("TEXTRL_CPU_KERNELS", raising=False)
     module = _load("cpu_kernels", "cpu_kernels")
     argv = ["--arch", "llama", "--size", "tiny", "--batch-sizes", "3", "--new-tokens", "4", "--rounds", "1"]
@@ -632,6 +632,19 @@ def test_cpu_kernels_benchmark_pairs_the_kernel_with_torch_matmul(capsys, monkey
         ("attention", "3 x 4 heads (2 kv) x 12 keys"),
     ], out
     assert all(float(a) > 0 and float(b) > 0 for *_, a, b, _ in ops), out
+    # the reference pass's and the update's matmuls (forward, input gradient) and row ops under autograd: at 36 rows
+    # the engine keeps torch's matmul (few rows), and takes the row kernels
+    update = re.findall(
+        r"^\| ((?:x @ W|g @ W\.T|RMSNorm forward|silu\(gate\) \* up forward)[^|]+) \| ([\d.]+) \| ([\d.]+) \| "
+        r"([\d.]+)x \| (yes|no) \|$",
+        out,
+        re.M,
+    )
+    names = [name for name, *_ in update]
+    assert "x @ W, 36 x 256 x 704" in names and "g @ W.T, 36 x 704 x 256" in names and len(names) == 2 * 5 + 2, out
+    for name, theirs, ours, ratio, taken in update:
+        assert abs(float(ratio) - float(theirs) / float(ours)) < 0.02 * float(ratio) + 0.01, name
+        assert taken == ("no" if "@" in name else "yes"), name
     steps = re.findall(r"^\| 3 \| (eager|static) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \| ([\d.e+-]+) \|$", out, re.M)
     assert [mode for mode, *_ in steps] == ["eager", "static"], out
     for _, on, off, ratio, difference in steps:

@@ -209,6 +209,70 @@ def test_row_kernels_name_bad_input():
         kernels.silu_mul_backward(*[torch.randn(3, 4, dtype=torch.float64)] * 3)
 
 
+@pytest.mark.skipif(not kernels._onednn(), reason="torch built without oneDNN")
+def test_onednn_matmul_equals_torch_and_is_taken_only_where_it_applies(two_threads, monkeypatch):
+    """oneDNN's matmul (the reference pass's and the update's many rows): torch's ``mm`` to float32 rounding, with a
+    bias, for both weight layouts the engine keeps; taken for more than MAX_ROWS rows without autograd, in float32,
+    and not with ``TEXTRL_ONEDNN=0``."""
+    g = torch.Generator().manual_seed(0)
+    rows = kernels.MAX_ROWS + 30
+    x, w, bias = torch.randn(rows, 96, generator=g), torch.randn(96, 200, generator=g), torch.randn(200, generator=g)
+    for weight in (w, w.t().contiguous().t()):  # (in, out) contiguous, and the transpose of an (out, in) one
+        assert_matmul_close(kernels.onednn_mm(x, weight), x @ weight)
+        assert_matmul_close(kernels.onednn_mm(x, weight, bias), torch.addmm(bias, x, weight))
+    assert kernels.wants_onednn(x, w)
+    assert not kernels.wants_onednn(x[: kernels.MAX_ROWS], w)  # few rows: split_mm's
+    assert not kernels.wants_onednn(x.requires_grad_(), w)  # autograd: no backward here
+    with torch.no_grad():
+        assert kernels.wants_onednn(x, w)
+    x = x.detach()
+    assert not kernels.wants_onednn(x.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.wants_onednn(x, w)
+    monkeypatch.setenv("TEXTRL_ONEDNN", "0")
+    assert not kernels.wants_onednn(x, w)
+
+
+def test_the_reference_pass_and_the_replayed_backward_take_onednn(request, monkeypatch):
+    """The engine's forward without autograd (a reference pass) and the replayed linear layers' input gradients
+    go through oneDNN's matmul where it applies (many rows); the results equal torch's matmul's to float32
+    rounding (logits and gradients, with ``TEXTRL_ONEDNN=0`` as the reference)."""
+    if not kernels._onednn():
+        pytest.skip("torch built without oneDNN")
+    model = load_lm(request.getfixturevalue("llama_gqa_dir"))[0]
+    core = Engine(model)
+    calls = []
+    onednn_mm = kernels.onednn_mm
+    monkeypatch.setattr(kernels, "onednn_mm", lambda *a: calls.append(a[0].shape[0]) or onednn_mm(*a))
+    B, P, S = 40, 4, 9  # 40 x 8 = 320 rows through the replayed update: more than MAX_ROWS
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (B, S), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+
+    def run():
+        with torch.no_grad():
+            reference = core.forward(ids, mask, P - 1)[0]
+            with core.start(ids[:, :P], mask[:, :P], S, record=True) as session:
+                for t in range(P, S - 1):
+                    session.step(ids[:, t])
+        model.zero_grad(set_to_none=True)
+        logits = core.forward(ids[:, :-1], mask[:, :-1], P - 1)[0]
+        logits.logsumexp(-1).mean().backward()
+        return reference, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    replayed = core.replayed
+    reference, grads = run()
+    assert core.replayed == replayed + 1
+    assert calls and all(rows > kernels.MAX_ROWS for rows in calls)
+    monkeypatch.setenv("TEXTRL_ONEDNN", "0")
+    calls.clear()
+    reference_mkl, grads_mkl = run()
+    assert not calls
+    torch.testing.assert_close(reference, reference_mkl, atol=1e-5, rtol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_mkl[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(16, 512), (4, 9, 40), (600, 100), (2, 5, 4, 24), (1, 1)])
 def test_row_kernels_under_autograd_equal_torch(threads, shape):

@@ -232,6 +232,37 @@ def _takes(*ts: torch.Tensor, autograd: bool = False) -> bool:
     )
 
 
+def wants_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a @ b`` should take :func:`onednn_mm`: float32 on a CPU, more than :data:`MAX_ROWS` rows (fewer
+    take :func:`split_mm`), no autograd through either (the op has no backward: a forward without autograd, or a
+    matmul inside a backward), no autocast, not inside ``torch.compile``, torch built with oneDNN, and
+    ``TEXTRL_ONEDNN`` not ``0``."""
+    return (
+        a.shape[0] > MAX_ROWS
+        and a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and b.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+        and _onednn()
+    )
+
+
+def _onednn() -> bool:
+    if "onednn" not in _state:
+        _state["onednn"] = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return bool(_state["onednn"]) and switched_on("TEXTRL_ONEDNN")
+
+
+def onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (+ ``bias``) for a (M, K) and b (K, N) through oneDNN's matmul (torch's ``mkldnn`` linear op):
+    on a CPU with AVX-512 it runs the update's and the reference pass's shapes faster than the BLAS library
+    torch's ``mm`` calls (``benchmarks/cpu_kernels.py`` prints the pairing). Equal to it to float32 rounding.
+    Call only where :func:`wants_onednn` said so."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
 def split_mm(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -174,6 +174,8 @@ def base_into(
         split = kernels.wants_split(x, w)
     if split:
         return kernels.split_mm(x, w, bias, out)
+    if out is None and kernels.wants_onednn(x, w):
+        return kernels.onednn_mm(x, w, bias)
     kw = {} if out is None else {"out": out}
     return torch.mm(x, w, **kw) if bias is None else torch.addmm(bias, x, w, **kw)
 

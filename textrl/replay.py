@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from textrl import kernels
 from textrl.arch import Spec
 from textrl.ops import base_layer, is_input_major, lora_delta
 
@@ -42,7 +43,8 @@ class _Replayed(torch.autograd.Function):
         g, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])  # (N, out), (N, in)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = (g @ (weight if ctx.transposed else weight.t())).view(x.shape)
+            w = weight if ctx.transposed else weight.t()
+            dx = (kernels.onednn_mm(g, w) if kernels.wants_onednn(g, w) else g @ w).view(x.shape)
         if ctx.needs_input_grad[1]:
             if not ctx.transposed:
                 dw = x2.t() @ g
