@@ -219,34 +219,28 @@ def wants_split(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     )
 
 
-def _takes(*ts: torch.Tensor, autograd: bool = False) -> bool:
-    """What every kernel needs of its inputs ``ts``: float32 CPU tensors, no autograd through any of them (the
-    kernels have no backward of their own) unless ``autograd`` (the caller wraps the kernel in an autograd
-    Function with its backward kernel), no autocast (its casts are torch's ops'), and the kernels built."""
+def _cpu_float32(*ts: torch.Tensor, autograd: bool = False) -> bool:
+    """What every CPU op here needs of its inputs ``ts``: float32 CPU tensors, no autograd through any of them (the
+    ops have no backward of their own) unless ``autograd`` (the caller wraps the op in an autograd Function with
+    its backward), and no autocast (its casts are torch's ops')."""
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts)
         and (autograd or not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)))
         and not torch.is_autocast_enabled("cpu")
-        and enabled()
-        and load()
     )
+
+
+def _takes(*ts: torch.Tensor, autograd: bool = False) -> bool:
+    """What every kernel needs: :func:`_cpu_float32` inputs and the kernels built."""
+    return _cpu_float32(*ts, autograd=autograd) and enabled() and load()
 
 
 def wants_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a @ b`` should take :func:`onednn_mm`: float32 on a CPU, more than :data:`MAX_ROWS` rows (fewer
-    take :func:`split_mm`), no autograd through either (the op has no backward: a forward without autograd, or a
-    matmul inside a backward), no autocast, not inside ``torch.compile``, torch built with oneDNN, and
-    ``TEXTRL_ONEDNN`` not ``0``."""
-    return (
-        a.shape[0] > MAX_ROWS
-        and a.device.type == "cpu"
-        and a.dtype == torch.float32
-        and b.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and _onednn()
-    )
+    """Whether ``a @ b`` should take :func:`onednn_mm`: more than :data:`MAX_ROWS` rows (fewer take
+    :func:`split_mm`), float32 on a CPU, no autograd through either (the op has no backward: a forward without
+    autograd, or a matmul inside a backward), no autocast, not inside ``torch.compile``, torch built with oneDNN,
+    and ``TEXTRL_ONEDNN`` not ``0``."""
+    return a.shape[0] > MAX_ROWS and _cpu_float32(a, b) and not torch.compiler.is_compiling() and _onednn()
 
 
 def _onednn() -> bool:
