@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_decode
 
-from textrl import kernels
+from textrl import kernels, ops
 from textrl.arch import describe
 from textrl.engine import Engine
 from textrl.ops import in_out_weight, input_major
@@ -283,8 +283,6 @@ def update_times(model, B: int, P: int, T: int, rounds: int, calls: int = 20) ->
     product forward and backward under autograd, torch's ops against textrl's row kernels
     (:func:`textrl.ops.norm` and :func:`textrl.ops.swiglu` with their C++ backwards); and whether the engine
     takes textrl's side there (oneDNN's matmul above :data:`textrl.kernels.MAX_ROWS` rows)."""
-    from textrl import ops
-
     spec = describe(model)
     N, E = B * (P + T), spec.embed.weight.shape[1]
     gen = torch.Generator().manual_seed(B)

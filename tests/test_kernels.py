@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from textrl import kernels
+from textrl import kernels, ops
 from textrl.engine import Engine
 from textrl.lm import load_lm
 
@@ -281,8 +281,6 @@ def test_row_kernels_under_autograd_equal_torch(threads, shape):
     float32 rounding, for contiguous inputs, a record's slice (rows with gaps, read in place), views the kernels
     copy first (leading dimensions that do not collapse, a stride along the row), and an expanded incoming
     gradient."""
-    from textrl import ops
-
     assert kernels.load()
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(threads + len(shape))
