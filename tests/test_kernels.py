@@ -358,16 +358,18 @@ def test_the_kernel_is_taken_only_where_it_pays(two_threads, monkeypatch):
 
 
 def _decode(model, mode: str, ids, mask, P: int, S: int, fused: bool = False, record: bool = True):
-    """The logits of a prefill and decode steps to S positions, and the record's buffers (None without one);
-    ``fused``: eager steps as one C++ call per block (:attr:`Engine.fused_step`), else op by op."""
+    """The logits and final hidden states of a prefill and decode steps to S positions, side by side (B, S - P + 1,
+    V + E), and the record's buffers (None without one); ``fused``: eager steps as one C++ call each
+    (:attr:`Engine.fused_step`), else op by op."""
     core = Engine(model)
     core.decode_step, core.fused_step = mode, fused
     with torch.no_grad(), core.start(ids[:, :P], mask[:, :P], S, record=record) as session:
-        logits = torch.stack([session.logits] + [session.step(ids[:, t])[0] for t in range(P, S)], 1)
+        outputs = [torch.cat([session.logits, session.hidden], -1)]
+        outputs += [torch.cat(session.step(ids[:, t]), -1) for t in range(P, S)]
         taken = session.fused
         buffers = {m: out.clone() for m, out in session.record.out.items()} if record else None
     assert bool(taken) == (fused and mode == "eager" and kernels.enabled())
-    return logits, buffers
+    return torch.stack(outputs, 1), buffers
 
 
 @pytest.mark.parametrize("arch", ["gpt2_dir", "llama_gqa_dir", "qwen2_dir"])
@@ -416,8 +418,9 @@ FUSED_ARCHS = ["gpt2_dir", "llama_gqa_dir", "qwen2_dir", "qwen3_dir", "mistral_d
 def test_the_fused_decode_step_equals_the_op_by_op_one_bit_for_bit(
     request, monkeypatch, two_threads, arch, split, record
 ):
-    """One C++ call per block (textrl::decode_layer) computes what the op-by-op block computes with the same
-    kernels, bit for bit: logits and every linear output in the record, for LayerNorm + fused qkv + GELU (GPT-2),
+    """One C++ call per step (a textrl.kernels.decode_plan: embeddings, every block through textrl::decode_layer,
+    the final norm and the head) computes what the op-by-op step computes with the same kernels, bit for bit:
+    logits, final hidden states and every linear output in the record, for LayerNorm + fused qkv + GELU (GPT-2),
     grouped-query attention with RMSNorm and SwiGLU (Llama), q/k/v biases (Qwen2), q/k norms and a head size other
     than width / heads (Qwen3) and a sliding window shorter than the sequence (Mistral); a padded row; the linear
     layers split over the threads or torch's matmul (the size threshold moved both ways); the last step past the
@@ -435,6 +438,51 @@ def test_the_fused_decode_step_equals_the_op_by_op_one_bit_for_bit(
         assert got_record.keys() == expected_record.keys()
         for m, out in got_record.items():
             assert torch.equal(out, expected_record[m])
+
+
+def test_the_fused_step_keeps_its_plans_for_later_sessions_and_reads_the_weights_as_they_are(request, two_threads):
+    """The plans made for the engine's kept cache and record serve the next session on them (no new plan), and
+    read the weights where they lie: after an in-place update (an optimizer step) a session's logits equal a fresh
+    engine's. Buffers of another shape get plans of their own."""
+    model = load_lm(request.getfixturevalue("qwen2_dir"))[0]
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 9), generator=gen)
+    mask = torch.ones_like(ids)
+
+    def run(core, rows=4):
+        with torch.no_grad(), core.start(ids[:rows, :5], mask[:rows, :5], 9, record=True) as session:
+            out = torch.stack([session.step(ids[:rows, t])[0] for t in range(5, 9)], 1)
+            return out, session.fused
+
+    core = Engine(model)
+    first, plans = run(core)
+    assert plans and run(core)[1] is plans  # the same plans, not new ones
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # in place, as an optimizer step updates them
+    after, reused = run(core)
+    assert reused is plans
+    assert not torch.equal(after, first)
+    assert torch.equal(after, run(Engine(model))[0])
+    assert run(core, rows=2)[1] is not plans  # a cache of another shape
+
+
+def test_a_decode_plan_names_bad_input(request, two_threads):
+    model = load_lm(request.getfixturevalue("llama_gqa_dir"))[0]
+    core = Engine(model)
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with torch.no_grad(), core.start(ids, torch.ones_like(ids), 6) as session:
+        session.step(ids[:, 0])
+        plan = session.fused[False]
+        vocab = model.get_input_embeddings().num_embeddings
+        with pytest.raises(RuntimeError, match=f"token {vocab} of row 1 is outside the vocabulary of {vocab}"):
+            plan.step(torch.tensor([1, vocab]), session.pos, 4, 0, None, None)
+        with pytest.raises(RuntimeError, match="column 6 outside a cache of 6"):
+            plan.step(ids[:, 0], session.pos, 6, 0, None, None)
+        with pytest.raises(RuntimeError, match="tokens and positions must be int64"):
+            plan.step(ids[:, 0].int(), session.pos, 4, 0, None, None)
+        with pytest.raises(RuntimeError, match="position 1000 of row 0 is outside"):
+            plan.step(ids[:, 0], torch.tensor([999, 3]), 4, 0, None, None)
 
 
 def test_the_fused_step_is_taken_only_where_it_applies(request, monkeypatch, two_threads):
@@ -500,7 +548,8 @@ def test_a_compiled_decode_step_calls_the_kernel(request, monkeypatch, two_threa
     core = Engine(model)
     core.decode_step = "compile"
     with torch.no_grad(), core.start(ids[:, :5], mask[:, :5], 9, record=True) as session:
-        got = torch.stack([session.logits] + [session.step(ids[:, t])[0] for t in range(5, 9)], 1)
+        outputs = [torch.cat([session.logits, session.hidden], -1)]
+        got = torch.stack(outputs + [torch.cat(session.step(ids[:, t]), -1) for t in range(5, 9)], 1)
         static = core._static
     assert static.split_head and all(static.split.values())
     assert static.attention is kernels.decode_attention

@@ -46,9 +46,10 @@ kernels), ``"static"`` runs it as it is (for tests; no faster). Mixture-of-exper
 routing) and sessions with LoRA adapters (folded anew per session) always take the eager step.
 
 The fused eager step (:attr:`Engine.fused_step`): on a CPU, where textrl's kernels apply (float32, no autocast,
-no active LoRA adapter, no mixture-of-experts layer), the eager step runs each block as one C++ call
-(:func:`textrl.kernels.decode_layer_op`) on the same kernels the op-by-op block calls, in the same order: the
-same logits and record bit for bit, without the block's Python-level calls.
+no active LoRA adapter, no mixture-of-experts layer), the eager step is one C++ call (a
+:func:`textrl.kernels.decode_plan`, made once for the session's buffers): the embeddings, each block
+(:func:`textrl.kernels.decode_layer_op`), the final norm and the head, on the same kernels the op-by-op step
+calls, in the same order: the same logits and record bit for bit, without the step's Python-level calls.
 
 On a CPU, where the fused eager step applies it is the fastest step (``docs/benchmarks.md`` has the figures).
 ``"compile"`` takes a similar route by another means: inductor fuses each layer's norms, rotary, cache writes
@@ -147,11 +148,12 @@ class Engine(nn.Module):
         docstring): ``"static"``, ``"graph"`` (CUDA graphs; on other devices as ``"static"``) or ``"compile"``
         (``torch.compile``, then a CUDA graph on CUDA)."""
         self._static: _StaticStep | None = None  # the static step of the last session's buffers
+        self._plans: tuple | None = None  # (key, plans): the fused step's plans on the kept cache and record
         self.fused_step = True
-        """Eager decode steps run each block as one C++ call (:func:`textrl.kernels.decode_layer_op`) where the kernels
-        apply (float32 on a CPU, no autocast, no LoRA adapter active, no mixture-of-experts layer): the same
-        kernels and the same numbers as the op-by-op block, without its ~40 Python-level calls per layer. False:
-        always op by op."""
+        """Eager decode steps run as one C++ call each (:func:`textrl.kernels.decode_plan`) where the kernels apply
+        (float32 on a CPU, no autocast, no LoRA adapter active, no mixture-of-experts layer): the same kernels and
+        the same numbers as the op-by-op step, without its ~40 Python-level calls per layer and the ~30 around the
+        blocks. False: always op by op."""
 
     @property
     def spec(self) -> Spec:
@@ -487,7 +489,7 @@ class Engine(nn.Module):
         cache = self._cache
         if cache is None or cache.key != key or cache.in_use:
             if cache is not None and not cache.in_use:
-                self._cache = self._static = None  # free the old buffers (and a static step's graphs) first
+                self._cache = self._static = self._plans = None  # free the old buffers (and static graphs) first
             cache = KVCache(*key[:5], s.embed.weight)
             if self._cache is None:
                 self._cache = cache  # kept for the next session of this shape
@@ -496,11 +498,11 @@ class Engine(nn.Module):
         rec = None
         if record and self.record_limit is not None and self.record_bytes(B, P, max_len) > self.record_limit:
             record = False
-            self._record = self._static = None  # over the budget: free the last record too (the memory is the point)
+            self._record = self._static = self._plans = None  # over the budget: free the last record too
         if record and max_len > P and not torch.is_autocast_enabled(ids.device.type):
             rec = self._record
             if rec is None or rec.key != (B, P, max_len, s.embed.weight.dtype, ids.device) or rec.in_use:
-                self._record = rec = self._static = None  # free the old buffers before allocating new ones
+                self._record = rec = self._static = self._plans = None  # free the old buffers first
                 rec = Record(s, B, P, max_len, s.embed.weight)
             rec.reset(self._weights_version())
             rec.ids[:, :P], rec.prompt_mask = ids, mask.bool()
@@ -549,29 +551,36 @@ class Engine(nn.Module):
             rec = None  # the last position never feeds an update: not recorded
         if self.decode_step != "eager" and not session.adapters and self._static_ok():
             return self._static_step(session, tokens, rec)
-        B = len(tokens)
+        if session.fused is None:
+            session.fused = self._fused_plan(session)
+        out = None if rec is None else rec.logits[:, t - rec.P + 1]
+        if session.fused:  # the whole step in one C++ call (embeddings, blocks, final norm, head)
+            plan = session.fused[rec is not None]
+            col, ids = (0, None) if rec is None else (t, rec.ids)
+            logits, hidden = plan.step(tokens, session.pos, t, col, ids, out)
+            session.length = t + 1
+            if rec is not None:
+                rec.len = t + 1
+            return (logits, hidden) if logits is not None else (self._head_product(hidden, out), hidden)
         session.pos += 1
         cache.mask_col[t].fill_(True)
         x, angles = self._embed(tokens[:, None], session.pos[:, None])  # (B, 1, E)
-        if session.fused is None:
-            session.fused = self._fused_plan(session)
-        if session.fused:
-            self._fused_layers(session, x.view(B, -1), angles, t, rec)  # in place
-        else:
-            x = self._layers_op_by_op(session, x, angles, t, rec)
+        x = self._layers_op_by_op(session, x, angles, t, rec)
         session.length = t + 1
         hidden = norm(x[:, 0], self.spec.norm)  # (B, E)
-        head = self.spec.head.weight.t()  # (E, V)
         if rec is not None:
             rec.ids[:, t] = tokens
             rec.len = t + 1
-        out = None if rec is None else rec.logits[:, t - rec.P + 1]
-        split = kernels.wants_split(hidden, head)  # by vocabulary columns over the threads
+        split = kernels.wants_split(hidden, self.spec.head.weight.t())  # by vocabulary columns over the threads
         if split or is_input_major(self.spec.head.weight):  # split, or stored (E, V): the product as it lies
             return base_into(hidden, self.spec.head, out, split=split), hidden
-        # (V, E) @ (E, B), then transposed: about half the CPU time of (B, E) @ (E, V) at small B
+        return self._head_product(hidden, out), hidden
+
+    def _head_product(self, hidden: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """A decode step's logits (B, V) from an (V, E) head not split over the threads: (V, E) @ (E, B), then
+        transposed (about half the CPU time of (B, E) @ (E, V) at small B); into ``out`` when given."""
         logits_t = torch.mm(self.spec.head.weight, hidden.t())  # (V, B)
-        return (logits_t.t().contiguous(), hidden) if out is None else (out.copy_(logits_t.t()), hidden)
+        return logits_t.t().contiguous() if out is None else out.copy_(logits_t.t())
 
     def _layers_op_by_op(self, session: Session, x: torch.Tensor, angles, t: int, rec: Record | None) -> torch.Tensor:
         """A decode step's blocks through :meth:`_block` on x (B, 1, E): the last block's output."""
@@ -604,9 +613,9 @@ class Engine(nn.Module):
         return x
 
     def _fused_plan(self, session: Session) -> dict | bool:
-        """The session's arguments of :func:`textrl.kernels.decode_layer_op` per layer, by whether a step writes the
-        record: ``{True: [...], False: [...]}`` (without a record, one-column scratch buffers take the linear
-        outputs); False where the fused step does not apply (:attr:`fused_step`)."""
+        """The session's whole-step plans (:func:`textrl.kernels.decode_plan`), by whether a step writes the record:
+        ``{True: plan, False: plan}`` (without a record, one-column scratch buffers take the linear outputs); False
+        where the fused step does not apply (:attr:`fused_step`)."""
         s, cache, rec = self.spec, session.cache, session.record
         if not (self.fused_step and not session.adapters and all(layer.moe is None for layer in s.layers)):
             return False
@@ -616,11 +625,49 @@ class Engine(nn.Module):
             return False
         if any(m.q_norm is not None and m.q_norm.variance_epsilon != m.k_norm.variance_epsilon for m in s.layers):
             return False  # the kernel takes one epsilon for both
+        # the plans on the engine's kept cache and record serve every later session on them, as long as the
+        # weights are the same tensors and nothing a plan decided from (threads, the kernels' switch and sizes)
+        # changed; an engine that frees those buffers drops its plans with them
+        key = (cache, rec, tuple(p.data_ptr() for p in self.model.parameters()), torch.get_num_threads())
+        key += (kernels.enabled(), kernels.MIN_WEIGHT, kernels.MAX_ROWS)
+        if self._plans is not None and self._plans[0] == key:
+            return self._plans[1]
         scratch = {m: x.new_empty(x.shape[0], 1, width(m)) for m in modules}
-        plans = {False: self._fused_args(cache, scratch, x)}
+        plans = {False: self._decode_plan(cache, scratch, x)}
         if rec is not None:
-            plans[True] = self._fused_args(cache, rec.out, x)
+            plans[True] = self._decode_plan(cache, rec.out, x)
+        if cache is self._cache and rec is self._record:
+            self._plans = (key, plans)
         return plans
+
+    def _decode_plan(self, cache: KVCache, outs: dict, x: torch.Tensor):
+        """A :func:`textrl.kernels.decode_plan` for steps on ``cache`` writing the linear outputs into ``outs[module]``
+        (B, T, width): the embeddings, the positions' table (learned, or the rotary angles up to the cache's
+        length), every block's :meth:`_fused_args`, the final norm, and the head where it is a plain product (split
+        over the threads, or stored (E, V)); otherwise the step returns no logits and :meth:`_head_product` makes
+        them."""
+        s = self.spec
+        rotary = None
+        if s.positions is None:  # the rotary table up to max_len, made once here (a step reads rows of it)
+            self._angles(torch.full((1, 1), cache.max_len - 1, device=x.device), x.dtype)
+            rotary = self._rope
+        head_w = in_out_weight(s.head)
+        split = kernels.wants_split(x, head_w)
+        if not (split or is_input_major(s.head.weight)):
+            head_w = None
+        final = s.norm
+        ln = isinstance(final, nn.LayerNorm)
+        plan = kernels.decode_plan(
+            s.embed.weight,
+            None if s.positions is None else s.positions.weight,
+            rotary,
+            (final.weight, getattr(final, "bias", None), final.eps if ln else final.variance_epsilon, ln),
+            (head_w, base_layer(s.head).bias, split),
+            cache.keymask,
+        )
+        for window, args in self._fused_args(cache, outs, x):
+            plan.add_layer(-1 if window is None else window, *args)
+        return plan
 
     def _fused_args(self, cache: KVCache, outs: dict, x: torch.Tensor) -> list[tuple[int | None, tuple]]:
         """Per layer: its attention window and its arguments of :func:`textrl.kernels.decode_layer_op` after the
@@ -656,15 +703,6 @@ class Engine(nn.Module):
             )
             args.append((layer.window, layer_args))
         return args
-
-    def _fused_layers(self, session: Session, x: torch.Tensor, angles, t: int, rec: Record | None) -> None:
-        """A decode step's blocks, one :func:`textrl.kernels.decode_layer_op` call each, in place on x (B, E)."""
-        cos, sin = (None, None) if angles is None else (a.reshape(x.shape[0], -1) for a in angles)
-        col = t if rec is not None else 0
-        op = kernels.decode_layer_op()
-        for window, args in session.fused[rec is not None]:
-            first = 0 if window is None else max(0, t + 1 - window)
-            op(x, col, t, first, cos, sin, *args)
 
     def _static_ok(self) -> bool:
         """Whether the static step can run this model: no mixture-of-experts layer (its routing has

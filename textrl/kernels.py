@@ -347,6 +347,25 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.textrl.gelu_tanh(x)
 
 
+def decode_plan(
+    embed: torch.Tensor,
+    positions: torch.Tensor | None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    final_norm: tuple[torch.Tensor, torch.Tensor | None, float, bool],
+    head: tuple[torch.Tensor | None, torch.Tensor | None, bool],
+    keymask: torch.Tensor,
+):
+    """A whole decode step as one C++ call (``torch.classes.textrl.DecodePlan``), made once per session: the
+    token embeddings ``embed`` (V, E), the learned ``positions`` (N, E) or the ``rotary`` tables (cos, signed sin)
+    (N, D), ``final_norm`` as (weight, bias, eps, whether a LayerNorm), ``head`` as (weight (E, V) or None, bias,
+    whether split over the threads) and the cache's ``keymask`` (B, 1, 1, max_len). ``plan.add_layer(window,
+    *args)`` adds a block (its :func:`decode_layer_op` arguments after the per-step ones; window -1: none);
+    ``plan.step(tokens, pos, t, col, ids, out)`` feeds tokens (B,) at cache column t and returns ``(logits,
+    hidden)`` (logits None without a head). Call only where :func:`wants_rows` holds for every block weight."""
+    cos, sin = rotary if rotary is not None else (None, None)
+    return torch.classes.textrl.DecodePlan(embed, positions, cos, sin, *final_norm, *head, keymask)
+
+
 def decode_layer_op():
     """``torch.ops.textrl.decode_layer``: one decode step's Transformer block in one call, in place on the
     residual stream (the arguments are :meth:`textrl.engine.Engine._fused_args`'). Call only where :func:`wants_rows`

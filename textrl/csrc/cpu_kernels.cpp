@@ -800,6 +800,131 @@ void decode_layer(at::Tensor x, int64_t col, int64_t t, int64_t first, const c10
   add_rows(x, d);
 }
 
+// --- a whole decode step in one call ---------------------------------------------------------------------
+
+// One decode step of a model in one call from Python: the token embeddings (plus learned positions, or the rotary
+// tables at each row's position), every block through decode_layer, the final norm and the LM head, as
+// textrl.engine.Engine._step computes them op by op with the same kernels, in the same order. The arguments that
+// stay the same for a whole session (weights, the cache, the record's buffers) are given once, when the plan is
+// made (textrl.engine.Engine._fused_plan); a step passes only its tokens and position. Between the blocks of a
+// step no Python runs: each Python-level call after a step's large matmuls meets cold caches, and a step made of
+// one call instead of ~30 pays that once.
+struct DecodeLayerArgs {
+  int64_t window;  // the attention window, or -1 for none
+  c10::optional<at::Tensor> norm1_w, norm1_b;
+  std::vector<at::Tensor> attn_ws;
+  c10::List<c10::optional<at::Tensor>> attn_bs;
+  std::vector<at::Tensor> attn_outs;
+  c10::optional<at::Tensor> q_norm_w, k_norm_w;
+  at::Tensor k_cache, v_cache, keymask, o_w;
+  c10::optional<at::Tensor> o_b;
+  at::Tensor o_out;
+  c10::optional<at::Tensor> norm2_w, norm2_b;
+  std::vector<at::Tensor> mlp_ws;
+  c10::List<c10::optional<at::Tensor>> mlp_bs;
+  std::vector<at::Tensor> mlp_outs;
+  at::Tensor down_w;
+  c10::optional<at::Tensor> down_b;
+  at::Tensor down_out;
+  int64_t n_head, act;
+  bool layer_norm;
+  std::vector<double> eps;
+  std::vector<int64_t> split;
+};
+
+struct DecodePlan : torch::CustomClassHolder {
+  at::Tensor embed, keymask;
+  c10::optional<at::Tensor> positions, cos, sin, norm_w, norm_b, head_w, head_b;
+  double norm_eps;
+  bool norm_ln, head_split;
+  std::vector<DecodeLayerArgs> layers;
+
+  // embed (V, E): the token embeddings; positions (P, E): learned position embeddings, or cos and sin (N, D): the
+  // rotary tables (the sine signed, as textrl.ops.rotate takes it) for positions 0..N-1; norm_*: the final
+  // norm; head_w (E, V), head_b: the LM head as a matmul's weight (none: the caller computes the logits from the
+  // hidden states); head_split: through mm_group_into; keymask (B, 1, 1, max_len): the cache's key mask.
+  DecodePlan(at::Tensor embed, c10::optional<at::Tensor> positions, c10::optional<at::Tensor> cos,
+             c10::optional<at::Tensor> sin, c10::optional<at::Tensor> norm_w, c10::optional<at::Tensor> norm_b,
+             double norm_eps, bool norm_ln, c10::optional<at::Tensor> head_w, c10::optional<at::Tensor> head_b,
+             bool head_split, at::Tensor keymask)
+      : embed(std::move(embed)), keymask(std::move(keymask)), positions(std::move(positions)), cos(std::move(cos)),
+        sin(std::move(sin)), norm_w(std::move(norm_w)), norm_b(std::move(norm_b)), head_w(std::move(head_w)),
+        head_b(std::move(head_b)), norm_eps(norm_eps), norm_ln(norm_ln), head_split(head_split) {
+    TORCH_CHECK(this->embed.dim() == 2 && this->embed.scalar_type() == at::kFloat && this->embed.device().is_cpu(),
+                "DecodePlan: the embeddings must be a float32 CPU (V, E) tensor, got ", this->embed.sizes());
+    TORCH_CHECK(this->cos.has_value() == this->sin.has_value(), "DecodePlan: give both rotary tables or neither");
+  }
+
+  // One block's decode_layer arguments after the per-step ones (x, col, t, first, cos, sin), and its window.
+  void add_layer(int64_t window, c10::optional<at::Tensor> norm1_w, c10::optional<at::Tensor> norm1_b,
+                 std::vector<at::Tensor> attn_ws, c10::List<c10::optional<at::Tensor>> attn_bs,
+                 std::vector<at::Tensor> attn_outs, c10::optional<at::Tensor> q_norm_w,
+                 c10::optional<at::Tensor> k_norm_w, at::Tensor k_cache, at::Tensor v_cache, at::Tensor keymask,
+                 at::Tensor o_w, c10::optional<at::Tensor> o_b, at::Tensor o_out, c10::optional<at::Tensor> norm2_w,
+                 c10::optional<at::Tensor> norm2_b, std::vector<at::Tensor> mlp_ws,
+                 c10::List<c10::optional<at::Tensor>> mlp_bs, std::vector<at::Tensor> mlp_outs, at::Tensor down_w,
+                 c10::optional<at::Tensor> down_b, at::Tensor down_out, int64_t n_head, int64_t act, bool layer_norm,
+                 std::vector<double> eps, std::vector<int64_t> split) {
+    layers.push_back({window, std::move(norm1_w), std::move(norm1_b), std::move(attn_ws), std::move(attn_bs),
+                      std::move(attn_outs), std::move(q_norm_w), std::move(k_norm_w), std::move(k_cache),
+                      std::move(v_cache), std::move(keymask), std::move(o_w), std::move(o_b), std::move(o_out),
+                      std::move(norm2_w), std::move(norm2_b), std::move(mlp_ws), std::move(mlp_bs),
+                      std::move(mlp_outs), std::move(down_w), std::move(down_b), std::move(down_out), n_head, act,
+                      layer_norm, std::move(eps), std::move(split)});
+  }
+
+  // Feed tokens (B,) at cache column t: each row's position pos (B,) moves on by one (in place), the column joins
+  // the key mask, the blocks write their linear outputs into column ``col`` of their buffers and the tokens go
+  // into ids[:, t] (a rollout record's; none without one). Returns (logits (B, V), into ``out`` when given;
+  // none without a head, hidden (B, E): the final norm's output).
+  std::tuple<c10::optional<at::Tensor>, at::Tensor> step(at::Tensor tokens, at::Tensor pos, int64_t t, int64_t col,
+                                          c10::optional<at::Tensor> ids, c10::optional<at::Tensor> out) {
+    TORCH_CHECK(!layers.empty(), "DecodePlan.step: the plan has no layers");
+    TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && pos.sizes() == tokens.sizes() &&
+                    pos.scalar_type() == at::kLong && tokens.size(0) == keymask.size(0),
+                "DecodePlan.step: tokens and positions must be int64 (B,) for the cache's ", keymask.size(0),
+                " rows, got ", tokens.sizes(), " and ", pos.sizes());
+    TORCH_CHECK(0 <= t && t < keymask.size(3), "DecodePlan.step: column ", t, " outside a cache of ",
+                keymask.size(3));
+    const int64_t V = embed.size(0);
+    const int64_t* tp = tokens.data_ptr<int64_t>();
+    for (int64_t b = 0; b < tokens.size(0); ++b) {
+      TORCH_CHECK(0 <= tp[b] && tp[b] < V, "DecodePlan.step: token ", tp[b], " of row ", b,
+                  " is outside the vocabulary of ", V);
+    }
+    pos.add_(1);
+    keymask.select(3, t).fill_(true);
+    at::Tensor x = at::index_select(embed, 0, tokens);  // (B, E), a tensor of its own: the blocks update it in place
+    c10::optional<at::Tensor> c, s;
+    if (positions.has_value() || cos.has_value()) {
+      const at::Tensor& table = positions.has_value() ? *positions : *cos;
+      const int64_t* pp = pos.data_ptr<int64_t>();
+      for (int64_t b = 0; b < pos.size(0); ++b) {
+        TORCH_CHECK(0 <= pp[b] && pp[b] < table.size(0), "DecodePlan.step: position ", pp[b], " of row ", b,
+                    " is outside the model's table of ", table.size(0));
+      }
+    }
+    if (positions.has_value()) x = x + at::index_select(*positions, 0, pos);
+    if (cos.has_value()) {
+      c = at::index_select(*cos, 0, pos);  // (B, D)
+      s = at::index_select(*sin, 0, pos);
+    }
+    for (const DecodeLayerArgs& l : layers) {
+      const int64_t first = l.window < 0 ? 0 : std::max<int64_t>(0, t + 1 - l.window);
+      decode_layer(x, col, t, first, c, s, l.norm1_w, l.norm1_b, l.attn_ws, l.attn_bs, l.attn_outs, l.q_norm_w,
+                   l.k_norm_w, l.k_cache, l.v_cache, l.keymask, l.o_w, l.o_b, l.o_out, l.norm2_w, l.norm2_b, l.mlp_ws,
+                   l.mlp_bs, l.mlp_outs, l.down_w, l.down_b, l.down_out, l.n_head, l.act, l.layer_norm, l.eps,
+                   l.split);
+    }
+    if (ids.has_value()) ids->select(1, t).copy_(tokens);
+    at::Tensor hidden = block_norm(x, norm_w, norm_b, norm_eps, norm_ln);
+    if (!head_w.has_value()) return {c10::nullopt, hidden};
+    at::Tensor logits = out.has_value() ? *out : at::empty({x.size(0), head_w->size(1)}, x.options());
+    linear_group(hidden, {*head_w}, {head_b}, {logits}, head_split);
+    return {logits, hidden};
+  }
+};
+
 bool has_direct() { return kDirect; }
 
 }  // namespace
@@ -823,6 +948,12 @@ TORCH_LIBRARY(textrl, m) {
       "Tensor(e!) o_out, Tensor? norm2_w, Tensor? norm2_b, Tensor[] mlp_ws, Tensor?[] mlp_bs, "
       "Tensor(f!)[] mlp_outs, Tensor down_w, Tensor? down_b, Tensor(g!) down_out, int n_head, int act, "
       "bool layer_norm, float[] eps, int[] split) -> ()");
+  m.class_<DecodePlan>("DecodePlan")
+      .def(torch::init<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                       c10::optional<at::Tensor>, c10::optional<at::Tensor>, double, bool, c10::optional<at::Tensor>,
+                       c10::optional<at::Tensor>, bool, at::Tensor>())
+      .def("add_layer", &DecodePlan::add_layer)
+      .def("step", &DecodePlan::step);
 }
 
 TORCH_LIBRARY_IMPL(textrl, CPU, m) {
