@@ -17,7 +17,7 @@ which also compiles):
 - whole decode steps of that model through the engine, each ``--decode-step`` mode, the kernel on against off
   (``TEXTRL_CPU_KERNELS``; a compiled step decides when it is made, so each side has its own engine), fed the
   same tokens: ms per step and the largest difference between their logits;
-- eager decode steps with each block one C++ call (:attr:`textrl.engine.Engine.fused_step`) against op by op,
+- eager decode steps as one C++ call each (:attr:`textrl.engine.Engine.fused_step`) against op by op,
   the kernels on in both: ms per step, and whether the logits are equal bit for bit;
 - with ``--iterations N``, whole textrl REINFORCE iterations on a random model of the same family and size
   (``peers.py``'s workload and model), two agents, kernel on and off, alternating: seconds per iteration.
@@ -182,7 +182,7 @@ def step_times(model, B: int, P: int, T: int, rounds: int, mode: str) -> dict:
 
 
 def fused_times(model, B: int, P: int, T: int, rounds: int) -> dict:
-    """ms per eager decode step with each block one C++ call (``"fused"``, :attr:`Engine.fused_step`) and op by
+    """ms per eager decode step as one C++ call (``"fused"``, :attr:`Engine.fused_step`) and op by
     op (``"ops"``), the kernels on in both, fed the same tokens in alternating sessions; ``"equal"``: whether
     their logits are equal bit for bit."""
     engines = {"fused": Engine(model), "ops": Engine(model)}
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
             ratio = row["off"] / row["on"]
             print(f"| {B} | {mode} | {row['on']:.2f} | {row['off']:.2f} | {ratio:.3f}x | {row['max_diff']:.1e} |")
     if "eager" in args.decode_step:
-        print("\nEager decode steps, each block one C++ call (textrl::decode_layer) against op by op (the kernels on")
+        print("\nEager decode steps as one C++ call (textrl.kernels.decode_plan) against op by op (the kernels on")
         print("in both), ms per step:\n")
         print("| B | fused | op by op | op by op / fused | logits equal bit for bit |")
         print("|---:|---:|---:|---:|---|")
