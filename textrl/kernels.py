@@ -355,10 +355,11 @@ def decode_plan(
     head: tuple[torch.Tensor | None, torch.Tensor | None, bool],
     keymask: torch.Tensor,
 ):
-    """A whole decode step as one C++ call (``torch.classes.textrl.DecodePlan``), made once per session: the
-    token embeddings ``embed`` (V, E), the learned ``positions`` (N, E) or the ``rotary`` tables (cos, signed sin)
-    (N, D), ``final_norm`` as (weight, bias, eps, whether a LayerNorm), ``head`` as (weight (E, V) or None, bias,
-    whether split over the threads) and the cache's ``keymask`` (B, 1, 1, max_len). ``plan.add_layer(window,
+    """A whole decode step as one C++ call (``torch.classes.textrl.DecodePlan``), made once for a session's buffers
+    (the engine keeps it for later sessions on the same ones): the token embeddings ``embed`` (V, E), the learned
+    ``positions`` (N, E) or the ``rotary`` tables (cos, signed sin) (N, D), ``final_norm`` as (weight, bias, eps,
+    whether a LayerNorm), ``head`` as (weight (E, V) or None, bias, whether split over the threads) and the
+    cache's ``keymask`` (B, 1, 1, max_len). ``plan.add_layer(window,
     *args)`` adds a block (its :func:`decode_layer_op` arguments after the per-step ones; window -1: none);
     ``plan.step(tokens, pos, t, col, ids, out)`` feeds tokens (B,) at cache column t and returns ``(logits,
     hidden)`` (logits None without a head). Call only where :func:`wants_rows` holds for every block weight."""

@@ -54,7 +54,7 @@ class Session:
         self.logits: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
         self.adapters: dict = {}  # LoRA layers' folded adapters for this session (textrl.ops.folded_adapters)
-        self.fused: dict | bool | None = None  # the fused step's arguments (Engine._fused_plan); None: not made yet
+        self.fused: dict | bool | None = None  # the fused step's plans (Engine._fused_plan); None: not made yet
         cache.in_use = True
         if record is not None:
             record.in_use = True
