@@ -477,12 +477,16 @@ def test_a_decode_plan_names_bad_input(request, two_threads):
         vocab = model.get_input_embeddings().num_embeddings
         with pytest.raises(RuntimeError, match=f"token {vocab} of row 1 is outside the vocabulary of {vocab}"):
             plan.step(torch.tensor([1, vocab]), session.pos, 4, 0, None, None)
+        with pytest.raises(RuntimeError, match=f"token {vocab} of row 1 is outside"):  # a column: strided tokens
+            plan.step(torch.tensor([[1, 0], [vocab, 0]])[:, 0], session.pos, 4, 0, None, None)
         with pytest.raises(RuntimeError, match="column 6 outside a cache of 6"):
             plan.step(ids[:, 0], session.pos, 6, 0, None, None)
         with pytest.raises(RuntimeError, match="tokens and positions must be int64"):
             plan.step(ids[:, 0].int(), session.pos, 4, 0, None, None)
+        pos = torch.tensor([999, 3])
         with pytest.raises(RuntimeError, match="position 1000 of row 0 is outside"):
-            plan.step(ids[:, 0], torch.tensor([999, 3]), 4, 0, None, None)
+            plan.step(ids[:, 0], pos, 4, 0, None, None)
+        assert pos.tolist() == [999, 3]  # refused before anything changed
 
 
 def test_the_fused_step_is_taken_only_where_it_applies(request, monkeypatch, two_threads):

@@ -887,27 +887,30 @@ struct DecodePlan : torch::CustomClassHolder {
     TORCH_CHECK(0 <= t && t < keymask.size(3), "DecodePlan.step: column ", t, " outside a cache of ",
                 keymask.size(3));
     const int64_t V = embed.size(0);
-    const int64_t* tp = tokens.data_ptr<int64_t>();
-    for (int64_t b = 0; b < tokens.size(0); ++b) {
+    const at::Tensor tok = tokens.contiguous();  // a column of a (B, S) tensor is strided
+    const int64_t* tp = tok.data_ptr<int64_t>();
+    for (int64_t b = 0; b < tok.size(0); ++b) {
       TORCH_CHECK(0 <= tp[b] && tp[b] < V, "DecodePlan.step: token ", tp[b], " of row ", b,
                   " is outside the vocabulary of ", V);
     }
-    pos.add_(1);
-    keymask.select(3, t).fill_(true);
-    at::Tensor x = at::index_select(embed, 0, tokens);  // (B, E), a tensor of its own: the blocks update it in place
-    c10::optional<at::Tensor> c, s;
-    if (positions.has_value() || cos.has_value()) {
+    if (positions.has_value() || cos.has_value()) {  // checked before anything changes: the step's positions
       const at::Tensor& table = positions.has_value() ? *positions : *cos;
-      const int64_t* pp = pos.data_ptr<int64_t>();
-      for (int64_t b = 0; b < pos.size(0); ++b) {
-        TORCH_CHECK(0 <= pp[b] && pp[b] < table.size(0), "DecodePlan.step: position ", pp[b], " of row ", b,
-                    " is outside the model's table of ", table.size(0));
+      const at::Tensor before = pos.contiguous();
+      const int64_t* pp = before.data_ptr<int64_t>();
+      for (int64_t b = 0; b < before.size(0); ++b) {
+        TORCH_CHECK(0 <= pp[b] + 1 && pp[b] + 1 < table.size(0), "DecodePlan.step: position ", pp[b] + 1, " of row ",
+                    b, " is outside the model's table of ", table.size(0));
       }
     }
-    if (positions.has_value()) x = x + at::index_select(*positions, 0, pos);
+    pos.add_(1);
+    const at::Tensor current = pos.contiguous();  // each row's position now
+    keymask.select(3, t).fill_(true);
+    at::Tensor x = at::index_select(embed, 0, tok);  // (B, E), a tensor of its own: the blocks update it in place
+    c10::optional<at::Tensor> c, s;
+    if (positions.has_value()) x = x + at::index_select(*positions, 0, current);
     if (cos.has_value()) {
-      c = at::index_select(*cos, 0, pos);  // (B, D)
-      s = at::index_select(*sin, 0, pos);
+      c = at::index_select(*cos, 0, current);  // (B, D)
+      s = at::index_select(*sin, 0, current);
     }
     for (const DecodeLayerArgs& l : layers) {
       const int64_t first = l.window < 0 ? 0 : std::max<int64_t>(0, t + 1 - l.window);
@@ -916,7 +919,7 @@ struct DecodePlan : torch::CustomClassHolder {
                    l.mlp_bs, l.mlp_outs, l.down_w, l.down_b, l.down_out, l.n_head, l.act, l.layer_norm, l.eps,
                    l.split);
     }
-    if (ids.has_value()) ids->select(1, t).copy_(tokens);
+    if (ids.has_value()) ids->select(1, t).copy_(tok);
     at::Tensor hidden = block_norm(x, norm_w, norm_b, norm_eps, norm_ln);
     if (!head_w.has_value()) return {c10::nullopt, hidden};
     at::Tensor logits = out.has_value() ? *out : at::empty({x.size(0), head_w->size(1)}, x.options());
