@@ -591,3 +591,18 @@ def test_a_lock_left_by_a_killed_build_is_cleared_with_a_warning(tmp_path):
         kernels._clear_stale_lock(tmp_path)
     assert not lock.exists()
     kernels._clear_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_sample_into_names_bad_input():
+    assert kernels.load()
+    tokens, logprobs, none = torch.zeros(2, dtype=torch.long), torch.zeros(2), torch.zeros(0, dtype=torch.long)
+    kernels.sample_into(torch.randn(2, 5), 4, none, 1.0, None, tokens, logprobs)  # well formed: runs
+    assert (tokens < 4).all() and (logprobs <= 0).all()
+    with pytest.raises(RuntimeError, match="sample_into: logits must be float32"):
+        kernels.sample_into(torch.randn(2, 5).double(), 4, none, 1.0, None, tokens, logprobs)
+    with pytest.raises(RuntimeError, match="0 < n <= V, got \\[2, 5\\] and n = 6"):
+        kernels.sample_into(torch.randn(2, 5), 6, none, 1.0, None, tokens, logprobs)
+    with pytest.raises(RuntimeError, match="must be \\(B,\\) for B = 2"):
+        kernels.sample_into(torch.randn(2, 5), 4, none, 1.0, None, tokens[:1], logprobs)
+    with pytest.raises(RuntimeError, match="temperature must be > 0"):
+        kernels.sample_into(torch.randn(2, 5), 4, none, 0.0, None, tokens, logprobs)

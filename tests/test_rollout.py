@@ -85,3 +85,29 @@ def test_one_decode_loop_serves_rollouts_generate_and_textrl_generate(monkeypatc
     with pytest.raises(ValueError, match="exploded"):
         real(policy, ids, torch.ones_like(ids), 4, boom)
     assert policy.core._cache is None or not policy.core._cache.in_use
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "suppress_tokens": [0, 5]}, {"top_k": 20}])
+def test_the_one_call_sampler_draws_what_the_python_step_draws(monkeypatch, llama_dir, sampling):
+    """Plain sampling (no top-k or top-p, not greedy) on a float32 CPU takes textrl.kernels.sample_into: the same
+    tokens, log-probabilities and completions bit for bit as the Python-level step from the same seed (the same
+    draws from the generator), with suppressed tokens and a temperature too; top-k stays in Python."""
+    from textrl import kernels
+
+    env = TextGenEnv(
+        lm=str(llama_dir),
+        prompts=["The king", "The old queen sees"],
+        reward=keyword_reward(include=["the"]),
+        max_new_tokens=10,
+        stop=["."],
+    )
+    calls, wants = [], kernels.wants_sampler
+    monkeypatch.setattr(kernels, "wants_sampler", lambda logits: calls.append(1) or wants(logits))
+    taken = PPO(env, config=PPOConfig(batch_size=8, minibatch_size=8, **sampling), seed=3).collect()[0]
+    assert bool(calls) == ("top_k" not in sampling)  # asked only for plain sampling (and then it applies)
+    assert kernels.load() and wants(torch.zeros(2, 3))
+    monkeypatch.setattr(kernels, "wants_sampler", lambda logits: False)
+    python = PPO(env, config=PPOConfig(batch_size=8, minibatch_size=8, **sampling), seed=3).collect()[0]
+    for field in ("ids", "actions", "logprobs", "action_mask"):
+        assert torch.equal(getattr(taken, field), getattr(python, field)), field
+    assert taken.completions == python.completions

@@ -347,6 +347,29 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.textrl.gelu_tanh(x)
 
 
+def wants_sampler(logits: torch.Tensor) -> bool:
+    """Whether a rollout step's plain sampling (no top-k, no top-p, not greedy) should take :func:`sample_into`:
+    float32 logits on a CPU, no autograd, no autocast, and the kernels built."""
+    return logits.dim() == 2 and _takes(logits)
+
+
+def sample_into(
+    logits: torch.Tensor,
+    n: int,
+    suppressed: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None,
+    tokens: torch.Tensor,
+    logprobs: torch.Tensor,
+) -> None:
+    """One sampling step in one call: the first ``n`` columns of ``logits`` (B, V) with the ``suppressed`` ids at
+    -inf, over ``temperature``, softmax, one inverse-CDF draw per row (:func:`textrl.policy.sample`) and the drawn
+    token's log-probability, into ``tokens`` (B,) and ``logprobs`` (B,). The same ATen ops in the same order as
+    the Python-level step, so the same tokens and log-probabilities bit for bit, and the same draws from
+    ``generator``. Call only where :func:`wants_sampler` said so."""
+    torch.ops.textrl.sample_into(logits, n, suppressed, temperature, generator, tokens, logprobs)
+
+
 def decode_plan(
     embed: torch.Tensor,
     positions: torch.Tensor | None,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from textrl import kernels
 from textrl.generation import decode
 from textrl.policy import ActorCritic, sample, shape_logits
 from textrl.protocol import TextVectorEnv
@@ -153,21 +154,30 @@ def collect_rollout(
     # the suppressed ids as one index tensor for the whole rollout, not a new one at every step
     suppressed = torch.as_tensor(sampling.suppress_tokens, dtype=torch.long, device=device)
     shaping = {**vars(sampling), "suppress_tokens": suppressed}
+    # plain sampling (no top-k, no top-p, not greedy) can take the one-call sampler (textrl.kernels.sample_into)
+    plain = not greedy and not (0 < sampling.top_k < n_actions) and sampling.top_p >= 1.0
     steps = 0
 
     def choose(t: int, session) -> torch.Tensor | None:
         nonlocal steps
         logits, value = session.logits, session.values
-        probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
-        action = probs.argmax(-1) if greedy else sample(probs, generator)  # (B,)
         feeding[:] = [bool(queue) for queue in pending]
-        if feeding.any():
-            rows = np.flatnonzero(feeding)
-            action[torch.from_numpy(rows).to(device)] = torch.tensor([pending[i].pop(0) for i in rows], device=device)
-        tokens[:, t] = action
-        # log of the drawn token's probability: one (B, V) pass fewer than log_softmax + exp; a drawn token's
-        # probability is never below float resolution of the CDF it was drawn from, so the log is exact to ~1e-7
-        torch.log(probs.gather(1, action[:, None]).squeeze(1), out=logprobs[:, t])
+        if plain and not feeding.any() and kernels.wants_sampler(logits):  # the same draw in one C++ call
+            kernels.sample_into(
+                logits, n_actions, suppressed, sampling.temperature, generator, tokens[:, t], logprobs[:, t]
+            )
+            action = tokens[:, t]
+        else:
+            probs = F.softmax(shape_logits(logits[:, :n_actions].float(), **shaping), dim=-1)  # (B, V)
+            action = probs.argmax(-1) if greedy else sample(probs, generator)  # (B,)
+            if feeding.any():
+                rows = np.flatnonzero(feeding)
+                fed = torch.tensor([pending[i].pop(0) for i in rows], device=device)
+                action[torch.from_numpy(rows).to(device)] = fed
+            tokens[:, t] = action
+            # log of the drawn token's probability: one (B, V) pass fewer than log_softmax + exp; a drawn token's
+            # probability is never below float resolution of the CDF it was drawn from, so the log is exact to ~1e-7
+            torch.log(probs.gather(1, action[:, None]).squeeze(1), out=logprobs[:, t])
         values[:, t] = value
         acting = alive & ~feeding
         valid[:, t], seen[:, t] = acting, alive

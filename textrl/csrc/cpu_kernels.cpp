@@ -928,6 +928,30 @@ struct DecodePlan : torch::CustomClassHolder {
   }
 };
 
+// One sampling step of a rollout, as textrl.rollout.collect_rollout draws it in Python (textrl.policy.shape_logits
+// without top-k or top-p, a softmax, textrl.policy.sample's inverse-CDF draw, the drawn token's log-probability):
+// the same ATen ops in the same order, so the same tokens and log-probabilities bit for bit, in one call from
+// Python instead of about fifteen. logits (B, V') of which the first n columns are actions; suppressed: token
+// ids never drawn (may be empty); the tokens (B,) and their log-probabilities (B,) go into tokens and logprobs.
+void sample_into(const at::Tensor& logits, int64_t n, const at::Tensor& suppressed, double temperature,
+                 c10::optional<at::Generator> generator, at::Tensor tokens, at::Tensor logprobs) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && 0 < n && n <= logits.size(1),
+              "sample_into: logits must be float32 (B, V) with 0 < n <= V, got ", logits.sizes(), " and n = ", n);
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == logits.size(0) && tokens.scalar_type() == at::kLong &&
+                  logprobs.sizes() == tokens.sizes() && logprobs.scalar_type() == at::kFloat,
+              "sample_into: tokens (int64) and logprobs (float32) must be (B,) for B = ", logits.size(0));
+  TORCH_CHECK(temperature > 0, "sample_into: temperature must be > 0, got ", temperature);
+  at::Tensor x = logits.narrow(1, 0, n);
+  if (suppressed.numel() > 0) x = x.index_fill(-1, suppressed, -std::numeric_limits<double>::infinity());
+  if (temperature != 1.0) x = x / temperature;
+  const at::Tensor probs = at::softmax(x, -1);
+  const at::Tensor cdf = probs.cumsum(-1);
+  const at::Tensor u = at::rand({probs.size(0), 1}, generator, cdf.options()) * cdf.narrow(1, n - 1, 1);
+  const at::Tensor action = at::searchsorted(cdf, u, false, true).squeeze(1).clamp_max(n - 1);
+  tokens.copy_(action);
+  at::log_out(logprobs, probs.gather(1, action.unsqueeze(1)).squeeze(1));
+}
+
 bool has_direct() { return kDirect; }
 
 }  // namespace
@@ -951,6 +975,9 @@ TORCH_LIBRARY(textrl, m) {
       "Tensor(e!) o_out, Tensor? norm2_w, Tensor? norm2_b, Tensor[] mlp_ws, Tensor?[] mlp_bs, "
       "Tensor(f!)[] mlp_outs, Tensor down_w, Tensor? down_b, Tensor(g!) down_out, int n_head, int act, "
       "bool layer_norm, float[] eps, int[] split) -> ()");
+  m.def(
+      "sample_into(Tensor logits, int n, Tensor suppressed, float temperature, Generator? generator, "
+      "Tensor(a!) tokens, Tensor(b!) logprobs) -> ()");
   m.class_<DecodePlan>("DecodePlan")
       .def(torch::init<at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
                        c10::optional<at::Tensor>, c10::optional<at::Tensor>, double, bool, c10::optional<at::Tensor>,
@@ -971,4 +998,5 @@ TORCH_LIBRARY_IMPL(textrl, CPU, m) {
   m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("silu_mul_backward", &silu_mul_backward);
   m.impl("decode_layer", &decode_layer);
+  m.impl("sample_into", &sample_into);
 }
