@@ -154,15 +154,19 @@ def collect_rollout(
     # the suppressed ids as one index tensor for the whole rollout, not a new one at every step
     suppressed = torch.as_tensor(sampling.suppress_tokens, dtype=torch.long, device=device)
     shaping = {**vars(sampling), "suppress_tokens": suppressed}
-    # plain sampling (no top-k, no top-p, not greedy) can take the one-call sampler (textrl.kernels.sample_into)
+    # plain sampling (no top-k, no top-p, not greedy) can take the one-call sampler (textrl.kernels.sample_into);
+    # whether it does depends on the logits' dtype and device, the same at every step: decided at the first one
     plain = not greedy and not (0 < sampling.top_k < n_actions) and sampling.top_p >= 1.0
+    one_call: bool | None = None if plain else False
     steps = 0
 
     def choose(t: int, session) -> torch.Tensor | None:
-        nonlocal steps
+        nonlocal steps, one_call
         logits, value = session.logits, session.values
         feeding[:] = [bool(queue) for queue in pending]
-        if plain and not feeding.any() and kernels.wants_sampler(logits):  # the same draw in one C++ call
+        if one_call is None:
+            one_call = kernels.wants_sampler(logits)
+        if one_call and not feeding.any():  # the same draw in one C++ call
             kernels.sample_into(
                 logits, n_actions, suppressed, sampling.temperature, generator, tokens[:, t], logprobs[:, t]
             )
