@@ -40,12 +40,14 @@ def new_run_dir(parent: Path, name: str, numbered: bool = False, new: bool = Tru
     ``_2``, ``_3``, ... appended when that folder exists (such names carry a time: there is none to continue).
 
     >>> import tempfile
-    >>> top = Path(tempfile.mkdtemp())
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> top = Path(tmp.name)
     >>> new_run_dir(top, "ppo", numbered=True).name, new_run_dir(top, "ppo", numbered=True, new=False).name
     ('ppo_1', 'ppo_1')
     >>> (top / "ppo_1").mkdir(); (top / "ppo_7").mkdir()
     >>> new_run_dir(top, "ppo", numbered=True).name, new_run_dir(top, "ppo", numbered=True, new=False).name
     ('ppo_8', 'ppo_7')
+    >>> tmp.cleanup()
     """
     if numbered:
         pattern = re.compile(rf"^{re.escape(name)}_(\d+)$")
