@@ -25,12 +25,14 @@
 #
 # GPU_SMOKE=1: the same script on the CPU in ~30 s (the test suite runs it): no install, the tests collected
 # and skipped, one tiny random Qwen2 (peers.py --shape qwen2-tiny, B = 4, 16 + 8 tokens, in one process) with
-# made-up peaks, so the report's GPU section is built; no part 5 or 6.
+# made-up peaks, so the report's GPU section is built; no part 5 or 6. GPU_INSTALL=1 makes the smoke install
+# the wheels too (part 1), as on the GPU machine: benchmarks/gpu_image_check.sh uses it.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 SMOKE=${GPU_SMOKE:-0}
+INSTALL=${GPU_INSTALL:-$([ "$SMOKE" = 0 ] && echo 1 || echo 0)}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu-$(date +%F)}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -63,7 +65,7 @@ part() { # part NAME SECONDS FILE COMMAND...: under timeout, at most what is lef
 
 # 1. the wheels the image lacks
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-if [ "$SMOKE" = 0 ] && ls .whl/*.whl > /dev/null 2>&1; then
+if [ "$INSTALL" = 1 ] && ls .whl/*.whl > /dev/null 2>&1; then
     missing=$("$PY" - << 'EOF'
 import glob, importlib.metadata as md, re, sys
 for wheel in sorted(glob.glob(".whl/*.whl")):
