@@ -251,8 +251,13 @@ class BaseAgent(GuardMixin, ReportingMixin, InferenceMixin, PersistenceMixin):
         if self.config.ent_coef == 0:
             # The entropy is then only logged: computed outside the graph, the backward skips its
             # full-vocabulary passes (-10% of the update at B=16); its gradient would be 0 * dH.
-            # Suppressed tokens are removed chunk by chunk inside (no (B, T, V) copy of the logits).
-            shaped = shape_logits(logits[..., :n].float(), **{**vars(self.sampling), "suppress_tokens": ()})
+            # Suppressed tokens are removed chunk by chunk inside (no (B, T, V) copy of the logits), and
+            # half-precision logits are taken to float32 chunk by chunk there too: a whole float32 copy is
+            # made only where temperature, top-k or top-p reshape the logits first.
+            s = self.sampling
+            shaped = logits[..., :n]
+            if s.temperature != 1.0 or s.top_k or s.top_p < 1.0:
+                shaped = shape_logits(shaped.float(), **{**vars(s), "suppress_tokens": ()})
             return action_logprobs(shaped, actions, entropy=True, suppress_tokens=suppressed)
         shaped = shape_logits(logits[..., :n].float(), **vars(self.sampling))
         logp = F.log_softmax(shaped, dim=-1)  # (B, T, V)

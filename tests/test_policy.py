@@ -76,3 +76,34 @@ def test_suppressed_tokens_are_removed_from_the_distribution(monkeypatch, chunk_
     # a suppressed token is never drawn, however likely
     probs = F.softmax(policy.shape_logits(torch.tensor([[9.0, 0.0, 0.0]]).repeat(200, 1), suppress_tokens=[0]), -1)
     assert (policy.sample(probs, g) != 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 19])
+@pytest.mark.parametrize("suppressed", [(), (0, 5)])
+def test_half_precision_logits_give_the_float32_copys_numbers_bit_for_bit(monkeypatch, dtype, chunk_bytes, suppressed):
+    """bf16/fp16 logits passed as they are: the log-probs and entropies (float32) of ``logits.float()``, and
+    the same gradient in the logits' dtype, bit for bit; no float32 copy of the logits is kept."""
+    monkeypatch.setattr(policy, "_CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(2)
+    B, T, V = 3, 6, 41
+    base = (torch.randn(B, T, V, generator=g) * 4).to(dtype)
+    actions = torch.randint(6, V, (B, T), generator=g)
+    weights = torch.randn(B, T, generator=g)
+
+    x1 = base.clone().requires_grad_(True)
+    logp, entropy = action_logprobs(x1, actions, entropy=True, suppress_tokens=suppressed)
+    assert logp.dtype == entropy.dtype == torch.float32
+    (logp * weights).sum().backward()
+    x2 = base.clone().requires_grad_(True)
+    ref_logp, ref_entropy = action_logprobs(x2.float(), actions, entropy=True, suppress_tokens=suppressed)
+    (ref_logp * weights).sum().backward()
+
+    assert torch.equal(logp, ref_logp) and torch.equal(entropy, ref_entropy)
+    assert x1.grad.dtype == dtype and torch.equal(x1.grad, x2.grad)
+    # and the float32 numbers are the plain autograd ones (to float32 rounding)
+    x3 = base.float().requires_grad_(True)
+    plain, _ = _reference(policy.shape_logits(x3, suppress_tokens=list(suppressed)), actions)
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(logp, plain.detach())
+    torch.testing.assert_close(x1.grad.float(), x3.grad.to(dtype).float())
