@@ -142,7 +142,7 @@ class _ActionLogProbs(torch.autograd.Function):
     def backward(ctx, grad, _grad_entropy):
         logits, actions = ctx.saved_tensors
         flat, acts, g = logits.reshape(-1, logits.shape[-1]), actions.reshape(-1, 1), grad.reshape(-1, 1)
-        dtype = g.dtype  # the forward's work dtype
+        dtype = torch.promote_types(flat.dtype, torch.float32)  # the forward's
         out = torch.empty_like(flat)  # (N, V), in the logits' dtype
         rows = _chunk_rows(flat, dtype)
         for i in range(0, flat.shape[0], rows):
