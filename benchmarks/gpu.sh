@@ -5,9 +5,9 @@
 # peft but not gymnasium, stable-baselines3 or TRL. Build the wheelhouse here first (benchmarks/gpu_wheels.sh,
 # ~3 MB into .whl/), then on the GPU machine, from the repository root:
 #
-#     bash benchmarks/gpu.sh        # ~9 minutes at most (GPU_BUDGET seconds, default 540); results in $OUT
+#     bash benchmarks/gpu.sh        # 7 minutes at most (GPU_BUDGET seconds, default 420); results in $OUT
 #
-# (the device tool: command "bash benchmarks/gpu.sh", carry [".whl"], timeout_s 600). Parts, in order, each
+# (the device tool: command "bash benchmarks/gpu.sh", carry [".whl"], timeout_s 450). Parts, in order, each
 # under `timeout` and within what is left of GPU_BUDGET:
 #   1. install the wheels of .whl/ whose distribution the image lacks into /tmp/site (PYTHONPATH);
 #   2. the machine: nvidia-smi, torch/CUDA/library versions ($OUT/env.txt);
@@ -18,6 +18,11 @@
 #      ($OUT/peers-qwen2-0.5b.md; every finished run also in $OUT/peers.jsonl; progress in $OUT/gpu.log);
 #   5. the same with a random Llama-3.2-1B-shaped model ($OUT/peers-llama-1b.md);
 #   6. if time is left, the decode alone with torch.compile'd steps ($OUT/decode-compile.md).
+# GPU_PARTS (default "tests qwen2-0.5b llama-1b compile") names the parts 3-6 to run. 15 minutes of device time
+# hold two calls, a machine's start included, but not two of 9 minutes: the default budget runs the parts the
+# targets need (3 and 4) and gives 5 and 6 what is left, which leaves time for a second call, either a rerun
+# after a fix or the rest:
+#     GPU_PARTS="llama-1b compile" GPU_BUDGET=240 bash benchmarks/gpu.sh        # timeout_s 270
 # $OUT defaults to benchmarks/results/gpu-<date>/ and gets at most 7 files (the device tool brings back 8).
 # A part that fails or runs out of time is logged and the script goes on; it exits 0 once it has run, whatever
 # the parts did ($OUT/gpu.log says what each did). A peers part cut short still writes its report, of the runs
@@ -36,11 +41,13 @@ INSTALL=${GPU_INSTALL:-$([ "$SMOKE" = 0 ] && echo 1 || echo 0)}
 OUT=${OUT:-$ROOT/benchmarks/results/gpu-$(date +%F)}
 mkdir -p "$OUT"
 START=$(date +%s)
-BUDGET=${GPU_BUDGET:-540}
+BUDGET=${GPU_BUDGET:-420}
+PARTS=${GPU_PARTS:-tests qwen2-0.5b llama-1b compile}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
 log() { echo "== $(date +%T) (+$(($(date +%s) - START)) s) $*" | tee -a "$OUT/gpu.log"; }
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+wants() { [[ " $PARTS " == *" $1 "* ]]; } # wants PART: named in GPU_PARTS
 part() { # part NAME SECONDS FILE COMMAND...: under timeout, at most what is left of the budget (minus 10 s),
     # its output shown and appended to $OUT/FILE
     local name=$1 want=$2 file=$OUT/$3
@@ -114,7 +121,7 @@ cat "$OUT/env.txt"
 # 3. the CUDA tests (all skipped without a GPU: the smoke collects them)
 per_test=()
 "$PY" -c "import pytest_timeout" 2> /dev/null && per_test=(--timeout 90)
-part tests 150 tests.txt "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --maxfail 10 "${per_test[@]}"
+wants tests && part tests 150 tests.txt "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --maxfail 10 "${per_test[@]}"
 
 # 4.-5. textrl vs TRL GRPO vs the plain loop
 peers() { # peers SHAPE SECONDS PER-RUN-TIMEOUT ITERS EXTRA...
@@ -125,10 +132,10 @@ peers() { # peers SHAPE SECONDS PER-RUN-TIMEOUT ITERS EXTRA...
         --iters "$iters" --timeout "$per_run" --log "$OUT/peers.jsonl" --out "$OUT/peers-$shape.md" "$@"
 }
 if [ "$SMOKE" = 0 ]; then
-    peers qwen2-0.5b 270 100 2 --systems reinforce grpo ppo plain textrl-grpo
-    peers llama-1b 200 80 1 --systems reinforce grpo ppo plain
-    part "decode compile" 120 decode-compile.md "$PY" benchmarks/engine_decode.py --device cuda --dtype bf16 \
-        --shape qwen2-0.5b --batch-sizes 64 --prompt-len 128 --new-tokens 256 --rounds 2 \
+    wants qwen2-0.5b && peers qwen2-0.5b 270 100 2 --systems reinforce grpo ppo plain textrl-grpo
+    wants llama-1b && peers llama-1b 200 80 1 --systems reinforce grpo ppo plain
+    wants compile && part "decode compile" 120 decode-compile.md "$PY" benchmarks/engine_decode.py --device cuda \
+        --dtype bf16 --shape qwen2-0.5b --batch-sizes 64 --prompt-len 128 --new-tokens 256 --rounds 2 \
         --decode-steps eager graph compile
 else
     systems=(reinforce plain)
