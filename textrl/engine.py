@@ -161,17 +161,21 @@ class Engine(nn.Module):
 
     # --- inputs ----------------------------------------------------------------------------------------
 
-    def _angles(self, positions: torch.Tensor, dtype: torch.dtype):
-        """(cos, signed sin) (B, 1, S, D) for position ids (B, S), from the model's rotary module (a cached
-        table; the sine's first half negated, as :func:`textrl.ops.rotate` takes it)."""
-        n = int(positions.max()) + 1
-        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != positions.device:
-            size = max(n, 256)
-            dummy = torch.zeros(1, dtype=torch.float32, device=positions.device)
+    def _rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary table (cos, signed sin) (N, D) for N >= ``length`` positions (256 at least), from the model's
+        rotary module; kept, and made anew only when a longer one (or one on another device) is asked for. The
+        sine's first half is negated, as :func:`textrl.ops.rotate` takes it."""
+        if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
+            size = max(length, 256)
+            dummy = torch.zeros(1, dtype=torch.float32, device=device)
             with torch.no_grad():
-                cos, sin = self.spec.rotary(dummy, torch.arange(size, device=positions.device)[None])
-            self._rope = (cos[0].float(), signed_sin(sin[0].float()))  # (N, D); the sine as rotate takes it
-        cos, signed = self._rope
+                cos, sin = self.spec.rotary(dummy, torch.arange(size, device=device)[None])
+            self._rope = (cos[0].float(), signed_sin(sin[0].float()))  # (N, D)
+        return self._rope
+
+    def _angles(self, positions: torch.Tensor, dtype: torch.dtype):
+        """(cos, signed sin) (B, 1, S, D) for position ids (B, S): rows of :meth:`_rope_table`."""
+        cos, signed = self._rope_table(int(positions.max()) + 1, positions.device)
         return cos[positions][:, None].to(dtype), signed[positions][:, None].to(dtype)
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor):
@@ -647,10 +651,8 @@ class Engine(nn.Module):
         over the threads, or stored (E, V)); otherwise the step returns no logits and :meth:`_head_product` makes
         them."""
         s = self.spec
-        rotary = None
-        if s.positions is None:  # the rotary table up to max_len, made once here (a step reads rows of it)
-            self._angles(torch.full((1, 1), cache.max_len - 1, device=x.device), x.dtype)
-            rotary = self._rope
+        # the rotary table up to max_len (a step reads rows of it)
+        rotary = self._rope_table(cache.max_len, x.device) if s.positions is None else None
         head_w = in_out_weight(s.head)
         split = kernels.wants_split(x, head_w)
         if not (split or is_input_major(s.head.weight)):
@@ -754,10 +756,8 @@ class _StaticStep:
         self.logits = like.new_zeros(B, s.head.weight.shape[0])
         self.hidden = like.new_zeros(B, s.embed.weight.shape[1])
         self.columns = torch.arange(max_len, device=like.device)
-        self.rope = None
-        if s.positions is None:  # the rope table up to max_len, kept here (the body reads these very tensors)
-            engine._angles(torch.full((1, 1), max_len - 1, device=like.device), like.dtype)
-            self.rope = engine._rope
+        # the rope table up to max_len, kept here (the body reads these very tensors)
+        self.rope = engine._rope_table(max_len, like.device) if s.positions is None else None
         self.cuda = like.device.type == "cuda" and self.mode in ("graph", "compile")
         self.body = self._body
         if self.mode == "compile":
