@@ -47,10 +47,11 @@ safetensors==0.8.0
 numpy==2.5.2
 huggingface-hub==1.33.0
 EOF
-# the wheelhouse's own versions too, so that part 1 tests what part 2 installs
+# the wheelhouse's own versions too, so that part 1 tests what part 2 installs (a wheel's name: NAME-VERSION-...)
+names=()
 for wheel in .whl/*.whl; do
-    name=$(basename "$wheel" | cut -d- -f1)
-    version=$(basename "$wheel" | cut -d- -f2)
+    IFS=- read -r name version _ <<< "$(basename "$wheel")"
+    names+=("$name")
     echo "$name==$version" >> "$CONSTRAINTS"
 done
 echo "+ installing the image's versions into $VENV"
@@ -70,7 +71,6 @@ if [ "$SUITE" = 1 ]; then
 fi
 
 echo "+ gpu.sh's install and smoke, without the wheelhouse's distributions"
-mapfile -t names < <(for wheel in .whl/*.whl; do basename "$wheel" | cut -d- -f1; done)
 "$PY" -m pip uninstall -q -y "${names[@]}"
 rm -rf /tmp/site "$OUT"
 PYTHON=$PY OUT=$OUT GPU_SMOKE=1 GPU_INSTALL=1 OMP_NUM_THREADS=1 bash benchmarks/gpu.sh > "$VENV/gpu.sh.log" 2>&1 ||
